@@ -1,0 +1,56 @@
+"""Shared fixtures: protocol vectors, keys, and a complete instance config in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from webknock.keys import format_keys
+from webknock.protocol.v1 import Keys
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+VECTORS_FILE = SHARED / "protocol" / "v1-vectors.json"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict[str, Any]:
+    if not VECTORS_FILE.exists():
+        pytest.fail(f"{VECTORS_FILE} missing: the shared protocol vectors must sit beside the repo")
+    data: dict[str, Any] = json.loads(VECTORS_FILE.read_text())
+    return data
+
+
+@pytest.fixture(scope="session")
+def vector_keys(vectors: dict[str, Any]) -> Keys:
+    return Keys.from_hex(vectors["keys"])
+
+
+def write_instance(base: Path, keys: Keys, **overrides: str) -> Path:
+    """Write keys + config for one instance under `base`; return the config path."""
+    keys_file = base / "keys.ini"
+    keys_file.write_text(format_keys(keys))
+    os.chmod(keys_file, 0o640)
+    settings = {
+        "tcp_ports": "22, 2222",
+        "udp_ports": "51820",
+        "max_time": "3600",
+        "keys_file": str(keys_file),
+        "spool_dir": str(base / "spool"),
+        "state_file": str(base / "state" / "grants.db"),
+        "backend": "iptables",
+        "web_user": "www-data",
+    }
+    settings.update(overrides)
+    cfg = base / "webknock.ini"
+    cfg.write_text("[server]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items() if v))
+    return cfg
+
+
+@pytest.fixture
+def instance_config(tmp_path: Path, vector_keys: Keys) -> Path:
+    return write_instance(tmp_path, vector_keys)

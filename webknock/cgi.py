@@ -1,0 +1,213 @@
+"""webknock.cgi: the CGI program the web server runs for every knock (as the web user).
+
+Order of work is chosen for cost: method, length and the shape of the `data`
+field are checked before anything heavy is imported, so junk costs about as
+much as starting Python. Only a well-formed packet loads config, keys and AES.
+Nothing from Python ever reaches the client: failures are bare HTTP statuses,
+details go to stderr (the web server's error log).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Network, IPv6Network
+
+    from webknock.grants import Address
+
+    Network = IPv4Network | IPv6Network
+
+MAX_BODY = 8192
+STATUS = {
+    200: "200 OK",
+    400: "400 Bad Request",
+    403: "403 Forbidden",
+    405: "405 Method Not Allowed",
+    413: "413 Content Too Large",
+    429: "429 Too Many Requests",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+    504: "504 Gateway Timeout",
+}
+
+
+class Reply(Exception):
+    """Stop handling and answer with this status (and an optional body/header)."""
+
+    def __init__(self, status: int, why: str = "", body: bytes = b"", note: str = "") -> None:
+        super().__init__(why)
+        self.status, self.why, self.body, self.note = status, why, body, note
+
+
+def respond(out: object, status: int, body: bytes = b"", note: str = "") -> None:
+    """Write a CGI response (Status header, then body)."""
+    ctype = "application/octet-stream" if status == 200 else "text/plain"
+    head = f"Status: {STATUS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+    head += "Cache-Control: no-store\r\n"
+    if note:
+        head += f"X-Webknock-Error: {note}\r\n"
+    out.write(head.encode("ascii", "replace") + b"\r\n" + body)  # type: ignore[attr-defined]
+    out.flush()  # type: ignore[attr-defined]
+
+
+def warn(msg: str) -> None:
+    """One line to the web server's error log."""
+    peer = os.environ.get("REMOTE_ADDR", "-")
+    sys.stderr.write(f"webknock.cgi: {peer}: {msg}\n")
+    sys.stderr.flush()
+
+
+def form_field(body: bytes, name: bytes) -> bytes | None:
+    """The value of `name` in an x-www-form-urlencoded body (first occurrence)."""
+    for part in body.split(b"&"):
+        key, sep, value = part.partition(b"=")
+        if sep and key == name:
+            if b"%" in value or b"+" in value:
+                from urllib.parse import unquote_to_bytes
+
+                value = unquote_to_bytes(value.replace(b"+", b" "))
+            return value
+    return None
+
+
+def read_packet(environ: dict[str, str], stdin: object) -> bytes:
+    """Cheap checks in order: method, length, field, encoding. Returns the packet bytes."""
+    from webknock.protocol.transport import TransportError, decode_field
+
+    if environ.get("REQUEST_METHOD", "") != "POST":
+        raise Reply(400, f"method {environ.get('REQUEST_METHOD', '')[:10]!r} is not POST")
+    length_text = environ.get("CONTENT_LENGTH", "")
+    if not length_text.isdigit():
+        raise Reply(400, "no usable Content-Length")
+    length = int(length_text)
+    if length > MAX_BODY:
+        raise Reply(413, f"body of {length} bytes exceeds {MAX_BODY}")
+    body = stdin.read(length) if length else b""  # type: ignore[attr-defined]
+    value = form_field(body, b"data")
+    if value is None:
+        raise Reply(400, "no data field")
+    try:
+        return decode_field(value)
+    except TransportError as exc:
+        raise Reply(403, str(exc)) from None
+
+
+def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Address:
+    """REMOTE_ADDR, or the last untrusted X-Forwarded-For hop when the peer is a trusted proxy."""
+    from webknock.grants import parse_address
+
+    try:
+        addr = parse_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        raise Reply(500, f"REMOTE_ADDR {environ.get('REMOTE_ADDR', '')[:60]!r} unusable") from None
+    if not trusted:
+        return addr
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    while hops and any(addr in net for net in trusted):
+        try:
+            addr = parse_address(hops.pop())
+        except ValueError:
+            raise Reply(400, "malformed X-Forwarded-For from a trusted proxy") from None
+    return addr
+
+
+def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
+    """Handle one request; return the reply packet or raise Reply."""
+    packet = read_packet(environ, stdin)
+
+    from webknock.config import ConfigError, load
+    from webknock.keys import KeysError, load_keys
+    from webknock.protocol import v1
+    from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
+
+    try:
+        cfg = load(environ.get("WEBKNOCK_CONFIG") or None)
+        keys = load_keys(cfg.keys_file)
+    except (ConfigError, KeysError) as exc:
+        raise Reply(500, f"configuration: {exc}") from None
+    peer = client_address(environ, cfg.trusted_proxies)
+
+    from webknock import throttle
+
+    guard = throttle.Throttle(cfg.spool.seen, cfg.throttle_failures, cfg.throttle_window)
+    if guard.blocked(peer, now):
+        raise Reply(429, "too many bad packets; throttled")
+    try:
+        data, mac = v1.decode_with_mac(keys, packet)
+        request = parse_request(data, now, cfg.ts_window)
+    except v1.PacketError as exc:
+        guard.failed(peer, now)
+        raise Reply(403, f"packet: {exc.reason}") from None
+    except RequestError as exc:
+        raise Reply(exc.status, exc.reason, note=exc.header) from None
+    if not throttle.first_use(cfg.spool.seen, mac):
+        raise Reply(403, "replayed packet")
+
+    if isinstance(request, GetInfo):
+        reply = {
+            "success": True,
+            "tcp": sorted(cfg.tcp_ports),
+            "udp": sorted(cfg.udp_ports),
+            "maxtime": cfg.max_time,
+            "ip": str(peer),
+        }
+        return v1.encode(keys, dumps(reply))
+    if request.ip != peer:
+        raise Reply(
+            403,
+            f"packet ip {request.ip} is not the peer address {peer}",
+            note="address mismatch: the server sees another address",
+        )
+    ports = [p for p in request.ports if p in cfg.offered()]
+    if not ports:
+        reply = {
+            "success": False,
+            "error": "none of the requested ports is offered",
+            "errorcode": "NOPORTS",
+        }
+        return v1.encode(keys, dumps(reply))
+    time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
+
+    from webknock.cgi_wait import submit_and_wait
+
+    outcome = submit_and_wait(
+        cfg,
+        peer,
+        ports,
+        time_granted,
+        now,
+        environ.get("HTTP_USER_AGENT", ""),
+    )
+    if outcome is None:
+        raise Reply(504, "webknockd did not answer in time")
+    if outcome.get("ok"):
+        reply = {"success": True, "expires": int(outcome["expires"])}
+    else:
+        reply = {
+            "success": False,
+            "error": str(outcome.get("error", "refused")),
+            "errorcode": str(outcome.get("errorcode", "ERROR")),
+        }
+    return v1.encode(keys, dumps(reply))
+
+
+def main() -> int:
+    """CGI entry point: always exits 0 after writing exactly one response."""
+    out = sys.stdout.buffer
+    try:
+        body = handle(dict(os.environ), sys.stdin.buffer, time.time())
+    except Reply as reply:
+        warn(f"{reply.status}: {reply.why}")
+        respond(out, reply.status, reply.body, reply.note)
+        return 0
+    except Exception as exc:  # never a traceback to the client
+        warn(f"500: internal error: {type(exc).__name__}: {exc}")
+        respond(out, 500)
+        return 0
+    respond(out, 200, body)
+    return 0

@@ -1,0 +1,81 @@
+"""The CGI's side of the spool: write one grant request and wait for its result.
+
+The wait is an inotify watch on ``results/`` set up before the request is
+written, so the CGI wakes the moment the daemon renames the result into place;
+no sleep loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from webknock.config import ServerConfig
+from webknock.grants import Address
+from webknock.spool import (
+    REQUEST_SUFFIX,
+    RESULT_SUFFIX,
+    encode_request,
+    new_request_id,
+    parse_result,
+    write_request,
+)
+
+
+def _read_result(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as fh:
+            return parse_result(fh.read(4096))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
+
+
+def submit_and_wait(
+    cfg: ServerConfig,
+    ip: Address,
+    ports: list[tuple[str, int]],
+    seconds: int,
+    now: float,
+    user_agent: str,
+) -> dict[str, Any] | None:
+    """Spool the request; return the daemon's result, or None on timeout.
+
+    Raises OSError when the spool cannot be written (full disk, read-only): the
+    caller answers an error, never success.
+    """
+    from inotify_simple import INotify, flags
+
+    spool = cfg.spool
+    request_id = new_request_id()
+    result_name = f"{request_id}{RESULT_SUFFIX}"
+    result_path = os.path.join(spool.results, result_name)
+    with INotify() as inotify:
+        inotify.add_watch(spool.results, flags.MOVED_TO | flags.CLOSE_WRITE)
+        write_request(
+            spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
+        )
+        result = _wait(inotify, result_path, result_name, cfg.result_timeout)
+        if result is not None:
+            return result
+        try:  # withdraw: the daemon has not claimed it, so it will never apply it
+            os.unlink(os.path.join(spool.requests, f"{request_id}{REQUEST_SUFFIX}"))
+        except FileNotFoundError:  # claimed: the daemon is working on it, give it more time
+            return _wait(inotify, result_path, result_name, cfg.result_timeout)
+        return None
+
+
+def _wait(inotify: Any, path: str, name: str, seconds: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        result = _read_result(path)
+        if result is not None:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        for event in inotify.read(timeout=max(1, int(left * 1000))):
+            if event.name == name:
+                break

@@ -1,0 +1,277 @@
+"""Server configuration: one INI file per instance, section [server].
+
+Lookup order: ``--config FILE``, then ``$WEBKNOCK_CONFIG``, then
+``/etc/webknock/webknock.ini``. Kept free of heavy imports: the CGI loads it
+for every request.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
+ENV_CONFIG = "WEBKNOCK_CONFIG"
+BACKENDS = ("auto", "iptables", "nftables")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
+_CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting; the message names file, section and key."""
+
+
+@dataclass(frozen=True)
+class SpoolPaths:
+    """The spool of one instance; the web user and root never share a writable directory
+    except ``requests`` (sticky, root-owned) and ``seen`` (replay cache, same rules)."""
+
+    root: Path
+
+    @property
+    def requests(self) -> Path:
+        return self.root / "requests"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def claimed(self) -> Path:
+        return self.root / "claimed"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def seen(self) -> Path:
+        return self.root / "seen"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one webknock server instance."""
+
+    source: Path
+    instance: str
+    tcp_ports: frozenset[int]
+    udp_ports: frozenset[int]
+    max_time: int
+    keys_file: Path
+    spool_dir: Path
+    state_file: Path
+    backend: str = "auto"
+    web_user: str = "www-data"
+    chain: str = "WEBKNOCK"
+    protect: bool = False
+    ipset: str = "auto"
+    result_timeout: float = 5.0
+    ts_window: int = 15
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    throttle_failures: int = 20
+    throttle_window: int = 60
+    audit_log: Path | None = None
+    extra: dict[str, dict[str, str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def spool(self) -> SpoolPaths:
+        return SpoolPaths(self.spool_dir)
+
+    def offered(self) -> frozenset[tuple[str, int]]:
+        """Every (proto, port) pair this instance offers."""
+        return frozenset(
+            {("tcp", p) for p in self.tcp_ports} | {("udp", p) for p in self.udp_ports}
+        )
+
+    def section(self, name: str) -> dict[str, str]:
+        """Another section of the same file (e.g. ``notify``), or an empty dict."""
+        return dict(self.extra.get(name, {}))
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve which config file to use (flag, environment, default)."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+class _Section:
+    """Typed access to one INI section with errors that name file, section and key."""
+
+    def __init__(self, path: Path, name: str, values: dict[str, str]) -> None:
+        self.path, self.name, self.values = path, name, values
+
+    def error(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key}: {msg}")
+
+    def get(self, key: str, conv: Callable[[str], T], default: T | None = None) -> T:
+        raw = self.values.get(key)
+        if raw is None or raw.strip() == "":
+            if default is None:
+                raise self.error(key, "missing (required)")
+            return default
+        try:
+            return conv(raw.strip())
+        except (ValueError, TypeError) as exc:
+            raise self.error(key, f"{exc} (got {raw.strip()!r})") from None
+
+    def optional(self, key: str, conv: Callable[[str], T]) -> T | None:
+        raw = self.values.get(key, "").strip()
+        return self.get(key, conv) if raw else None
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """``22, 2222`` → {22, 2222}; an empty string is no ports."""
+    ports: set[int] = set()
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ValueError(f"port {item!r} is not a number from 1 to 65535")
+        ports.add(int(item))
+    return frozenset(ports)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 3600:
+        raise ValueError("must be a number of seconds above 0 and below 3600")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return conv
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        if not regex.fullmatch(text):
+            raise ValueError(f"must be {what}")
+        return text
+
+    return conv
+
+
+def _abs_path(text: str) -> Path:
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return Path(text)
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in text.replace(" ", ",").split(","):
+        if item:
+            nets.append(ipaddress.ip_network(item, strict=False))
+    return tuple(nets)
+
+
+def read_ini(path: Path) -> configparser.ConfigParser:
+    """Read an INI file or raise ConfigError naming it."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        msg = str(exc).replace("\n", " ")
+        raise ConfigError(f"{path}: not a valid INI file: {msg}") from None
+    return parser
+
+
+def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
+    """Load and validate the server config (see module docstring for the lookup order)."""
+    src = config_path(path)
+    parser = read_ini(src)
+    if not parser.has_section("server"):
+        raise ConfigError(f"{src}: missing section [server]")
+    sec = _Section(src, "server", dict(parser.items("server")))
+    known = {
+        "instance",
+        "tcp_ports",
+        "udp_ports",
+        "max_time",
+        "keys_file",
+        "spool_dir",
+        "state_file",
+        "backend",
+        "web_user",
+        "chain",
+        "protect",
+        "ipset",
+        "result_timeout",
+        "ts_window",
+        "trusted_proxies",
+        "throttle_failures",
+        "throttle_window",
+        "audit_log",
+    }
+    unknown = sorted(set(sec.values) - known)
+    if unknown:
+        raise sec.error(unknown[0], "unknown setting (typo?)")
+
+    instance = sec.get("instance", _pattern(_NAME, "letters, digits, _ or - (max 16)"), src.stem)
+    if not _NAME.fullmatch(instance):
+        raise sec.error("instance", f"file name {src.stem!r} is not a usable instance name; set it")
+    default_chain = "WEBKNOCK" if instance in ("webknock", "default") else f"WK-{instance}"
+    tcp: frozenset[int] = sec.get("tcp_ports", parse_ports, frozenset[int]())
+    udp: frozenset[int] = sec.get("udp_ports", parse_ports, frozenset[int]())
+    if not tcp and not udp:
+        raise sec.error("tcp_ports", "no ports offered: set tcp_ports and/or udp_ports")
+    cfg = ServerConfig(
+        source=src,
+        instance=instance,
+        tcp_ports=tcp,
+        udp_ports=udp,
+        max_time=sec.get("max_time", _positive_int),
+        keys_file=sec.get("keys_file", _abs_path),
+        spool_dir=sec.get("spool_dir", _abs_path),
+        state_file=sec.get("state_file", _abs_path),
+        backend=sec.get("backend", _choice(BACKENDS), "auto"),
+        web_user=sec.get("web_user", str, "www-data"),
+        chain=sec.get("chain", _pattern(_CHAIN, "an iptables chain name (max 21)"), default_chain),
+        protect=sec.get("protect", parse_bool, False),
+        ipset=sec.get("ipset", _choice(("auto", "yes", "no")), "auto"),
+        result_timeout=sec.get("result_timeout", _positive_float, 5.0),
+        ts_window=sec.get("ts_window", _positive_int, 15),
+        trusted_proxies=sec.get("trusted_proxies", _networks, ()),
+        throttle_failures=sec.get("throttle_failures", _positive_int, 20),
+        throttle_window=sec.get("throttle_window", _positive_int, 60),
+        audit_log=sec.optional("audit_log", _abs_path),
+        extra={s: dict(parser.items(s)) for s in parser.sections() if s != "server"},
+    )
+    if cfg.max_time > 7 * 86400:
+        raise sec.error("max_time", "must be at most 604800 (one week)")
+    return cfg

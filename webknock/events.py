@@ -1,0 +1,100 @@
+"""Grant events (open, renew, expire, revoke, reject) and where they go.
+
+The engine reports every change as an :class:`Event`; sinks (the log, the audit
+trail, notifications) subscribe. A sink never blocks or fails the apply path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from webknock.grants import GrantKey
+
+log = logging.getLogger("webknock.events")
+
+KINDS = ("open", "renew", "expire", "revoke", "reject")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to one grant (or one rejected request)."""
+
+    kind: str
+    time: float
+    instance: str
+    ip: str
+    proto: str = ""
+    port: int = 0
+    expires: float | None = None
+    reason: str = ""
+    user_agent: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_key(
+        cls,
+        kind: str,
+        key: GrantKey,
+        *,
+        time: float,
+        instance: str,
+        expires: float | None = None,
+        user_agent: str = "",
+        reason: str = "",
+    ) -> Event:
+        return cls(
+            kind, time, instance, str(key.ip), key.proto, key.port, expires, reason, user_agent
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "event": self.kind,
+            "time": round(self.time, 3),
+            "instance": self.instance,
+            "ip": self.ip,
+        }
+        if self.proto:
+            out.update(proto=self.proto, port=self.port)
+        if self.expires is not None:
+            out["expires"] = int(self.expires)
+        if self.reason:
+            out["reason"] = self.reason
+        if self.user_agent:
+            out["user_agent"] = self.user_agent
+        out.update(self.extra)
+        return out
+
+    def describe(self) -> str:
+        what = f"{self.ip} {self.proto}/{self.port}" if self.proto else self.ip
+        tail = f" until {int(self.expires)}" if self.expires is not None else ""
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.kind} {what}{tail}{why}"
+
+
+Sink = Callable[[Event], None]
+
+
+def log_sink(event: Event) -> None:
+    """One log line per event."""
+    level = logging.WARNING if event.kind == "reject" else logging.INFO
+    log.log(level, "%s", event.describe())
+
+
+class EventBus:
+    """Fans events out to sinks; a failing sink is logged, never raised."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks: list[Sink] = list(sinks)
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("event sink %r failed", sink)

@@ -1,0 +1,67 @@
+"""Firewall backends behind one interface, chosen by ``backend = auto|iptables|nftables``."""
+
+from __future__ import annotations
+
+import logging
+
+from webknock.config import ServerConfig
+from webknock.firewall.base import (
+    Firewall,
+    FirewallError,
+    FirewallSettings,
+    Runner,
+    run_command,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Firewall", "FirewallError", "FirewallSettings", "make_firewall", "settings_of"]
+
+
+def settings_of(cfg: ServerConfig) -> FirewallSettings:
+    return FirewallSettings(
+        instance=cfg.instance,
+        chain=cfg.chain,
+        tcp_ports=cfg.tcp_ports,
+        udp_ports=cfg.udp_ports,
+        protect=cfg.protect,
+        ipset=cfg.ipset,
+    )
+
+
+def backend_classes() -> dict[str, type[Firewall]]:
+    """Registry of backends, in the order ``auto`` tries them."""
+    from webknock.firewall.iptables import IptablesFirewall
+
+    registry: dict[str, type[Firewall]] = {}
+    try:
+        from webknock.firewall.nftables import NftablesFirewall
+
+        registry["nftables"] = NftablesFirewall
+    except ImportError:  # pragma: no cover - backend module not present
+        pass
+    registry["iptables"] = IptablesFirewall
+    return registry
+
+
+def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
+    """Build the configured backend; ``auto`` probes and logs its choice once."""
+    registry = backend_classes()
+    settings = settings_of(cfg)
+    if cfg.backend != "auto":
+        cls = registry.get(cfg.backend)
+        if cls is None:
+            raise FirewallError(f"backend {cfg.backend!r} is not available in this build")
+        why = cls.unusable(runner)
+        if why:
+            raise FirewallError(f"backend {cfg.backend} unusable: {why}")
+        return cls(settings, runner)
+    reasons = []
+    for name, cls in registry.items():
+        why = cls.unusable(runner)
+        if why is None:
+            fw = cls(settings, runner)
+            log.info("backend auto: chose %s", fw.describe())
+            return fw
+        reasons.append(f"{name}: {why}")
+    raise FirewallError("no usable firewall backend (" + "; ".join(reasons) + ")")

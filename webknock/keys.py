@@ -1,0 +1,54 @@
+"""The keys file: INI section [v1] with key1 iv1 key2 iv2 sign as lowercase hex."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import stat
+from pathlib import Path
+
+from webknock.protocol.v1 import Keys
+
+KEY_NAMES = ("key1", "iv1", "key2", "iv2", "sign")
+
+
+class KeysError(Exception):
+    """The keys file is missing, unreadable, malformed or too widely readable."""
+
+
+def load_keys(path: Path, *, refuse_world_readable: bool = True) -> Keys:
+    """Read the [v1] keys; refuse a file that anyone (other) can read."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            st = os.fstat(fh.fileno())
+            if refuse_world_readable and st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise KeysError(
+                    f"{path}: readable by everyone (mode {stat.S_IMODE(st.st_mode):04o}); "
+                    f"run: chmod o-rwx {path}"
+                )
+            text = fh.read(65536)
+    except OSError as exc:
+        raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeysError(f"{path}: not a text file") from None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise KeysError(f"{path}: not a valid INI file: {str(exc).splitlines()[0]}") from None
+    if not parser.has_section("v1"):
+        raise KeysError(f"{path}: missing section [v1]")
+    try:
+        return Keys.from_hex(dict(parser.items("v1")))
+    except ValueError as exc:
+        raise KeysError(f"{path}: [v1] {exc}") from None
+
+
+def format_keys(keys: Keys) -> str:
+    """Render keys as the INI text of a keys file."""
+    lines = [
+        "# webknock protocol v1 keys: keep secret; share only with authorised clients.",
+        "[v1]",
+    ]
+    lines += [f"{name} = {value}" for name, value in keys.to_hex().items()]
+    return "\n".join(lines) + "\n"

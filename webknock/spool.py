@@ -1,0 +1,179 @@
+"""The spool: how the CGI (web user) hands grant requests to webknockd (root).
+
+Layout under ``spool_dir``::
+
+    requests/  root:WEBGROUP 1730  CGI writes ``.<id>.tmp`` then renames to ``<id>.req``
+    claimed/   root:root     0700  daemon renames a request here before reading it; from then
+                                   on the CGI can no longer withdraw it (it waits for the result)
+    results/   root:WEBGROUP 0750  daemon writes ``<id>.json`` (atomic); CGI only reads
+    rejected/  root:root     0700  invalid requests moved aside for the admin
+    seen/      root:WEBGROUP 1730  replay cache, one empty file per accepted packet MAC
+
+A request file is untrusted input to root: :func:`read_request` checks the file
+itself (regular, not a link, one link, owner, size) before its content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from webknock.grants import Address, grantable, parse_address
+
+MAX_REQUEST_BYTES = 8192
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+REQUEST_SUFFIX = ".req"
+RESULT_SUFFIX = ".json"
+MAX_UA = 200
+
+
+class SpoolError(ValueError):
+    """A spool file is not a valid request; the message says why."""
+
+
+@dataclass(frozen=True)
+class GrantRequest:
+    """A validated request from the CGI."""
+
+    id: str
+    ip: Address
+    ports: tuple[tuple[str, int], ...]
+    time: int
+    received: float
+    user_agent: str = ""
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def encode_request(
+    ip: Address, ports: list[tuple[str, int]], time: int, received: float, user_agent: str = ""
+) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "ip": str(ip),
+            "ports": [[p, n] for p, n in ports],
+            "time": time,
+            "received": received,
+            "ua": user_agent[:MAX_UA],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def write_request(requests_dir: Path, request_id: str, payload: bytes) -> Path:
+    """Write the request atomically (dot temp + rename) with mode 0640; return its path."""
+    tmp = requests_dir / f".{request_id}.tmp"
+    final = requests_dir / f"{request_id}{REQUEST_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        os.fchmod(fd, 0o640)
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    return final
+
+
+def parse_request(
+    request_id: str, data: bytes, *, offered: frozenset[tuple[str, int]], max_time: int
+) -> GrantRequest:
+    """Validate the content of a request file (schema, address, ports, time)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise SpoolError("not JSON") from None
+    if not isinstance(obj, dict) or obj.get("v") != 1:
+        raise SpoolError("not a version-1 request object")
+    expected = {"v", "ip", "ports", "time", "received", "ua"}
+    if set(obj) - expected or not {"v", "ip", "ports", "time", "received"} <= set(obj):
+        raise SpoolError(f"unexpected or missing fields: {sorted(set(obj) ^ expected)}")
+    if not isinstance(obj["ip"], str):
+        raise SpoolError("ip is not a string")
+    try:
+        ip = parse_address(obj["ip"])
+    except ValueError:
+        raise SpoolError(f"ip {obj['ip'][:64]!r} is not an address") from None
+    why = grantable(ip)
+    if why:
+        raise SpoolError(f"ip {ip}: {why}")
+    raw_ports = obj["ports"]
+    if not isinstance(raw_ports, list) or not 1 <= len(raw_ports) <= 256:
+        raise SpoolError("ports is not a list of 1 to 256 entries")
+    ports: list[tuple[str, int]] = []
+    for item in raw_ports:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or isinstance(item[1], bool)
+        ):
+            raise SpoolError(f"port entry {str(item)[:40]} is not [proto, number]")
+        pair = (item[0], item[1])
+        if pair not in offered:
+            raise SpoolError(f"port {pair[0]}/{pair[1]} is not offered")
+        if pair not in ports:
+            ports.append(pair)
+    time = obj["time"]
+    if not isinstance(time, int) or isinstance(time, bool) or not 1 <= time <= max_time:
+        raise SpoolError(f"time {str(time)[:20]} is not 1..{max_time}")
+    received = obj["received"]
+    if not isinstance(received, int | float) or isinstance(received, bool):
+        raise SpoolError("received is not a number")
+    ua = obj.get("ua", "")
+    if not isinstance(ua, str):
+        raise SpoolError("ua is not a string")
+    return GrantRequest(request_id, ip, tuple(ports), time, float(received), ua[:MAX_UA])
+
+
+def read_request(
+    path: Path, *, allowed_uids: frozenset[int], offered: frozenset[tuple[str, int]], max_time: int
+) -> GrantRequest:
+    """Open and validate one spool file as untrusted input (raises SpoolError)."""
+    name = path.name
+    if not name.endswith(REQUEST_SUFFIX) or not REQUEST_ID.fullmatch(name[: -len(REQUEST_SUFFIX)]):
+        raise SpoolError(f"bad file name {name[:80]!r}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise SpoolError(f"cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)  # checks on the open file: no race between check and use
+        if not stat.S_ISREG(st.st_mode):
+            raise SpoolError("not a regular file")
+        if st.st_nlink != 1:
+            raise SpoolError(f"has {st.st_nlink} hard links")
+        if st.st_uid not in allowed_uids:
+            raise SpoolError(f"owned by uid {st.st_uid}, not the web user or root")
+        if st.st_size > MAX_REQUEST_BYTES:
+            raise SpoolError(f"{st.st_size} bytes exceeds {MAX_REQUEST_BYTES}")
+        data = os.read(fd, MAX_REQUEST_BYTES + 1)
+        if len(data) > MAX_REQUEST_BYTES:
+            raise SpoolError("grew past the size limit while reading")
+    finally:
+        os.close(fd)
+    return parse_request(name[: -len(REQUEST_SUFFIX)], data, offered=offered, max_time=max_time)
+
+
+def result_payload(ok: bool, **fields: Any) -> bytes:
+    return json.dumps({"v": 1, "ok": ok, **fields}, separators=(",", ":")).encode()
+
+
+def parse_result(data: bytes) -> dict[str, Any]:
+    """Read a result file written by the daemon (trusted, but still checked for shape)."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("ok"), bool):
+        raise ValueError("malformed result file")
+    return obj
