@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teardown", help="remove this instance's firewall objects")
     p.add_argument("--state", action="store_true", help="also delete the state file")
     p.set_defaults(func=cmd_teardown)
+
+    from webknock.audit import add_log_command  # `webknockctl log`: the audit trail
+
+    add_log_command(sub)
     return parser
 
 
