@@ -31,3 +31,4 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("filelock").setLevel(logging.WARNING)

@@ -83,7 +83,7 @@ def test_flipped_bits_in_the_body_fail(
 
 
 def test_wrong_keys_fail(vectors: dict[str, Any]) -> None:
-    with pytest.raises(v1.PacketError, match="HMAC|size"):
+    with pytest.raises(v1.PacketError, match=r"HMAC|size"):
         v1.decode(v1.Keys.generate(), bytes.fromhex(cases(vectors)[0]["packet_hex"]))
 
 

@@ -1,0 +1,607 @@
+"""A throwaway network lab for end-to-end tests, the demo and benchmarks (root only).
+
+``Lab`` builds a server and a client network namespace joined by a veth pair,
+with documentation addresses only (192.0.2.0/24, 2001:db8::/64). ``Site``
+deploys the repository's webknock into a temp dir as the installer would
+(a venv made from Debian's /usr/bin/python3 that the web user can run, the
+CGI shim, config, keys, spool). ``Nginx`` and ``Apache`` serve the CGI from
+the shipped snippets in ``etc/``. Everything is removed on exit, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = Path(__file__).with_name("agent.py")
+LISTENER = Path(__file__).with_name("listener.py")
+
+SERVER4, CLIENT4, OTHER4 = "192.0.2.1", "192.0.2.10", "192.0.2.20"
+SERVER6, CLIENT6, OTHER6 = "2001:db8::1", "2001:db8::10", "2001:db8::20"
+PREFIX4, PREFIX6 = 24, 64
+TCP_PORTS = (22, 2222)
+UDP_PORTS = (51820,)
+NOT_OFFERED_TCP = 2223
+
+_counter = itertools.count()
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or a lab process misbehaved."""
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text output; raise LabError with its stderr on failure."""
+    proc = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env=env,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} -> {proc.returncode}: {proc.stderr.strip()[:2000]}")
+    return proc
+
+
+def shared_venv() -> Path:
+    """The venv made by tests/run from /usr/bin/python3 (holds pycryptodome, filelock, ...)."""
+    venv = Path(os.environ.get("WEBKNOCK_VENV", "/var/tmp/webknock-venv"))
+    if not (venv / "bin" / "python3").exists():
+        raise LabError(f"{venv} missing: run tests/run (it builds the venv) first")
+    return venv
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, firewalls)")
+
+
+class Netns:
+    """One network namespace; every process started in it is killed on delete."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        run(["ip", "netns", "add", name])
+        self.run(["ip", "link", "set", "lo", "up"])
+
+    def cmd(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return run(self.cmd(argv), **kw)
+
+    def popen(
+        self, argv: Sequence[str], log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+        try:
+            return subprocess.Popen(
+                self.cmd(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+
+    def pids(self) -> list[int]:
+        out = run(["ip", "netns", "pids", self.name], check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def delete(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        run(["ip", "netns", "del", self.name], check=False)
+
+
+class Lab:
+    """Server and client namespaces on one veth link, v4 and v6, firewall open until set."""
+
+    def __init__(self, tag: str = "t") -> None:
+        require_root()
+        self.id = f"{os.getpid() % 100000}{next(_counter)}"
+        self.nets: list[Netns] = []
+        try:
+            self.server = self._ns(f"wk{tag}s{self.id}")
+            self.client = self._ns(f"wk{tag}c{self.id}")
+            veth_s, veth_c = f"wks{self.id}", f"wkc{self.id}"
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    veth_s,
+                    "netns",
+                    self.server.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    veth_c,
+                    "netns",
+                    self.client.name,
+                ]
+            )
+            self.server_if, self.client_if = veth_s, veth_c
+            for ns, dev, a4, a6 in (
+                (self.server, veth_s, SERVER4, SERVER6),
+                (self.client, veth_c, CLIENT4, CLIENT6),
+            ):
+                ns.run(["ip", "addr", "add", f"{a4}/{PREFIX4}", "dev", dev])
+                ns.run(["ip", "-6", "addr", "add", f"{a6}/{PREFIX6}", "dev", dev, "nodad"])
+                ns.run(["ip", "link", "set", dev, "up"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _ns(self, name: str) -> Netns:
+        ns = Netns(name)
+        self.nets.append(ns)
+        return ns
+
+    def add_client_address(self, addr: str) -> None:
+        """Give the client another source address (v4 or v6) on the link."""
+        if ":" in addr:
+            self.client.run(
+                ["ip", "-6", "addr", "add", f"{addr}/{PREFIX6}", "dev", self.client_if, "nodad"]
+            )
+        else:
+            self.client.run(["ip", "addr", "add", f"{addr}/{PREFIX4}", "dev", self.client_if])
+
+    def close(self) -> None:
+        for ns in reversed(self.nets):
+            ns.delete()
+        self.nets.clear()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BASE_FIREWALL = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT
+{extra}COMMIT
+"""
+
+
+def close_server_firewall(ns: Netns) -> None:
+    """Host policy of the e2e server: INPUT DROP except loopback, established and HTTP."""
+    ns.run(["iptables-restore"], input=BASE_FIREWALL.format(extra=""))
+    icmp6 = "-A INPUT -p ipv6-icmp -j ACCEPT\n"
+    ns.run(["ip6tables-restore"], input=BASE_FIREWALL.format(extra=icmp6))
+
+
+class Site:
+    """The repository's webknock deployed into a temp dir, as the installer lays it out."""
+
+    def __init__(
+        self,
+        *,
+        backend: str = "iptables",
+        protect: bool = False,
+        max_time: int = 3600,
+        extra: dict[str, str] | None = None,
+        instance: str = "webknock",
+    ) -> None:
+        require_root()
+        self.root = Path(tempfile.mkdtemp(prefix="webknock-site-"))
+        os.chmod(self.root, 0o755)
+        self.python = self._make_venv()
+        lib = self.root / "lib"
+        shutil.copytree(
+            REPO / "webknock", lib / "webknock", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        run([str(self.python), "-m", "compileall", "-q", str(lib)])
+        self.cgi = self.root / "cgi-bin" / "webknock.cgi"
+        self.cgi.parent.mkdir(mode=0o755)
+        shim = (REPO / "cgi-bin" / "webknock.cgi").read_text().splitlines(keepends=True)
+        self.cgi.write_text(f"#!{self.python}\n" + "".join(shim[1:]))
+        os.chmod(self.cgi, 0o755)
+        self.etc = self.root / "etc"
+        self.etc.mkdir(mode=0o755)
+        from webknock.keys import format_keys
+        from webknock.protocol.v1 import Keys
+
+        self.keys = Keys.generate()
+        self.keys_file = self.etc / "keys.ini"
+        self.keys_file.write_text(format_keys(self.keys))
+        shutil.chown(self.keys_file, "root", "www-data")
+        os.chmod(self.keys_file, 0o640)
+        self.spool = self.root / "spool"
+        self.state = self.root / "state" / "grants.db"
+        settings = {
+            "instance": instance,
+            "tcp_ports": ", ".join(map(str, TCP_PORTS)),
+            "udp_ports": ", ".join(map(str, UDP_PORTS)),
+            "max_time": str(max_time),
+            "keys_file": str(self.keys_file),
+            "spool_dir": str(self.spool),
+            "state_file": str(self.state),
+            "backend": backend,
+            "protect": "yes" if protect else "no",
+            "web_user": "www-data",
+            "result_timeout": "5",
+        }
+        settings.update(extra or {})
+        self.config = self.etc / "webknock.ini"
+        self.write_config(settings)
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = self.root / "webknockd.log"
+
+    def write_config(self, settings: dict[str, str]) -> None:
+        self.settings = dict(settings)
+        text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items() if v != "")
+        self.config.write_text(text)
+        os.chmod(self.config, 0o644)
+
+    def _make_venv(self) -> Path:
+        """A venv from /usr/bin/python3 whose site-packages see the shared deps and our lib."""
+        venv = self.root / "venv"
+        run(
+            ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)]
+        )
+        deps = shared_venv() / "lib"
+        site_dirs = sorted(deps.glob("python3*/site-packages"))
+        ours = sorted((venv / "lib").glob("python3*/site-packages"))
+        if not site_dirs or not ours:
+            raise LabError("cannot find site-packages of the venvs")
+        (ours[0] / "webknock-lab.pth").write_text(f"{self.root / 'lib'}\n{site_dirs[0]}\n")
+        return venv / "bin" / "python3"
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "WEBKNOCK_CONFIG": str(self.config),
+            "LANG": "C.UTF-8",
+        }
+        return env
+
+    def ctl(self, ns: Netns, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.python), "-m", "webknock.ctl", "--config", str(self.config), *args]
+        return ns.run(argv, check=check, env=self.env())
+
+    def start_daemon(self, ns: Netns) -> None:
+        argv = [str(self.python), "-m", "webknock.daemon", "--config", str(self.config), "-v"]
+        self.daemon = ns.popen(argv, log=self.daemon_log, env=self.env())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise LabError(f"webknockd exited {self.daemon.returncode}:\n{self.log_tail()}")
+            if "restored" in self.daemon_log.read_text(errors="replace"):
+                return
+            time.sleep(0.05)
+        raise LabError(f"webknockd did not start:\n{self.log_tail()}")
+
+    def stop_daemon(self, *, kill: bool = False) -> None:
+        if self.daemon is None:
+            return
+        self.daemon.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait(5)
+        self.daemon = None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.daemon_log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def close(self) -> None:
+        self.stop_daemon()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _substitute(text: str, site: Site, replacements: dict[str, str]) -> str:
+    """Point a shipped snippet at the site's files (the only change made to it)."""
+    mapping = {
+        "/usr/lib/cgi-bin/webknock.cgi": str(site.cgi),
+        "/etc/webknock/webknock.ini": str(site.config),
+        **replacements,
+    }
+    for old, new in mapping.items():
+        if old not in text:
+            raise LabError(f"shipped snippet no longer contains {old!r}")
+        text = text.replace(old, new)
+    return text
+
+
+def _wait_listening(
+    ns: Netns, port: int, proc: subprocess.Popen[bytes], what: str, log: Path
+) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            raise LabError(f"{what} exited {proc.returncode}: {text[-2000:]}")
+        out = ns.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise LabError(f"{what} is not listening on port {port}")
+
+
+class Nginx:
+    """nginx + fcgiwrap in the server namespace, configured from etc/nginx/webknock.conf."""
+
+    name = "nginx"
+
+    def __init__(self, ns: Netns, site: Site) -> None:
+        self.ns, self.site = ns, site
+        self.dir = site.root / "nginx"
+        self.dir.mkdir(mode=0o755)
+        rundir = self.dir / "run"  # fcgiwrap runs as the web user and creates its socket here
+        rundir.mkdir(mode=0o755)
+        shutil.chown(rundir, "www-data", "www-data")
+        sock = rundir / "fcgiwrap.sock"
+        snippet = _substitute(
+            (REPO / "etc/nginx/webknock.conf").read_text(),
+            site,
+            {"/run/fcgiwrap.socket": str(sock)},
+        )
+        (self.dir / "webknock.conf").write_text(snippet)
+        shutil.copy("/etc/nginx/fastcgi_params", self.dir)  # as in Debian's /etc/nginx
+        conf = self.dir / "nginx.conf"
+        conf.write_text(f"""user www-data;
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.dir}/body;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    proxy_temp_path {self.dir}/proxy;
+    scgi_temp_path {self.dir}/scgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    server {{
+        listen {SERVER4}:80;
+        listen [{SERVER6}]:80;
+        include {self.dir}/webknock.conf;
+    }}
+}}
+""")
+        self.log = self.dir / "error.log"
+        self.fcgi = ns.popen(
+            [
+                "setpriv",
+                "--reuid=www-data",
+                "--regid=www-data",
+                "--init-groups",
+                "fcgiwrap",
+                "-c",
+                "4",
+                "-s",
+                f"unix:{sock}",
+            ],
+            log=self.dir / "fcgiwrap.log",
+            env=site.env(),
+        )
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not sock.exists():
+            raise LabError("fcgiwrap did not create its socket")
+        self.proc = ns.popen(["nginx", "-c", str(conf), "-g", "daemon off;"], log=self.log)
+        _wait_listening(ns, 80, self.proc, "nginx", self.log)
+
+    def close(self) -> None:
+        for proc in (self.proc, self.fcgi):
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+class Apache:
+    """Apache httpd with mod_cgid in the server namespace, from etc/apache2/webknock.conf."""
+
+    name = "apache"
+
+    def __init__(self, ns: Netns, site: Site) -> None:
+        self.ns, self.site = ns, site
+        self.dir = site.root / "apache"
+        self.dir.mkdir(mode=0o755)
+        snippet = _substitute((REPO / "etc/apache2/webknock.conf").read_text(), site, {})
+        (self.dir / "webknock.conf").write_text(snippet)
+        modules = "/usr/lib/apache2/modules"
+        conf = self.dir / "httpd.conf"
+        conf.write_text(f"""ServerRoot /etc/apache2
+ServerName webknock-test
+Listen {SERVER4}:80
+Listen [{SERVER6}]:80
+PidFile {self.dir}/httpd.pid
+ErrorLog {self.dir}/error.log
+LogLevel warn
+User www-data
+Group www-data
+ScriptSock {self.dir}/cgid.sock
+DefaultRuntimeDir {self.dir}
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule env_module {modules}/mod_env.so
+LoadModule cgid_module {modules}/mod_cgid.so
+LoadModule mime_module {modules}/mod_mime.so
+TypesConfig /etc/mime.types
+<Directory />
+    Require all denied
+</Directory>
+<Directory {site.cgi.parent}>
+    Options +ExecCGI
+    Require all granted
+</Directory>
+<VirtualHost *:80>
+    Include {self.dir}/webknock.conf
+</VirtualHost>
+""")
+        self.log = self.dir / "error.log"
+        self.proc = ns.popen(
+            ["apache2", "-f", str(conf), "-DFOREGROUND"],
+            log=self.dir / "out.log",
+            env={**site.env(), "APACHE_RUN_DIR": str(self.dir)},
+        )
+        _wait_listening(ns, 80, self.proc, "apache2", self.dir / "out.log")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+WEB_SERVERS: dict[str, type[Nginx] | type[Apache]] = {"nginx": Nginx, "apache": Apache}
+
+
+class Agent:
+    """Runs tests/lab/agent.py in a namespace: knocks and connection probes as a client would."""
+
+    def __init__(self, ns: Netns, site: Site) -> None:
+        self.ns, self.site = ns, site
+
+    def call(self, action: str, wall: float = 60, **params: Any) -> Any:
+        payload = json.dumps({"action": action, "keys": self.site.keys.to_hex(), **params})
+        proc = self.ns.run(
+            [str(self.site.python), str(AGENT)],
+            input=payload,
+            timeout=wall,
+            check=False,
+            env=self.site.env(),
+        )
+        if proc.returncode != 0:
+            raise LabError(f"agent {action} failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(proc.stdout)
+
+    def knock(
+        self,
+        server: str,
+        src: str,
+        ports: list[tuple[str, int]],
+        time: int = 3600,
+        ip: str | None = None,
+        path: str = "/webknock",
+    ) -> dict[str, Any]:
+        """One openports request from `src`; returns {"status": N, "reply": {...}|None}."""
+        result: dict[str, Any] = self.call(
+            "openports", server=server, src=src, ports=ports, time=time, ip=ip or src, path=path
+        )
+        return result
+
+    def getinfo(self, server: str, src: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("getinfo", server=server, src=src, path="/webknock")
+        return result
+
+    def tcp_open(self, server: str, src: str, port: int, timeout: float = 1.0) -> bool:
+        return bool(self.call("tcp", server=server, src=src, port=port, timeout=timeout)["open"])
+
+    def udp_open(self, server: str, src: str, port: int, timeout: float = 1.0) -> bool:
+        return bool(self.call("udp", server=server, src=src, port=port, timeout=timeout)["open"])
+
+
+def start_listeners(ns: Netns, site: Site) -> subprocess.Popen[bytes]:
+    """TCP accept and UDP echo on the offered ports (and one not offered), v4 and v6."""
+    ports = {"tcp": [*TCP_PORTS, NOT_OFFERED_TCP], "udp": list(UDP_PORTS)}
+    proc = ns.popen(
+        [str(site.python), str(LISTENER), json.dumps(ports)], log=site.root / "listener.log"
+    )
+    _wait_listening(ns, TCP_PORTS[0], proc, "listener", site.root / "listener.log")
+    return proc
+
+
+@contextlib.contextmanager
+def deployment(
+    server: str = "nginx",
+    *,
+    backend: str = "iptables",
+    protect: bool = False,
+    close_firewall: bool = True,
+    **site_kw: Any,
+) -> Iterator[Deployment]:
+    """A whole server: lab, site, firewall policy, web server, daemon, listeners."""
+    with contextlib.ExitStack() as stack:
+        lab = Lab(server[0])
+        stack.callback(lab.close)
+        site = Site(backend=backend, protect=protect, **site_kw)
+        stack.callback(site.close)
+        if close_firewall:
+            close_server_firewall(lab.server)
+        web = WEB_SERVERS[server](lab.server, site)
+        stack.callback(web.close)
+        site.start_daemon(lab.server)
+        listeners = start_listeners(lab.server, site)
+        stack.callback(listeners.kill)
+        yield Deployment(lab, site, web, Agent(lab.client, site))
+
+
+class Deployment:
+    """What a test needs: the lab, the site, the web server and a client agent."""
+
+    def __init__(self, lab: Lab, site: Site, web: Nginx | Apache, agent: Agent) -> None:
+        self.lab, self.site, self.web, self.agent = lab, site, web, agent
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.site.ctl(self.lab.server, *args, check=check)
+
+    def list_json(self) -> list[dict[str, Any]]:
+        grants: list[dict[str, Any]] = json.loads(self.ctl("list", "--json").stdout)
+        return grants
+
+    def iptables_rules(self, family: int = 4) -> list[str]:
+        tool = "iptables-save" if family == 4 else "ip6tables-save"
+        out = self.lab.server.run([tool, "-t", "filter"]).stdout
+        return [ln for ln in out.splitlines() if ln.startswith("-A")]
+
+    def diagnostics(self) -> str:
+        parts = [f"--- webknockd log\n{self.site.log_tail()}"]
+        for log in (getattr(self.web, "log", None),):
+            if log and Path(log).exists():
+                parts.append(f"--- {self.web.name} log\n" + Path(log).read_text()[-3000:])
+        return "\n".join(parts)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(__doc__, file=sys.stderr)
