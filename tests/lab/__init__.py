@@ -38,6 +38,17 @@ NOT_OFFERED_TCP = 2223
 _counter = itertools.count()
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
+    """Terminate a child, kill it if it lingers, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(5)
+
+
 class LabError(RuntimeError):
     """The lab could not be built or a lab process misbehaved."""
 
@@ -300,12 +311,13 @@ class Site:
 
     def start_daemon(self, ns: Netns) -> None:
         argv = [str(self.python), "-m", "webknock.daemon", "--config", str(self.config), "-v"]
+        offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
         self.daemon = ns.popen(argv, log=self.daemon_log, env=self.env())
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise LabError(f"webknockd exited {self.daemon.returncode}:\n{self.log_tail()}")
-            if "restored" in self.daemon_log.read_text(errors="replace"):
+            if "restored" in self.daemon_log.read_bytes()[offset:].decode(errors="replace"):
                 return
             time.sleep(0.05)
         raise LabError(f"webknockd did not start:\n{self.log_tail()}")
@@ -313,12 +325,9 @@ class Site:
     def stop_daemon(self, *, kill: bool = False) -> None:
         if self.daemon is None:
             return
-        self.daemon.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.daemon.wait(10)
-        except subprocess.TimeoutExpired:
+        if kill:
             self.daemon.kill()
-            self.daemon.wait(5)
+        stop_process(self.daemon, 10)
         self.daemon = None
 
     def log_tail(self, n: int = 40) -> str:
@@ -427,12 +436,7 @@ http {{
 
     def close(self) -> None:
         for proc in (self.proc, self.fcgi):
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
 
 
 class Apache:
@@ -486,12 +490,7 @@ TypesConfig /etc/mime.types
         _wait_listening(ns, 80, self.proc, "apache2", self.dir / "out.log")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 WEB_SERVERS: dict[str, type[Nginx] | type[Apache]] = {"nginx": Nginx, "apache": Apache}
@@ -573,7 +572,7 @@ def deployment(
         stack.callback(web.close)
         site.start_daemon(lab.server)
         listeners = start_listeners(lab.server, site)
-        stack.callback(listeners.kill)
+        stack.callback(stop_process, listeners)
         yield Deployment(lab, site, web, Agent(lab.client, site))
 
 

@@ -139,3 +139,28 @@ def test_keys_from_hex_errors(vectors: dict[str, Any], name: str, value: str, me
     values[name] = value
     with pytest.raises(ValueError, match=message):
         v1.Keys.from_hex(values)
+
+
+def test_request_builders_match_the_original_format(vectors: dict[str, Any]) -> None:
+    from webknock.protocol import messages
+
+    plain = [c["plaintext"] for c in cases(vectors)]
+    assert messages.getinfo_request(1764000000, with_nonce=False).decode() == plain[0]
+    ours = messages.openports_request(
+        "192.0.2.10", [("tcp", 22), ("udp", 51820)], 3600, 1764000000, with_nonce=False
+    )
+    assert ours.decode() == plain[1]
+    a, b = messages.getinfo_request(1), messages.getinfo_request(1)
+    assert a != b and json.loads(a)["nonce"] != json.loads(b)["nonce"]
+
+
+def test_parse_request_accepts_original_requests(vectors: dict[str, Any]) -> None:
+    from webknock.protocol import messages
+
+    info = messages.parse_request(cases(vectors)[0]["plaintext"].encode(), 1764000005, 15)
+    assert isinstance(info, messages.GetInfo) and info.ts == 1764000000
+    ports = messages.parse_request(cases(vectors)[1]["plaintext"].encode(), 1764000000, 15)
+    assert isinstance(ports, messages.OpenPorts)
+    assert ports.ports == (("tcp", 22), ("udp", 51820)) and ports.time == 3600
+    with pytest.raises(messages.RequestError, match="from server time"):
+        messages.parse_request(cases(vectors)[0]["plaintext"].encode(), 1764000016, 15)

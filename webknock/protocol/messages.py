@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,21 +94,35 @@ def dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def getinfo_request(ts: int, ip: str | None = None) -> bytes:
+def nonce() -> str:
+    """Random request id: two requests in the same second must not look like a replay.
+
+    Servers key their replay cache on the authenticated content; the original server
+    ignores fields it does not know, so this stays wire compatible.
+    """
+    return os.urandom(8).hex()
+
+
+def getinfo_request(ts: int, ip: str | None = None, *, with_nonce: bool = True) -> bytes:
     req: dict[str, Any] = {"api": "getinfo", "ver": 1, "ts": ts}
     if ip:
         req["ip"] = ip
+    if with_nonce:
+        req["nonce"] = nonce()
     return dumps(req)
 
 
-def openports_request(ip: str, ports: list[tuple[str, int]], time: int, ts: int) -> bytes:
-    return dumps(
-        {
-            "api": "openports",
-            "ip": ip,
-            "ports": [{"proto": proto.upper(), "num": num} for proto, num in ports],
-            "time": time,
-            "ver": 1,
-            "ts": ts,
-        }
-    )
+def openports_request(
+    ip: str, ports: list[tuple[str, int]], time: int, ts: int, *, with_nonce: bool = True
+) -> bytes:
+    req: dict[str, Any] = {
+        "api": "openports",
+        "ip": ip,
+        "ports": [{"proto": proto.upper(), "num": num} for proto, num in ports],
+        "time": time,
+        "ver": 1,
+        "ts": ts,
+    }
+    if with_nonce:
+        req["nonce"] = nonce()
+    return dumps(req)

@@ -1,0 +1,159 @@
+"""iptables backend: the exact restore files it feeds iptables-restore/ip6tables-restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+
+from tests.fakes import SETTINGS, RecordingRunner
+from webknock.firewall.base import FirewallError
+from webknock.firewall.iptables import IptablesFirewall, restore_line
+from webknock.grants import Entry, GrantKey
+
+V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
+V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)
+V6 = GrantKey(ipaddress.ip_address("2001:db8::10"), "tcp", 22)
+NOW = 1_800_000_000.0
+
+EMPTY_SAVE = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+
+def fw(runner: RecordingRunner, **kw: object) -> IptablesFirewall:
+    return IptablesFirewall(dataclasses.replace(SETTINGS, **kw), runner)  # type: ignore[arg-type]
+
+
+def test_apply_v4_and_v6_batches() -> None:
+    runner = RecordingRunner()
+    fw(runner).apply([Entry(V4, NOW + 60), Entry(V6, NOW + 60)], [], [V4U], now=NOW)
+    assert runner.calls[0][0] == ["iptables-restore", "-w", "10", "--noflush"]
+    assert runner.calls[0][1] == (
+        "*filter\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-D WEBKNOCK-GRANTS -s 192.0.2.10/32 -p udp -m udp --dport 51820 -j ACCEPT\n"
+        "COMMIT\n"
+    )
+    assert runner.calls[1][0] == ["ip6tables-restore", "-w", "10", "--noflush"]
+    assert runner.calls[1][1] == (
+        "*filter\n-A WEBKNOCK-GRANTS -s 2001:db8::10/128 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    )
+    assert len(runner.calls) == 2
+
+
+def test_renew_changes_nothing_in_a_linear_chain() -> None:
+    runner = RecordingRunner()
+    fw(runner).apply([], [Entry(V4, NOW + 60)], [], now=NOW)
+    assert runner.calls == []
+
+
+def test_v6_failure_undoes_v4() -> None:
+    runner = RecordingRunner(fail="ip6tables-restore")
+    with pytest.raises(FirewallError):
+        fw(runner).apply([Entry(V4, NOW + 60), Entry(V6, NOW + 60)], now=NOW)
+    v4 = runner.stdin_of("iptables-restore")
+    assert len(v4) == 2
+    assert "-D WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT" in v4[1]
+
+
+def test_ensure_creates_chains_and_one_jump() -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).ensure()
+    batch = runner.stdin_of("iptables-restore")[0]
+    assert batch == (
+        "*filter\n"
+        ":WEBKNOCK-GRANTS - [0:0]\n"
+        ":WEBKNOCK - [0:0]\n"
+        "-A WEBKNOCK -j WEBKNOCK-GRANTS\n"
+        "-I INPUT 1 -j WEBKNOCK\n"
+        "COMMIT\n"
+    )
+    assert runner.stdin_of("ip6tables-restore")[0] == batch
+
+
+def test_ensure_keeps_grants_and_removes_duplicate_jumps() -> None:
+    saved = (
+        "*filter\n:INPUT DROP [0:0]\n:WEBKNOCK - [0:0]\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A INPUT -j WEBKNOCK\n-A INPUT -j WEBKNOCK\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    )
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).ensure()
+    batch = runner.stdin_of("iptables-restore")[0]
+    assert ":WEBKNOCK-GRANTS" not in batch  # declaring it would flush the grants
+    assert "-I INPUT" not in batch
+    assert batch.count("-D INPUT -j WEBKNOCK\n") == 1
+
+
+def test_protect_rules_after_grants_with_established_first() -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner, protect=True).ensure()
+    batch = runner.stdin_of("iptables-restore")[0]
+    assert (
+        "-A WEBKNOCK -j WEBKNOCK-GRANTS\n"
+        "-A WEBKNOCK -p tcp -m multiport --dports 22,2222 -m conntrack --ctstate "
+        "RELATED,ESTABLISHED -j ACCEPT\n"
+        "-A WEBKNOCK -p tcp -m multiport --dports 22,2222 -j DROP\n"
+        "-A WEBKNOCK -p udp -m multiport --dports 51820 -m conntrack --ctstate "
+        "RELATED,ESTABLISHED -j ACCEPT\n"
+        "-A WEBKNOCK -p udp -m multiport --dports 51820 -j DROP\n"
+    ) in batch
+
+
+def test_protect_splits_more_than_15_ports() -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner, protect=True, tcp_ports=frozenset(range(1000, 1020)), udp_ports=frozenset()).ensure()
+    batch = runner.stdin_of("iptables-restore")[0]
+    assert (
+        "--dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 -j DROP"
+        in batch
+    )
+    assert "--dports 1015,1016,1017,1018,1019 -j DROP" in batch
+
+
+def test_sync_flushes_and_refills_in_one_commit() -> None:
+    saved = "*filter\n:INPUT DROP [0:0]\n:WEBKNOCK - [0:0]\n:WEBKNOCK-GRANTS - [0:0]\n-A INPUT -j WEBKNOCK\nCOMMIT\n"
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": saved})
+    fw(runner).sync([Entry(V4, NOW + 5), Entry(V4U, NOW + 5)], now=NOW)
+    v4 = runner.stdin_of("iptables-restore")
+    assert v4[-1] == (
+        "*filter\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p udp -m udp --dport 51820 -j ACCEPT\n"
+        "COMMIT\n"
+    )
+    assert runner.stdin_of("ip6tables-restore")[-1] == "*filter\n:WEBKNOCK-GRANTS - [0:0]\nCOMMIT\n"
+
+
+def test_listed_parses_save_output_with_duplicates() -> None:
+    saved = (
+        "*filter\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A OTHER -s 192.0.2.99/32 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    )
+    saved6 = "*filter\n-A WEBKNOCK-GRANTS -s 2001:db8::10/128 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": saved6})
+    assert fw(runner).listed() == [V4, V4, V6]
+
+
+def test_teardown_removes_jump_then_chains() -> None:
+    saved = "*filter\n:INPUT DROP [0:0]\n:WEBKNOCK - [0:0]\n:WEBKNOCK-GRANTS - [0:0]\n-A INPUT -j WEBKNOCK\nCOMMIT\n"
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).teardown()
+    assert runner.stdin_of("iptables-restore") == [
+        "*filter\n-D INPUT -j WEBKNOCK\n-F WEBKNOCK\n-F WEBKNOCK-GRANTS\n-X WEBKNOCK\n-X WEBKNOCK-GRANTS\nCOMMIT\n"
+    ]
+    assert runner.stdin_of("ip6tables-restore") == []  # nothing of ours there
+
+
+def test_instance_chain_names() -> None:
+    runner = RecordingRunner()
+    fw(runner, chain="WK-office").apply([Entry(V4, NOW + 1)], now=NOW)
+    assert "-A WK-office-GRANTS -s 192.0.2.10/32" in runner.calls[0][1]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("token", ["a b", "x;y", "$(id)", "", "a\nb"])
+def test_unsafe_tokens_refused(token: str) -> None:
+    with pytest.raises(FirewallError, match="unsafe"):
+        restore_line("-A", "WEBKNOCK", ("-s", token))
