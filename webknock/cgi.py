@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # not `from typing import ...`: typing costs ~10 ms per request
 if TYPE_CHECKING:
     from ipaddress import IPv4Network, IPv6Network
 
