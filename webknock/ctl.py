@@ -13,6 +13,7 @@ from typing import Any
 
 from webknock import __version__
 from webknock.config import ConfigError, ServerConfig, load
+from webknock.engine import GrantEngine
 from webknock.firewall import FirewallError
 from webknock.grants import Grant, grantable, parse_address
 from webknock.logsetup import setup_logging
@@ -73,7 +74,8 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _engine(cfg: ServerConfig) -> Any:
+def _engine(cfg: ServerConfig) -> GrantEngine:
+    """The same engine the daemon uses (state, firewall, event sinks)."""
     from webknock.daemon import build
 
     return build(cfg)[0]

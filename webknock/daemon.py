@@ -155,10 +155,12 @@ class Daemon:
     def drain(self) -> int:
         """Process everything pending as one batch; return how many requests were handled."""
         handled = 0
+        stuck: set[str] = set()  # names that could not be removed: never loop on them
         while True:
-            entries = self.pending()
+            entries = [e for e in self.pending() if e.name not in stuck]
             if not entries:
                 return handled
+            stuck.update(e.name for e in entries)
             now = self.clock()
             valid: list[tuple[os.DirEntry[str], GrantRequest]] = []
             for entry in entries:
