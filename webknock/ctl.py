@@ -155,7 +155,8 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
     except OSError:
         backlog = -1
     drift = engine.drift(now)
-    report = {
+    addresses = len({g.key.ip for g in live})
+    report: dict[str, Any] = {
         "instance": cfg.instance,
         "daemon": {"running": pid is not None, "pid": pid},
         "backend": engine.firewall.describe(),
@@ -163,7 +164,7 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
         "grants": {
             "live": len(live),
             "expired_unreaped": len(expired),
-            "addresses": len({g.key.ip for g in live}),
+            "addresses": addresses,
         },
         "firewall_agrees": drift.clean,
         "drift": {
@@ -180,7 +181,7 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
         print(f"backend:         {report['backend']}")
         print(f"spool backlog:   {backlog}")
         print(
-            f"grants:          {len(live)} live for {report['grants']['addresses']} "
+            f"grants:          {len(live)} live for {addresses} "
             f"address(es), {len(expired)} expired not yet reaped"
         )
         if drift.clean:
