@@ -1,0 +1,90 @@
+"""webknockctl against an in-memory firewall: list, grant, revoke, reap, status, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import MemoryFirewall
+from webknock import ctl, daemon
+
+
+@pytest.fixture
+def fw(monkeypatch: pytest.MonkeyPatch) -> MemoryFirewall:
+    firewall = MemoryFirewall()
+    monkeypatch.setattr(daemon, "make_firewall", lambda cfg: firewall)
+    return firewall
+
+
+def run(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tuple[int, str, str]:
+    code = ctl.main(["--config", str(config), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_grant_list_revoke(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, instance_config, "grant", "2001:db8::10", "--port", "22", "--time", "60"
+    )
+    assert code == 0 and "granted 2001:db8::10 tcp/22" in out
+    assert len(fw.held) == 1
+    code, out, _ = run(capsys, instance_config, "list", "--json")
+    (grant,) = json.loads(out)
+    assert grant["ip"] == "2001:db8::10" and grant["proto"] == "tcp" and grant["port"] == 22
+    assert 55 <= grant["remaining"] <= 60 and isinstance(grant["expires"], int)
+    code, out, _ = run(capsys, instance_config, "list")
+    assert out.splitlines()[0].split()[:4] == ["ADDRESS", "PROTO", "PORT", "EXPIRES"]
+    assert "2001:db8::10" in out
+    code, out, _ = run(capsys, instance_config, "revoke", "2001:db8::10")
+    assert code == 0 and "revoked [2001:db8::10]:tcp/22" in out and fw.held == {}
+    code, _, err = run(capsys, instance_config, "revoke", "2001:db8::10")
+    assert code == 1 and "no grant matches" in err
+
+
+def test_grant_refuses_port_not_offered(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, instance_config, "grant", "192.0.2.10", "--port", "23")
+    assert code == 2 and "not offered" in err and fw.held == {}
+
+
+@pytest.mark.parametrize("bad", ["300.1.1.1", "not-an-ip", "0.0.0.0", "ff02::1"])
+def test_bad_address_is_usage_error(
+    instance_config: Path, fw: MemoryFirewall, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--config", str(instance_config), "revoke", bad])
+    assert info.value.code == 2
+    assert bad in capsys.readouterr().err
+
+
+def test_status_reports_daemon_down_and_drift(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, instance_config, "grant", "192.0.2.10", "--port", "22")
+    code, out, _ = run(capsys, instance_config, "status", "--json")
+    report = json.loads(out)
+    assert code == 3 and report["daemon"]["running"] is False
+    assert report["firewall_agrees"] is True and report["grants"]["live"] == 1
+    fw.held.clear()
+    code, out, _ = run(capsys, instance_config, "status")
+    assert code == 3 and "DIFFERS: 1 missing" in out and "NOT RUNNING" in out
+
+
+def test_reap_and_reconcile(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, instance_config, "grant", "192.0.2.10", "--port", "22", "--time", "1")
+    fw.held.clear()
+    code, out, _ = run(capsys, instance_config, "reconcile")
+    assert code == 0 and len(fw.held) in (0, 1)
+    assert run(capsys, instance_config, "reap")[0] == 0
+
+
+def test_bad_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, tmp_path / "missing.ini", "list")
+    assert code == 2 and "missing.ini: cannot read" in err
