@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -75,14 +76,18 @@ def test_status_reports_daemon_down_and_drift(
     assert code == 3 and "DIFFERS: 1 missing" in out and "NOT RUNNING" in out
 
 
-def test_reap_and_reconcile(
+def test_reconcile_restores_and_reap_removes_expired(
     instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(capsys, instance_config, "grant", "192.0.2.10", "--port", "22", "--time", "1")
-    fw.held.clear()
+    run(capsys, instance_config, "grant", "192.0.2.10", "--port", "22", "--time", "60")
+    fw.held.clear()  # someone flushed the firewall
     code, out, _ = run(capsys, instance_config, "reconcile")
-    assert code == 0 and len(fw.held) in (0, 1)
+    assert code == 0 and "1 live grant" in out and len(fw.held) == 1
+    run(capsys, instance_config, "grant", "192.0.2.11", "--port", "22", "--time", "1")
+    assert len(fw.held) == 2
+    time.sleep(1.2)
     assert run(capsys, instance_config, "reap")[0] == 0
+    assert [str(k.ip) for k in fw.held] == ["192.0.2.10"]
 
 
 def test_bad_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
