@@ -7,6 +7,7 @@ must stay blocked.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -162,3 +163,26 @@ def test_daemon_down_means_504_not_success(nginx: Deployment) -> None:
     r = nginx.agent.knock(SERVER4, CLIENT4, [("tcp", 22)], time=60)
     assert r["status"] == 504
     assert not nginx.agent.tcp_open(SERVER4, CLIENT4, 22)
+
+
+def test_protect_closes_offered_ports_but_keeps_established_sessions() -> None:
+    """protect = yes on a host whose own policy is ACCEPT: offered ports need a grant."""
+    with deployment("nginx", protect=True, close_firewall=False) as d:
+        a = d.agent
+        assert a.tcp_open(SERVER4, CLIENT4, NOT_OFFERED_TCP), "ports not offered are untouched"
+        assert not a.tcp_open(SERVER4, CLIENT4, 22)
+        assert not a.udp_open(SERVER6, CLIENT6, 51820)
+        assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=600)["reply"]["success"]
+        assert a.tcp_open(SERVER4, CLIENT4, 22)
+        held = a.hold(SERVER4, CLIENT4, 22)
+        try:
+            d.ctl("revoke", CLIENT4)
+            assert not a.tcp_open(SERVER4, CLIENT4, 22), "revoked: new connections refused"
+            assert held.stdin is not None and held.stdout is not None
+            held.stdin.write("\n")
+            held.stdin.flush()
+            result = json.loads(held.stdout.read())
+            assert result == {"first": True, "second": True}, "established session dropped"
+        finally:
+            held.kill()
+            held.communicate(timeout=5)

@@ -38,7 +38,7 @@ NOT_OFFERED_TCP = 2223
 _counter = itertools.count()
 
 
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5) -> None:
     """Terminate a child, kill it if it lingers, and reap it."""
     if proc.poll() is None:
         proc.terminate()
@@ -514,6 +514,33 @@ class Agent:
         if proc.returncode != 0:
             raise LabError(f"agent {action} failed: {proc.stderr.strip()[-2000:]}")
         return json.loads(proc.stdout)
+
+    def hold(self, server: str, src: str, port: int) -> subprocess.Popen[str]:
+        """Start a held TCP connection; write a line to its stdin to test it again."""
+        payload = json.dumps(
+            {
+                "action": "hold",
+                "keys": self.site.keys.to_hex(),
+                "server": server,
+                "src": src,
+                "port": port,
+            }
+        )
+        proc = subprocess.Popen(
+            self.ns.cmd([str(self.site.python), str(AGENT)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self.site.env(),
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(payload + "\n")
+        proc.stdin.flush()
+        if proc.stdout.readline().strip() != "connected":
+            proc.kill()
+            proc.communicate(timeout=5)
+            raise LabError("held connection could not be established")
+        return proc
 
     def knock(
         self,

@@ -62,8 +62,27 @@ def udp(req: dict[str, Any]) -> dict[str, Any]:
         return {"open": data == b"ping"}
 
 
+def hold(req: dict[str, Any]) -> dict[str, Any]:
+    """Open a TCP connection, echo once, wait for a line on stdin, echo again (survival test)."""
+    family = socket.AF_INET6 if ":" in req["server"] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(req.get("timeout", 2.0))
+        s.bind((req["src"], 0))
+        s.connect((req["server"], req["port"]))
+        s.sendall(b"before")
+        first = s.recv(64) == b"before"
+        print("connected", flush=True)
+        sys.stdin.readline()
+        try:
+            s.sendall(b"after")
+            second = s.recv(64) == b"after"
+        except OSError:
+            second = False
+        return {"first": first, "second": second}
+
+
 def main() -> int:
-    req = json.load(sys.stdin)
+    req = json.loads(sys.stdin.readline())
     keys = v1.Keys.from_hex(req["keys"])
     now = int(time.time()) + int(req.get("skew", 0))
     action = req["action"]
@@ -82,6 +101,8 @@ def main() -> int:
         result = tcp(req)
     elif action == "udp":
         result = udp(req)
+    elif action == "hold":
+        result = hold(req)
     else:
         raise SystemExit(f"unknown action {action}")
     json.dump(result, sys.stdout)

@@ -1,4 +1,4 @@
-"""Stand-in services for lab tests: TCP accept-and-close and UDP echo, dual-stack.
+"""Stand-in services for lab tests: TCP echo and UDP echo, dual-stack.
 
 Usage: listener.py '{"tcp": [22, 2222], "udp": [51820]}'
 """
@@ -29,7 +29,17 @@ def main() -> int:
             assert isinstance(ready, socket.socket)
             if key.data == "tcp":
                 conn, _ = ready.accept()
-                conn.close()
+                sel.register(conn, selectors.EVENT_READ, "conn")
+            elif key.data == "conn":
+                try:
+                    data = ready.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    ready.sendall(data)
+                else:
+                    sel.unregister(ready)
+                    ready.close()
             else:
                 data, addr = ready.recvfrom(2048)
                 ready.sendto(data, addr)
