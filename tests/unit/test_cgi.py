@@ -98,6 +98,21 @@ def now() -> int:
     return int(time.time())
 
 
+def openports(
+    ip: str = "192.0.2.10", ports: list[tuple[str, int]] | None = None, time: int = 60
+) -> dict[str, Any]:
+    """An openports request as the original client builds it."""
+    wanted = ports or [("tcp", 22)]
+    return {
+        "api": "openports",
+        "ip": ip,
+        "time": time,
+        "ver": 1,
+        "ts": now(),
+        "ports": [{"proto": p.upper(), "num": n} for p, n in wanted],
+    }
+
+
 def test_vector_packets_reach_the_timestamp_check(cgi: Cgi, vectors: dict[str, Any]) -> None:
     """The original client's packets decode; their 2025 timestamp is refused as stale."""
     for case in vectors["cases"]:
@@ -152,44 +167,19 @@ def test_replay_refused_even_with_altered_padding(cgi: Cgi) -> None:
 
 
 def test_openports_ip_mismatch(cgi: Cgi) -> None:
-    req = {
-        "api": "openports",
-        "ip": "192.0.2.99",
-        "ports": [{"proto": "TCP", "num": 22}],
-        "time": 60,
-        "ver": 1,
-        "ts": now(),
-    }
+    req = openports(ip="192.0.2.99")
     status, headers, _ = cgi.call(cgi.packet(req))
     assert status == 403 and "address mismatch" in headers["X-Webknock-Error"]
 
 
 def test_openports_without_daemon_is_504_and_withdrawn(cgi: Cgi) -> None:
-    req = {
-        "api": "openports",
-        "ip": "192.0.2.10",
-        "ports": [{"proto": "TCP", "num": 22}],
-        "time": 60,
-        "ver": 1,
-        "ts": now(),
-    }
+    req = openports()
     assert cgi.ask(req)[0] == 504
     assert os.listdir(load(cgi.config).spool.requests) == []  # nothing left to apply later
 
 
 def test_openports_through_daemon(cgi: Cgi, daemon: MemoryFirewall) -> None:
-    req = {
-        "api": "openports",
-        "ip": "192.0.2.10",
-        "ports": [
-            {"proto": "TCP", "num": 22},
-            {"proto": "TCP", "num": 23},
-            {"proto": "UDP", "num": 51820},
-        ],
-        "time": 99999,
-        "ver": 1,
-        "ts": now(),
-    }
+    req = openports(ports=[("tcp", 22), ("tcp", 23), ("udp", 51820)], time=99999)
     status, reply = cgi.ask(req)
     assert status == 200 and reply is not None and reply["success"] is True
     assert abs(reply["expires"] - (now() + 3600)) <= 2  # capped at max_time
@@ -197,14 +187,7 @@ def test_openports_through_daemon(cgi: Cgi, daemon: MemoryFirewall) -> None:
 
 
 def test_openports_nothing_offered(cgi: Cgi) -> None:
-    req = {
-        "api": "openports",
-        "ip": "192.0.2.10",
-        "ports": [{"proto": "TCP", "num": 23}],
-        "time": 60,
-        "ver": 1,
-        "ts": now(),
-    }
+    req = openports(ports=[("tcp", 23)])
     status, reply = cgi.ask(req)
     assert status == 200 and reply == {
         "success": False,
@@ -215,14 +198,7 @@ def test_openports_nothing_offered(cgi: Cgi) -> None:
 
 def test_daemon_failure_is_not_success(cgi: Cgi, daemon: MemoryFirewall) -> None:
     daemon.fail_apply = daemon.fail_sync = True
-    req = {
-        "api": "openports",
-        "ip": "192.0.2.10",
-        "ports": [{"proto": "TCP", "num": 22}],
-        "time": 60,
-        "ver": 1,
-        "ts": now(),
-    }
+    req = openports()
     status, reply = cgi.ask(req)
     assert status == 200 and reply is not None
     assert reply["success"] is False and reply["errorcode"] == "FIREWALL"
