@@ -4,7 +4,16 @@ Order of work is chosen for cost: method, length and the shape of the `data`
 field are checked before anything heavy is imported, so junk costs about as
 much as starting Python. Only a well-formed packet loads config, keys and AES.
 Nothing from Python ever reaches the client: failures are bare HTTP statuses,
-details go to stderr (the web server's error log).
+details go to stderr (the web server's error log), one line each, with the peer.
+
+Statuses: 200 a reply packet; 400 not a POST, no usable Content-Length, no `data`
+field, or a malformed X-Forwarded-For from a trusted proxy; 403 undecodable or
+unverifiable packet, stale timestamp (X-Webknock-Error says by how much), replayed
+packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB;
+429 this address sent too many bad packets (throttle); 500 misconfiguration only
+(config, keys, REMOTE_ADDR); 503 the spool, replay cache or inotify is unavailable
+(full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
+did not answer in time (see cgi_wait for what that means for the grant).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+
 TYPE_CHECKING = False  # not `from typing import ...`: typing costs ~10 ms per request
 if TYPE_CHECKING:
     from ipaddress import IPv4Network, IPv6Network
@@ -48,15 +58,18 @@ def respond(out: object, status: int, body: bytes = b"", note: str = "") -> None
     head = f"Status: {STATUS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
     head += "Cache-Control: no-store\r\n"
     if note:
-        head += f"X-Webknock-Error: {note}\r\n"
+        head += f"X-Webknock-Error: {note.replace('±', '+/-')}\r\n"
     out.write(head.encode("ascii", "replace") + b"\r\n" + body)  # type: ignore[attr-defined]
     out.flush()  # type: ignore[attr-defined]
 
 
 def warn(msg: str) -> None:
     """One line to the web server's error log."""
-    peer = os.environ.get("REMOTE_ADDR", "-")
-    sys.stderr.write(f"webknock.cgi: {peer}: {msg}\n")
+    peer = os.environ.get("REMOTE_ADDR", "-")[:64]
+    line = f"{peer}: {msg}"[:400]
+    if not line.isprintable():  # nothing a client sent may forge a log line
+        line = "".join(c if c.isprintable() else "?" for c in line)
+    sys.stderr.write(f"webknock.cgi: {line}\n")
     sys.stderr.flush()
 
 
@@ -80,8 +93,10 @@ def read_packet(environ: dict[str, str], stdin: object) -> bytes:
     if environ.get("REQUEST_METHOD", "") != "POST":
         raise Reply(400, f"method {environ.get('REQUEST_METHOD', '')[:10]!r} is not POST")
     length_text = environ.get("CONTENT_LENGTH", "")
-    if not length_text.isdigit():
+    if not (length_text.isascii() and length_text.isdigit()):
         raise Reply(400, "no usable Content-Length")
+    if len(length_text) > 9:
+        raise Reply(413, f"body of {len(length_text)} digits exceeds {MAX_BODY} bytes")
     length = int(length_text)
     if length > MAX_BODY:
         raise Reply(413, f"body of {length} bytes exceeds {MAX_BODY}")
@@ -109,7 +124,10 @@ def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Add
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     while hops and any(addr in net for net in trusted):
         try:
-            addr = parse_address(hops.pop())
+            hop = hops.pop()
+            if "%" in hop:  # an IPv6 scope means nothing off this host
+                raise ValueError(hop)
+            addr = parse_address(hop)
         except ValueError:
             raise Reply(400, "malformed X-Forwarded-For from a trusted proxy") from None
     return addr
@@ -120,22 +138,27 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
     packet = read_packet(environ, stdin)
 
     from webknock.config import ConfigError, load
-    from webknock.keys import KeysError, load_keys
-    from webknock.protocol import v1
-    from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
 
     try:
         cfg = load(environ.get("WEBKNOCK_CONFIG") or None)
-        keys = load_keys(cfg.keys_file)
-    except (ConfigError, KeysError) as exc:
+    except ConfigError as exc:
         raise Reply(500, f"configuration: {exc}") from None
     peer = client_address(environ, cfg.trusted_proxies)
 
     from webknock import throttle
 
     guard = throttle.Throttle(cfg.spool.seen, cfg.throttle_failures, cfg.throttle_window)
-    if guard.blocked(peer, now):
+    if guard.blocked(peer, now):  # before keys and AES are loaded: a throttled flood is cheap
         raise Reply(429, "too many bad packets; throttled")
+
+    from webknock.keys import KeysError, load_keys
+    from webknock.protocol import v1
+    from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
+
+    try:
+        keys = load_keys(cfg.keys_file)
+    except KeysError as exc:
+        raise Reply(500, f"configuration: {exc}") from None
     try:
         data, mac = v1.decode_with_mac(keys, packet)
         request = parse_request(data, now, cfg.ts_window)
@@ -144,7 +167,14 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
         raise Reply(403, f"packet: {exc.reason}") from None
     except RequestError as exc:
         raise Reply(exc.status, exc.reason, note=exc.header) from None
-    if not throttle.first_use(cfg.spool.seen, mac):
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # sealed, values unexpected
+        raise Reply(403, f"request: {type(exc).__name__}") from None
+    try:
+        fresh = throttle.first_use(cfg.spool.seen, mac)
+    except OSError as exc:  # accepting it unrecorded would allow a replay
+        raise Reply(503, f"replay cache {cfg.spool.seen}: {exc.strerror}") from None
+    if not fresh:
+        guard.failed(peer, now)
         raise Reply(403, "replayed packet")
 
     if isinstance(request, GetInfo):
@@ -174,14 +204,17 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
 
     from webknock.cgi_wait import submit_and_wait
 
-    outcome = submit_and_wait(
-        cfg,
-        peer,
-        ports,
-        time_granted,
-        now,
-        environ.get("HTTP_USER_AGENT", ""),
-    )
+    try:
+        outcome = submit_and_wait(
+            cfg,
+            peer,
+            ports,
+            time_granted,
+            now,
+            environ.get("HTTP_USER_AGENT", ""),
+        )
+    except OSError as exc:  # full or read-only spool, no inotify instance left: never success
+        raise Reply(503, f"spool unavailable: {exc}") from None
     if outcome is None:
         raise Reply(504, "webknockd did not answer in time")
     if outcome.get("ok"):
@@ -202,11 +235,14 @@ def main() -> int:
         body = handle(dict(os.environ), sys.stdin.buffer, time.time())
     except Reply as reply:
         warn(f"{reply.status}: {reply.why}")
-        respond(out, reply.status, reply.body, reply.note)
-        return 0
+        status, body, note = reply.status, reply.body, reply.note
     except Exception as exc:  # never a traceback to the client
         warn(f"500: internal error: {type(exc).__name__}: {exc}")
-        respond(out, 500)
-        return 0
-    respond(out, 200, body)
+        status, body, note = 500, b"", ""
+    else:
+        status, note = 200, ""
+    try:
+        respond(out, status, body, note)
+    except OSError as exc:  # the client or web server went away
+        warn(f"{status} not delivered: {exc}")
     return 0

@@ -29,7 +29,7 @@ def _read_result(path: str) -> dict[str, Any] | None:
             return parse_result(fh.read(4096))
     except FileNotFoundError:
         return None
-    except ValueError:
+    except (ValueError, OSError):  # the request went in: say it failed, never that it worked
         return {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
 
 
@@ -43,8 +43,13 @@ def submit_and_wait(
 ) -> dict[str, Any] | None:
     """Spool the request; return the daemon's result, or None on timeout.
 
-    Raises OSError when the spool cannot be written (full disk, read-only): the
-    caller answers an error, never success.
+    Raises OSError when the spool cannot be written (full disk, read-only) or no
+    inotify instance is left: nothing was spooled, the caller answers an error.
+
+    None means the daemon did not answer within ``result_timeout``. If the request
+    could still be withdrawn it will never be applied; if the daemon had claimed it,
+    we waited once more, and after that it may still be applied (the client is told
+    504, never success).
     """
     from inotify_simple import INotify, flags
 

@@ -12,26 +12,51 @@ from webknock.keys import KeysError, load_keys
 Problem = tuple[str, str]  # ("error" | "warning", message)
 
 
-def _mode_problems(path: Path, *, uid: int, gid: int | None, mode: int, what: str) -> list[Problem]:
+def _mode_problems(
+    path: Path,
+    *,
+    uid: int,
+    gid: int | None,
+    mode: int,
+    what: str,
+    optional: bool = False,
+) -> list[Problem]:
+    """Owner, group and mode of one path. Anything that lets a user other than root change
+    what root reads or writes (wrong owner, a write bit wider than expected, a symlink) is
+    an error; a wrong group or a read bit too many is a warning."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return [("warning", f"{what} {path} does not exist yet")]
+        return [] if optional else [("warning", f"{what} {path} does not exist yet")]
     except OSError as exc:
         return [("error", f"{what} {path}: {exc.strerror}")]
     out: list[Problem] = []
     if stat.S_ISLNK(st.st_mode):
         out.append(("error", f"{what} {path} is a symlink"))
     if st.st_uid != uid:
-        out.append(("warning", f"{what} {path} is owned by uid {st.st_uid}, expected {uid}"))
+        out.append(
+            (
+                "error",
+                f"{what} {path} is owned by uid {st.st_uid}, expected {uid}; "
+                f"run: chown {uid} {path}",
+            )
+        )
     if gid is not None and st.st_gid != gid:
-        out.append(("warning", f"{what} {path} has group {st.st_gid}, expected {gid}"))
-    actual = stat.S_IMODE(st.st_mode)
-    if actual & ~mode:
         out.append(
             (
                 "warning",
-                f"{what} {path} has mode {actual:04o}, wider than {mode:04o}; "
+                f"{what} {path} has group {st.st_gid}, expected {gid}; run: chgrp {gid} {path}",
+            )
+        )
+    actual = stat.S_IMODE(st.st_mode)
+    wider = actual & ~mode
+    if wider:
+        level = "error" if wider & 0o022 else "warning"
+        who = "writable by others than root" if level == "error" else "readable by more users"
+        out.append(
+            (
+                level,
+                f"{what} {path} has mode {actual:04o}, wider than {mode:04o} ({who}); "
                 f"run: chmod {mode:04o} {path}",
             )
         )
@@ -48,18 +73,56 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
         web = web_identity(cfg)
     except ConfigError as exc:
         return [("error", str(exc))]
+    if web.uid == 0:
+        problems.append(
+            ("error", f"{cfg.source}: [server] web_user {web.user} is root: no privilege boundary")
+        )
     try:
         load_keys(cfg.keys_file)
     except KeysError as exc:
         problems.append(("error", str(exc)))
     problems += _mode_problems(cfg.keys_file, uid=0, gid=web.gid, mode=0o640, what="keys file")
     problems += _mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
+    devices: dict[int, list[str]] = {}
     for path, uid, gid, mode in layout(cfg.spool, web.gid):
         problems += _mode_problems(path, uid=uid, gid=gid, mode=mode, what="spool directory")
+        try:
+            devices.setdefault(os.lstat(path).st_dev, []).append(path.name)
+        except OSError:
+            pass
+    if len(devices) > 1:  # the daemon claims and answers by rename(2)
+        problems.append(
+            (
+                "error",
+                f"spool {cfg.spool.root} spans {len(devices)} file systems "
+                f"({'; '.join(', '.join(names) for names in devices.values())}): "
+                "requests cannot be claimed; keep it on one",
+            )
+        )
     problems += _mode_problems(cfg.state_file, uid=0, gid=None, mode=0o600, what="state file")
     problems += _mode_problems(
         cfg.state_file.parent, uid=0, gid=None, mode=0o755, what="state directory"
     )
+    for suffix in (".lock", ".daemon", "-journal"):
+        problems += _mode_problems(
+            Path(f"{cfg.state_file}{suffix}"),
+            uid=0,
+            gid=None,
+            mode=0o600,
+            what="state file",
+            optional=True,
+        )
+    # Whoever can rename entries in these directories can swap what root reads.
+    parents: dict[Path, list[str]] = {}
+    for path, what in (
+        (cfg.source.parent, "config"),
+        (cfg.keys_file.parent, "keys"),
+        (cfg.spool.root.parent, "spool's parent"),
+    ):
+        parents.setdefault(path, []).append(what)
+    for path, whats in parents.items():
+        what = f"{', '.join(whats)} directory"
+        problems += _mode_problems(path, uid=0, gid=None, mode=0o755, what=what)
     if os.geteuid() == 0:
         try:
             make_firewall(cfg)

@@ -13,7 +13,9 @@ import argparse
 import fcntl
 import logging
 import os
+import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from webknock.firewall import FirewallError, make_firewall
 from webknock.fsutil import write_atomic
 from webknock.logsetup import setup_logging
 from webknock.spool import (
+    MAX_REQUEST_BYTES,
     REQUEST_SUFFIX,
     RESULT_SUFFIX,
     GrantRequest,
@@ -37,6 +40,7 @@ from webknock.spool import (
 )
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
+from webknock.throttle import FAIL_PREFIX, REPLAY_PREFIX
 
 log = logging.getLogger("webknockd")
 
@@ -45,6 +49,16 @@ RESULT_TTL = 120.0
 TMP_TTL = 60.0
 KEEP_REJECTED = 1000
 TICK = 1.0
+#: At most this many throttle counters (f- files) in seen/; the oldest go first. The web
+#: user creates one per address that sent a bad packet; this bounds the disk they use.
+MAX_THROTTLE_MARKS = 20000
+#: The cheap firewall check may use at most 1/CHECK_SHARE of the daemon's time (it runs
+#: every TICK unless one check costs more than TICK/CHECK_SHARE, e.g. huge linear chains).
+CHECK_SHARE = 10
+#: Every this many seconds the check compares every key, not only counts.
+FULL_CHECK = 30.0
+#: After a failed check or repair, wait this long before the next attempt.
+CHECK_BACKOFF = 5.0
 
 
 class AlreadyRunning(Exception):
@@ -101,6 +115,8 @@ class Daemon:
         self.allowed_uids = frozenset({0, web.uid})
         self.offered = cfg.offered()
         self.stopping = False
+        self.next_check = 0.0
+        self.next_full_check = 0.0
 
     # -- spool --------------------------------------------------------------------------
 
@@ -113,6 +129,9 @@ class Daemon:
                 os.rename(self.spool.requests / name, self.spool.claimed / name)
             except FileNotFoundError:
                 continue  # withdrawn by the CGI after its timeout
+            except OSError as exc:  # e.g. a directory planted under a name already claimed
+                log.warning("cannot claim spool entry %r (%s); moving it aside", name, exc)
+                self._set_aside(self.spool.requests / name, name)
         with os.scandir(self.spool.claimed) as it:
             entries = [e for e in it if not e.name.startswith(".")]
         entries.sort(key=lambda e: e.name)
@@ -126,18 +145,21 @@ class Daemon:
         else:
             payload = result_payload(False, error=outcome.error, errorcode=outcome.errorcode)
         path = self.spool.results / f"{request_id}{RESULT_SUFFIX}"
-        write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
+        try:
+            write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
+        except OSError as exc:  # full or read-only spool: the CGI times out (504), never success
+            log.error("cannot write result %s: %s", request_id, exc)
 
     def reject(self, entry: os.DirEntry[str], reason: str) -> None:
         """Log, answer (when the name is a request id) and move the file aside."""
-        log.warning("rejected spool file %s: %s", entry.name[:80], reason)
+        log.warning("rejected spool file %r: %s", entry.name[:80], reason)
         self.engine.events.emit(
             Event(
                 "reject",
                 self.clock(),
                 self.cfg.instance,
                 "",
-                reason=f"spool file {entry.name[:80]}: {reason}",
+                reason=f"spool file {entry.name[:80]!r}: {reason}",
             )
         )
         stem = entry.name[: -len(REQUEST_SUFFIX)] if entry.name.endswith(REQUEST_SUFFIX) else ""
@@ -145,12 +167,30 @@ class Daemon:
             self.write_result(
                 stem, Outcome(False, error="request refused by the server", errorcode="INVALID")
             )
-        target = self.spool.rejected / f"{entry.name[:80]}.{int(self.clock())}"
+        self._set_aside(Path(entry.path), entry.name)
+
+    def _set_aside(self, path: Path, name: str) -> None:
+        """Move a refused spool entry into rejected/ (root only) under a name of its own.
+
+        Only small files are kept for the admin; directories and files too big to be a
+        request are deleted once out of the web user's reach.
+        """
+        target = self.spool.rejected / f"{name[:80]}.{int(self.clock())}.{os.urandom(4).hex()}"
         try:
-            os.rename(entry.path, target)
+            os.rename(path, target)
         except OSError as exc:
-            log.error("cannot move %s aside (%s); removing it", entry.name[:80], exc.strerror)
-            self._unlink(Path(entry.path))
+            log.error("cannot move %r aside (%s); removing it", name[:80], exc.strerror)
+            target = path
+        try:
+            st = os.lstat(target)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(target)  # fd-based: never follows a link planted inside
+            elif target == path or st.st_size > MAX_REQUEST_BYTES:
+                os.unlink(target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove refused spool entry %r: %s", name[:80], exc)
 
     def drain(self) -> int:
         """Process everything pending as one batch; return how many requests were handled."""
@@ -174,8 +214,13 @@ class Daemon:
                 except SpoolError as exc:
                     self.reject(entry, str(exc))
                     continue
-                if now - req.received > self.cfg.result_timeout + 30:
-                    self.reject(entry, f"stale: received {now - req.received:.0f}s ago")
+                except Exception as exc:  # untrusted input must never stop the daemon
+                    log.exception("unexpected error reading spool file %r", entry.name[:80])
+                    self.reject(entry, f"unreadable: {type(exc).__name__}")
+                    continue
+                age = now - req.received
+                if not -30 <= age <= self.cfg.result_timeout + 30:
+                    self.reject(entry, f"stale: received {age:.0f}s ago")
                     continue
                 valid.append((entry, req))
             try:
@@ -199,37 +244,100 @@ class Daemon:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # read-only spool, a directory: never stop the daemon over it
+            log.error("cannot remove %s: %s", path, exc)
+
+    def seen_ttl(self, name: str) -> float:
+        """How long an entry of seen/ must live: a replay mark as long as its packet could be
+        accepted (timestamp window on both sides), a throttle counter its window."""
+        replay = 2 * self.cfg.ts_window + 5
+        throttle = self.cfg.throttle_window + 5
+        if name.startswith(REPLAY_PREFIX):
+            return replay
+        if name.startswith(FAIL_PREFIX):
+            return throttle
+        return max(replay, throttle)  # not ours: whatever the web user left there
 
     def prune(self) -> None:
-        """Drop old results, abandoned temp files, old replay marks and excess rejects."""
+        """Drop old results, abandoned temp files, old replay marks and throttle counters,
+        excess throttle counters and excess rejects."""
         now = self.clock()
-        seen_ttl = 2 * self.cfg.ts_window + 5
-        for directory, ttl, dot_only in (
-            (self.spool.results, RESULT_TTL, False),
-            (self.spool.requests, TMP_TTL, True),
-            (self.spool.seen, seen_ttl, False),
+        for directory, ttl in (
+            (self.spool.results, lambda _name: RESULT_TTL),
+            (self.spool.requests, lambda name: TMP_TTL if name.startswith(".") else None),
+            (self.spool.seen, self.seen_ttl),
         ):
+            counters: list[tuple[float, str]] = []
             with os.scandir(directory) as it:
                 for e in it:
-                    if dot_only and not e.name.startswith("."):
+                    limit = ttl(e.name)
+                    if limit is None:
                         continue
                     try:
-                        if now - e.stat(follow_symlinks=False).st_mtime > ttl:
-                            self._unlink(Path(e.path))
+                        mtime = e.stat(follow_symlinks=False).st_mtime
                     except OSError:
                         continue
+                    if now - mtime > limit:
+                        self._unlink(Path(e.path))
+                    elif e.name.startswith(FAIL_PREFIX) and directory == self.spool.seen:
+                        counters.append((mtime, e.path))
+            if len(counters) > MAX_THROTTLE_MARKS:
+                counters.sort()
+                log.warning(
+                    "%d throttle counters in %s: dropping the %d oldest",
+                    len(counters),
+                    directory,
+                    len(counters) - MAX_THROTTLE_MARKS,
+                )
+                for _, path in counters[: len(counters) - MAX_THROTTLE_MARKS]:
+                    self._unlink(Path(path))
+        rejected: list[tuple[float, str]] = []
         with os.scandir(self.spool.rejected) as it:
-            rejected = sorted(it, key=lambda e: e.stat(follow_symlinks=False).st_mtime)
-        for e in rejected[:-KEEP_REJECTED]:
-            self._unlink(Path(e.path))
+            for e in it:
+                try:
+                    rejected.append((e.stat(follow_symlinks=False).st_mtime, e.path))
+                except OSError:
+                    continue
+        rejected.sort()
+        for _, path in rejected[:-KEEP_REJECTED]:
+            self._unlink(Path(path))
+
+    def check_firewall(self, now: float) -> None:
+        """Repair a firewall changed behind our back (flushed, reloaded, hook deleted).
+
+        A cheap count every TICK (less often if one check costs more than its share of the
+        daemon's time), a full key-by-key compare every FULL_CHECK seconds.
+        """
+        full = now >= self.next_full_check
+        started = time.monotonic()
+        try:
+            why = self.engine.check(now, full=full)
+            if why:
+                log.warning("firewall differs from the state file (%s): restoring", why)
+                live = self.engine.reconcile(self.clock())
+                log.warning("firewall restored: %d live grant(s)", live)
+        except (FirewallError, StateError) as exc:
+            log.error("firewall check failed: %s (next try in %.0f s)", exc, CHECK_BACKOFF)
+            self.next_check = now + CHECK_BACKOFF
+            return
+        cost = time.monotonic() - started
+        self.next_check = now + max(TICK, cost * CHECK_SHARE) - TICK / 10
+        if full:
+            self.next_full_check = now + FULL_CHECK
 
     def tick(self) -> None:
-        """Once a second: expire grants and prune the spool."""
+        """Once a second: expire grants, prune the spool, check the firewall."""
+        now = self.clock()
         try:
-            self.engine.reap(self.clock())
+            self.engine.reap(now)
         except (FirewallError, StateError) as exc:
             log.error("reap failed: %s", exc)
-        self.prune()
+        try:
+            self.prune()
+        except OSError as exc:
+            log.error("pruning the spool failed: %s", exc)
+        if now >= self.next_check:
+            self.check_firewall(now)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -239,18 +347,28 @@ class Daemon:
         inotify = INotify()
         inotify.add_watch(self.spool.requests, flags.CLOSE_WRITE | flags.MOVED_TO)
         try:
-            self.drain()
+            self._safely(self.drain)
             next_tick = 0.0
             while not self.stopping:
                 now = self.clock()
                 if now >= next_tick:
-                    self.tick()
+                    self._safely(self.tick)
                     next_tick = now + TICK
                 wait_ms = max(1, int((next_tick - self.clock()) * 1000))
                 if inotify.read(timeout=wait_ms):
-                    self.drain()
+                    self._safely(self.drain)
         finally:
             inotify.close()
+
+    @staticmethod
+    def _safely(step: Callable[[], object]) -> None:
+        """Run one step of the loop; a failing disk, state file or firewall is logged and
+        retried on the next event or tick, never the end of the daemon."""
+        try:
+            step()
+        except (OSError, StateError, FirewallError) as exc:
+            log.error("%s failed: %s", getattr(step, "__name__", "step"), exc)
+            time.sleep(0.1)  # no hot loop on a persistent failure
 
     def stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping (grants stay in the firewall)", signum)

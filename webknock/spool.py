@@ -15,7 +15,9 @@ itself (regular, not a link, one link, owner, size) before its content.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
 import stat
@@ -69,19 +71,26 @@ def encode_request(
 
 
 def write_request(requests_dir: Path, request_id: str, payload: bytes) -> Path:
-    """Write the request atomically (dot temp + rename) with mode 0640; return its path."""
+    """Write the request atomically (dot temp + rename) with mode 0640; return its path.
+
+    Raises OSError (full disk, read-only spool) and then leaves nothing behind.
+    """
     tmp = requests_dir / f".{request_id}.tmp"
     final = requests_dir / f"{request_id}{REQUEST_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
-        os.fchmod(fd, 0o640)
-        os.write(fd, payload)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, 0o640)
+            if os.write(fd, payload) != len(payload):  # a short write: the disk is full
+                raise OSError(errno.ENOSPC, "short write to the spool", str(tmp))
+        finally:
+            os.close(fd)
         os.rename(tmp, final)
     except OSError:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return final
 
@@ -92,15 +101,15 @@ def parse_request(
     """Validate the content of a request file (schema, address, ports, time)."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests too deep
         raise SpoolError("not JSON") from None
     if not isinstance(obj, dict) or obj.get("v") != 1:
         raise SpoolError("not a version-1 request object")
     expected = {"v", "ip", "ports", "time", "received", "ua"}
     if set(obj) - expected or not {"v", "ip", "ports", "time", "received"} <= set(obj):
         raise SpoolError(f"unexpected or missing fields: {sorted(set(obj) ^ expected)}")
-    if not isinstance(obj["ip"], str):
-        raise SpoolError("ip is not a string")
+    if not isinstance(obj["ip"], str) or "%" in obj["ip"]:
+        raise SpoolError("ip is not a string without a scope")
     try:
         ip = parse_address(obj["ip"])
     except ValueError:
@@ -120,18 +129,22 @@ def parse_request(
             or not isinstance(item[1], int)
             or isinstance(item[1], bool)
         ):
-            raise SpoolError(f"port entry {str(item)[:40]} is not [proto, number]")
+            raise SpoolError(f"port entry {item!r:.40} is not [proto, number]")
         pair = (item[0], item[1])
         if pair not in offered:
-            raise SpoolError(f"port {pair[0]}/{pair[1]} is not offered")
+            raise SpoolError(f"port {pair[0]!r:.12}/{pair[1]} is not offered")
         if pair not in ports:
             ports.append(pair)
     time = obj["time"]
     if not isinstance(time, int) or isinstance(time, bool) or not 1 <= time <= max_time:
-        raise SpoolError(f"time {str(time)[:20]} is not 1..{max_time}")
+        raise SpoolError(f"time {time!r:.20} is not 1..{max_time}")
     received = obj["received"]
-    if not isinstance(received, int | float) or isinstance(received, bool):
-        raise SpoolError("received is not a number")
+    if (
+        not isinstance(received, int | float)
+        or isinstance(received, bool)
+        or not math.isfinite(received)
+    ):
+        raise SpoolError("received is not a finite number")
     ua = obj.get("ua", "")
     if not isinstance(ua, str):
         raise SpoolError("ua is not a string")

@@ -107,6 +107,17 @@ class StateTx:
     def all(self) -> list[Grant]:
         return self.select()
 
+    def counts(self, now: float) -> dict[int, tuple[int, int]]:
+        """Per address family (4, 6): (live grants, all grants incl. expired not yet reaped)."""
+        rows = self.db.execute(
+            "SELECT instr(ip, ':') > 0, SUM(expires > ?), COUNT(*) FROM grants GROUP BY 1",
+            (now,),
+        ).fetchall()
+        out = {4: (0, 0), 6: (0, 0)}
+        for is_v6, live, total in rows:
+            out[6 if is_v6 else 4] = (int(live), int(total))
+        return out
+
     def next_expiry(self) -> float | None:
         row = self.db.execute("SELECT MIN(expires) FROM grants").fetchone()
         return float(row[0]) if row and row[0] is not None else None
@@ -137,9 +148,21 @@ class StateStore:
         return self._db
 
     @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the instance lock (re-entrant); a lock that cannot be had is a StateError."""
+        try:
+            self.lock.acquire()
+        except OSError as exc:  # includes filelock.Timeout; read-only or full state dir
+            raise StateError(f"{self.lock.lock_file}: cannot take the state lock: {exc}") from None
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    @contextmanager
     def transaction(self) -> Iterator[StateTx]:
         """Hold the instance lock and one write transaction; commit only if the block succeeds."""
-        with self.lock:
+        with self.locked():
             db = self._connect()
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -147,14 +170,27 @@ class StateStore:
                 raise StateError(f"{self.path}: cannot begin transaction: {exc}") from None
             try:
                 yield StateTx(db)
+            except sqlite3.Error as exc:  # full disk, read-only file, corruption
+                self._rollback(db)
+                raise StateError(f"{self.path}: {exc}") from None
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise StateError(f"{self.path}: cannot commit: {exc}") from None
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        """Roll back if a transaction is still open (SQLite ends some on its own, e.g. on a
+        full disk); never let a failing rollback hide the error that caused it."""
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def read(self) -> StateTx:
         """Unlocked read access (SQLite gives a consistent snapshot per query)."""

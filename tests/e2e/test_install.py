@@ -1,0 +1,826 @@
+"""install.sh: server install (twice), client install and uninstall, checked file by file.
+
+Two settings, never the real host paths:
+* ``--root DIR``: a throwaway root prefix below /var/tmp; owners, modes, the venv the
+  web user runs (a real getinfo through the installed CGI as www-data), re-run keeps
+  the keys, a second instance, the client profile, uninstall leaves nothing.
+* a host-like install without --root inside the lab's server network namespace and a
+  private mount namespace whose /etc, /opt, /usr/local, /var and /run are overlays on a
+  tmpfs: the daemon started without systemd, protect = yes granting the SSH session
+  first, a real knock through nginx + fcgiwrap with the installed snippet, uninstall
+  removing the firewall chain and every file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.lab import (
+    AGENT,
+    CLIENT4,
+    LISTENER,
+    OTHER4,
+    REPO,
+    SERVER4,
+    Lab,
+    LabError,
+    shared_venv,
+    stop_process,
+)
+from webknock.config import SpoolPaths, load
+from webknock.keys import load_keys
+from webknock.protocol import messages, transport, v1
+from webknock.spooldirs import layout
+
+pytestmark = pytest.mark.e2e
+
+INSTALL = REPO / "install.sh"
+URL = f"http://{SERVER4}/webknock"
+WWW = pwd.getpwnam("www-data")
+BEGIN, END = "-----BEGIN WEBKNOCK CLIENT PROFILE-----", "-----END WEBKNOCK CLIENT PROFILE-----"
+
+
+def sh(
+    argv: Sequence[str | Path],
+    *,
+    timeout: float = 900,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; return it (never raises on a non-zero exit: tests assert)."""
+    return subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
+        env=env,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, f"{proc.args} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def mode_of(path: Path) -> tuple[int, str, str]:
+    st = os.lstat(path)
+    return stat.S_IMODE(st.st_mode), pwd.getpwuid(st.st_uid).pw_name, _group(st.st_gid)
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    return grp.getgrgid(gid).gr_name
+
+
+def blob_of(output: str) -> str:
+    """The client profile blob install.sh printed."""
+    start, end = output.index(BEGIN), output.index(END)
+    return output[start : end + len(END)] + "\n"
+
+
+def files_below(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+# -- --root installs ----------------------------------------------------------------------
+
+
+@dataclass
+class Rooted:
+    root: Path
+    first: str
+    second: str
+    keys_after_first: bytes
+    config_after_first: bytes
+
+    def path(self, p: str) -> Path:
+        return self.root / p.lstrip("/")
+
+    @property
+    def config(self) -> Path:
+        return self.path("/etc/webknock/webknock.ini")
+
+    @property
+    def python(self) -> Path:
+        return self.path("/opt/webknock/venv/bin/python3")
+
+
+def install_server(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return sh(
+        [
+            INSTALL,
+            "server",
+            "--root",
+            root,
+            "--no-apt",
+            "--no-start",
+            "--web-server",
+            "nginx",
+            "--tcp-ports",
+            "22,2222",
+            "--udp-ports",
+            "51820",
+            "--max-time",
+            "600",
+            "--url",
+            URL,
+            "--cgi-dir",
+            "/usr/lib/cgi-bin",
+            "--yes",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def rooted() -> Iterator[Rooted]:
+    # Not pytest's tmp_path: its parents are 0700 and the web user must reach the venv.
+    root = Path(tempfile.mkdtemp(prefix="webknock-install-", dir="/var/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        first = ok(install_server(root))
+        keys = (root / "etc/webknock/webknock.keys").read_bytes()
+        config = (root / "etc/webknock/webknock.ini").read_bytes()
+        second = ok(install_server(root))
+        yield Rooted(root, first, second, keys, config)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_help_of_every_command() -> None:
+    for argv in ([], ["server"], ["client"], ["uninstall"], ["profile"]):
+        proc = sh([INSTALL, *argv, "--help"])
+        assert proc.returncode == 0 and proc.stdout.startswith("Usage: install.sh"), proc
+    assert "Usage: ./demo" in ok(sh([INSTALL, "demo", "--help"]))
+    assert sh([INSTALL, "server", "--bogus"]).returncode == 2
+    assert sh([INSTALL]).returncode == 2
+
+
+def test_usage_errors_name_the_option(tmp_path: Path) -> None:
+    for args, needle in (
+        (["--tcp-ports", "22,70000"], "--tcp-ports: 70000"),
+        (["--max-time", "0"], "--max-time"),
+        (["--instance", "bad name"], "--instance"),
+        (["--backend", "pf"], "--backend"),
+        (["--url", "ftp://x"], "--url"),
+    ):
+        proc = sh([INSTALL, "server", "--root", tmp_path, "--yes", *args])
+        assert proc.returncode == 2 and needle in proc.stderr, proc
+    assert not any(tmp_path.iterdir()), "a usage error must install nothing"
+
+
+def test_files_owners_and_modes(rooted: Rooted) -> None:
+    r = rooted
+    assert mode_of(r.path("/etc/webknock/webknock.keys")) == (0o640, "root", "www-data")
+    assert mode_of(r.config) == (0o644, "root", "root")
+    assert mode_of(r.path("/etc/webknock")) == (0o755, "root", "root")
+    assert mode_of(r.path("/var/lib/webknock")) == (0o700, "root", "root")
+    for p in ("/opt/webknock", "/opt/webknock/venv", "/opt/webknock/cgi-bin"):
+        assert mode_of(r.path(p)) == (0o755, "root", "root"), p
+    for p in ("/opt/webknock/cgi-bin/webknock.cgi", "/usr/local/sbin/webknockd"):
+        assert mode_of(r.path(p)) == (0o755, "root", "root"), p
+        assert r.path(p).read_text().splitlines()[0] == f"#!{r.python}", p
+    assert r.path("/usr/local/sbin/webknockctl").read_text().startswith(f"#!{r.python}\n")
+
+    cfg = load(r.config)
+    assert cfg.instance == "webknock" and cfg.chain == "WEBKNOCK"
+    assert (cfg.tcp_ports, cfg.udp_ports, cfg.max_time) == (
+        frozenset({22, 2222}),
+        frozenset({51820}),
+        600,
+    )
+    assert cfg.keys_file == r.path("/etc/webknock/webknock.keys")
+    assert cfg.spool_dir == r.path("/var/spool/webknock/webknock")
+    assert cfg.state_file == r.path("/var/lib/webknock/webknock.db")
+    assert (cfg.backend, cfg.protect, cfg.web_user) == ("auto", False, "www-data")
+
+    # The spool exactly as webknockd itself lays it out: writable only by root and the web group.
+    for path, uid, gid, mode in layout(SpoolPaths(cfg.spool_dir), WWW.pw_gid):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), path
+        assert not st.st_mode & stat.S_IWOTH
+
+    for found in r.root.rglob("*"):
+        st = os.lstat(found)
+        if not stat.S_ISLNK(st.st_mode):
+            assert not st.st_mode & stat.S_IWOTH, f"{found} is world-writable"
+        assert st.st_uid != WWW.pw_uid, f"{found} belongs to the web user"
+
+
+def test_cron_unit_snippet_and_cgi_copy(rooted: Rooted) -> None:
+    r = rooted
+    cron = r.path("/etc/cron.d/webknock").read_text()
+    jobs = [ln for ln in cron.splitlines() if ln.startswith("*")]
+    sbin = r.path("/usr/local/sbin")
+    assert jobs == [
+        f"* * * * * root test -x {sbin}/webknockctl && {sbin}/webknockctl --config {r.config} reap -q"
+    ]
+    assert mode_of(r.path("/etc/cron.d/webknock"))[0] == 0o644
+
+    unit = r.path("/etc/systemd/system/webknockd@.service").read_text()
+    assert f"ExecStart={sbin}/webknockd --config {r.path('/etc/webknock')}/%i.ini\n" in unit
+    shipped = (REPO / "etc/systemd/webknockd@.service").read_text()
+    assert unit.replace(str(r.root), "") == shipped, "only the paths may differ from etc/systemd"
+
+    snippet = r.path("/etc/webknock/nginx-webknock.conf").read_text()
+    assert (
+        f"fastcgi_param SCRIPT_FILENAME {r.path('/opt/webknock/cgi-bin/webknock.cgi')};" in snippet
+    )
+    assert f"fastcgi_param WEBKNOCK_CONFIG {r.config};" in snippet
+    assert "location = /webknock {" in snippet
+    assert snippet in r.first.replace("\n    ", "\n"), "the snippet is printed"
+
+    copy = r.path("/usr/lib/cgi-bin/webknock.cgi")
+    assert mode_of(copy) == (0o755, "root", "root")
+    text = copy.read_text()
+    assert text.startswith(f"#!{r.python}\n")
+    assert f'os.environ.setdefault("WEBKNOCK_CONFIG", "{r.config}")' in text
+
+
+def test_rerun_keeps_keys_and_config(rooted: Rooted) -> None:
+    assert rooted.path("/etc/webknock/webknock.keys").read_bytes() == rooted.keys_after_first
+    assert rooted.config.read_bytes() == rooted.config_after_first
+    assert "webknock.keys: new" in rooted.first and "webknock.keys: kept" in rooted.second
+    assert "webknock.ini: kept" in rooted.second
+    assert "--root: nothing started, firewall untouched" in rooted.second
+
+
+def test_keys_are_fresh_and_printed_in_the_profile(rooted: Rooted, vector_keys: v1.Keys) -> None:
+    keys = load_keys(rooted.path("/etc/webknock/webknock.keys"))
+    assert keys.to_hex() != vector_keys.to_hex()
+    assert len(set(keys.to_hex().values())) == 5
+    blob = configparser.ConfigParser(interpolation=None)
+    blob.read_string(blob_of(rooted.second).split("\n", 1)[1].rsplit(END, 1)[0])
+    assert dict(blob.items("v1")) == keys.to_hex()
+    assert dict(blob.items("client")) == {
+        "url": URL,
+        "ports": "tcp/22, tcp/2222, udp/51820",
+        "time": "600",
+    }
+    assert blob_of(rooted.first) == blob_of(rooted.second)
+    assert blob_of(ok(sh([INSTALL, "profile", "--root", rooted.root]))) == blob_of(rooted.first)
+
+
+def test_check_config_passes(rooted: Rooted) -> None:
+    proc = sh(
+        [rooted.path("/usr/local/sbin/webknockctl"), "--config", rooted.config, "check-config"]
+    )
+    # Exit 3 = warnings only. The one expected: before webknockd first runs (--no-start)
+    # its state file does not exist yet. Anything else (owners, modes, keys) is a failure.
+    assert proc.returncode in (0, 3), proc
+    for line in proc.stdout.splitlines():
+        assert (
+            line
+            == f"warning: state file {rooted.path('/var/lib/webknock/webknock.db')} does not exist yet"
+            or line.endswith("OK (instance webknock)")
+        ), proc
+
+
+def cgi_getinfo(cgi: Path, config: Path | None, keys: v1.Keys) -> tuple[str, dict[str, object]]:
+    """POST a getinfo through the installed CGI as www-data; return (status line, reply)."""
+    body = (
+        b"data="
+        + transport.encode_field(
+            v1.encode(keys, messages.getinfo_request(int(time.time())))
+        ).encode()
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REQUEST_METHOD": "POST",
+        "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "REMOTE_ADDR": CLIENT4,
+    }
+    if config:
+        env["WEBKNOCK_CONFIG"] = str(config)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups", str(cgi)],
+        input=body,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    head, _, payload = proc.stdout.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].decode()
+    if not status.startswith("Status: 200"):
+        return status + " " + proc.stderr.decode(errors="replace"), {}
+    reply: dict[str, object] = json.loads(v1.decode(keys, payload))
+    return status, reply
+
+
+def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None:
+    r = rooted
+    before = files_below(r.path("/opt"))
+    proc = sh(
+        [
+            "setpriv",
+            "--reuid=www-data",
+            "--regid=www-data",
+            "--init-groups",
+            r.python,
+            "-c",
+            "import webknock.cgi, webknock.cgi_wait, webknock.config, webknock.keys, "
+            "webknock.protocol.v1, webknock.spool, webknock.throttle",
+        ]
+    )
+    ok(proc)
+    keys = load_keys(r.path("/etc/webknock/webknock.keys"))
+    status, reply = cgi_getinfo(r.path("/opt/webknock/cgi-bin/webknock.cgi"), r.config, keys)
+    assert status == "Status: 200 OK", status
+    assert reply["tcp"] == [22, 2222] and reply["udp"] == [51820] and reply["ip"] == CLIENT4
+    status, _ = cgi_getinfo(r.path("/usr/lib/cgi-bin/webknock.cgi"), None, keys)
+    assert status == "Status: 200 OK", f"the CGI copy has its config built in: {status}"
+    assert files_below(r.path("/opt")) == before, "the web user wrote into the venv"
+    assert not [p for p in r.path("/opt").rglob("__pycache__") if p.stat().st_uid != 0]
+
+
+def test_client_install_from_the_printed_profile(rooted: Rooted) -> None:
+    r = rooted
+    proc = sh(
+        [INSTALL, "client", "--root", r.root, "--profile", "lab", "--from", "-"],
+        input=blob_of(r.first),
+    )
+    ok(proc)
+    try:
+        profile = r.path("/etc/webknock/client.d/lab.ini")
+        keys_file = r.path("/etc/webknock/client.d/lab.keys")
+        assert mode_of(keys_file) == (0o600, "root", "root")
+        assert (
+            load_keys(keys_file).to_hex()
+            == load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
+        )
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
+        parser.read(profile)
+        assert dict(parser.items("client")) == {
+            "url": URL,
+            "keys_file": str(keys_file),
+            "ports": "tcp/22, tcp/2222, udp/51820",
+            "time": "600",
+        }
+        shim = r.path("/usr/local/bin/webknock")
+        assert shim.read_text().startswith(f"#!{r.path('/opt/webknock-client/venv/bin/python3')}\n")
+        venv_python = r.path("/opt/webknock-client/venv/bin/python3")
+        ok(sh([venv_python, "-I", "-c", "import requests, webknock.protocol.v1"]))
+        bad = sh(
+            [INSTALL, "client", "--root", r.root, "--profile", "x", "--from", "-", "--no-venv"],
+            input="[v1]\nkey1 = 00\n",
+        )
+        assert bad.returncode == 1 and "profile blob" in bad.stderr, bad
+        assert not r.path("/etc/webknock/client.d/x.ini").exists()
+    finally:
+        ok(sh([INSTALL, "uninstall", "--client", "--purge", "--root", r.root]))
+    assert not r.path("/opt/webknock-client").exists()
+    assert not r.path("/usr/local/bin/webknock").exists()
+    assert not r.path("/etc/webknock/client.d").exists()
+
+
+def test_second_instance_beside_the_first(rooted: Rooted) -> None:
+    r = rooted
+    keys_before = r.path("/etc/webknock/webknock.keys").read_bytes()
+    out = ok(
+        sh(
+            [
+                INSTALL,
+                "server",
+                "--root",
+                r.root,
+                "--instance",
+                "office",
+                "--web-server",
+                "apache",
+                "--tcp-ports",
+                "2222",
+                "--protect",
+                "yes",
+                "--url",
+                f"http://{SERVER4}/webknock-office",
+                "--yes",
+            ]
+        )
+    )
+    try:
+        cfg = load(r.path("/etc/webknock/office.ini"))
+        assert (cfg.instance, cfg.chain, cfg.protect, cfg.tcp_ports) == (
+            "office",
+            "WK-office",
+            True,
+            frozenset({2222}),
+        )
+        assert cfg.spool_dir == r.path("/var/spool/webknock/office")
+        assert (
+            load_keys(cfg.keys_file).to_hex()
+            != load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
+        )
+        snippet = r.path("/etc/webknock/apache-office.conf").read_text()
+        assert (
+            "ScriptAlias /webknock-office " in snippet and "<Location /webknock-office>" in snippet
+        )
+        assert f"SetEnv WEBKNOCK_CONFIG {r.path('/etc/webknock/office.ini')}" in snippet
+        jobs = [
+            ln for ln in r.path("/etc/cron.d/webknock").read_text().splitlines() if ln[:1] == "*"
+        ]
+        assert len(jobs) == 2 and "office.ini reap" in jobs[1]
+        assert "url = http://192.0.2.1/webknock-office" in out
+    finally:
+        ok(sh([INSTALL, "uninstall", "--root", r.root, "--instance", "office", "--purge"]))
+    assert not r.path("/etc/webknock/office.ini").exists()
+    assert not r.path("/var/spool/webknock/office").exists()
+    assert r.path("/etc/webknock/webknock.keys").read_bytes() == keys_before
+    assert r.python.exists(), "the first instance still needs the venv"
+    jobs = [ln for ln in r.path("/etc/cron.d/webknock").read_text().splitlines() if ln[:1] == "*"]
+    assert len(jobs) == 1 and "webknock.ini reap" in jobs[0]
+
+
+def test_uninstall_then_purge_leaves_nothing(rooted: Rooted) -> None:
+    """Runs last in this module: it removes the shared --root installation."""
+    r = rooted
+    out = ok(sh([INSTALL, "uninstall", "--root", r.root]))
+    assert "--purge deletes them" in out
+    assert files_below(r.root) == {"etc/webknock/webknock.ini", "etc/webknock/webknock.keys"}
+    ok(sh([INSTALL, "uninstall", "--root", r.root, "--purge"]))
+    assert files_below(r.root) == set()
+    for p in ("/opt/webknock", "/etc/webknock", "/var/spool/webknock", "/var/lib/webknock"):
+        assert not r.path(p).exists(), p
+
+
+# -- host-like install in namespaces --------------------------------------------------------
+
+# Runs in the lab's server network namespace under `unshare -m`: every directory install.sh
+# writes to becomes an overlay whose upper layer lives on a tmpfs that disappears with the
+# namespace. Refuses to go on unless each overlay is in place.
+SANDBOX = r"""
+set -euo pipefail
+base=$1
+mount -t tmpfs -o mode=0755 webknock-sandbox "$base"
+for d in /etc /opt /usr/local /var /run; do
+    mkdir -p "$base/upper$d" "$base/work$d"
+    mount -t overlay webknock-sandbox \
+        -o "lowerdir=$d,upperdir=$base/upper$d,workdir=$base/work$d" "$d"
+done
+for d in /etc /opt /usr/local /var /run; do
+    [ "$(findmnt -n -o FSTYPE -M "$d")" = overlay ] || { echo "no overlay on $d" >&2; exit 99; }
+done
+# Hide the host's systemd: install.sh must take the no-systemd path, never the real manager.
+[ ! -d /run/systemd ] || mount -t tmpfs -o mode=0755 webknock-sandbox /run/systemd
+echo "ready $$"
+exec sleep infinity
+"""
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RUNTIME_NOISE = re.compile(
+    r"^(run/xtables\.lock|run/wk-fcgi.*|run/fcgiwrap\.socket|var/log/nginx.*)$"
+)
+
+
+class Sandbox:
+    """A holder process keeps the mount namespace; commands join it with nsenter."""
+
+    def __init__(self, lab: Lab, base: Path) -> None:
+        self.base = base
+        self.holder = subprocess.Popen(
+            lab.server.cmd(
+                [
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
+                    "bash",
+                    "-c",
+                    SANDBOX,
+                    "sandbox",
+                    str(base),
+                ]
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.holder.stdout is not None
+        line = self.holder.stdout.readline().split()
+        if line[:1] != ["ready"]:
+            self.holder.wait(10)
+            err = self.holder.stderr.read() if self.holder.stderr else ""
+            pytest.skip(f"cannot build an overlay sandbox (kernel or tools lack it): {err.strip()}")
+        self.pid = int(line[1])
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def cmd(self, argv: Sequence[str | Path]) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-m", "-n", "--", *[str(a) for a in argv]]
+
+    def run(
+        self, argv: Sequence[str | Path], *, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return sh(self.cmd(argv), env=env)
+
+    def popen(self, argv: Sequence[str | Path], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                self.cmd(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.children.append(proc)
+        return proc
+
+    def upper_files(self) -> set[str]:
+        """Files install.sh & co. left in the overlays (relative to /), via the namespace."""
+        out = ok(self.run(["find", self.base / "upper", "-not", "-type", "d"]))
+        prefix = f"{self.base}/upper/"
+        return {ln[len(prefix) :] for ln in out.splitlines() if ln.startswith(prefix)}
+
+    def close(self) -> None:
+        for proc in self.children:
+            stop_process(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.holder.pid, 9)
+        self.holder.communicate(timeout=10)
+
+
+def agent(lab: Lab, request: dict[str, object], keys: v1.Keys | None = None) -> dict[str, object]:
+    payload = {"keys": (keys or v1.Keys.generate()).to_hex(), **request}
+    proc = lab.client.run(
+        [str(shared_venv() / "bin" / "python3"), str(AGENT)],
+        input=json.dumps(payload),
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    if proc.returncode != 0:
+        raise LabError(f"agent {request['action']}: {proc.stderr[-2000:]}")
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def tcp_open(lab: Lab, src: str, port: int) -> bool:
+    return bool(
+        agent(lab, {"action": "tcp", "server": SERVER4, "src": src, "port": port, "timeout": 1.0})[
+            "open"
+        ]
+    )
+
+
+class Held:
+    """An established TCP connection from the client namespace (agent.py 'hold')."""
+
+    def __init__(self, lab: Lab, src: str, port: int) -> None:
+        payload = {
+            "action": "hold",
+            "keys": v1.Keys.generate().to_hex(),
+            "server": SERVER4,
+            "src": src,
+            "port": port,
+        }
+        self.proc = subprocess.Popen(
+            lab.client.cmd([str(shared_venv() / "bin" / "python3"), str(AGENT)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(payload) + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "connected"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+    def still_works(self) -> bool:
+        out, _ = self.proc.communicate("again\n", timeout=30)
+        return bool(json.loads(out)["second"])
+
+
+NGINX_CONF = """user www-data;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    scgi_temp_path {dir}/scgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    server {{
+        listen {server}:80;
+        include /etc/webknock/nginx-webknock.conf;
+    }}
+}}
+"""
+
+
+def start_web(sb: Sandbox, work: Path) -> None:
+    """fcgiwrap (as www-data) on /run/fcgiwrap.socket and nginx with the installed snippet."""
+    ok(sb.run(["sh", "-c", "mkdir -p /run/wk-fcgi && chown www-data:www-data /run/wk-fcgi"]))
+    sb.popen(
+        [
+            "setpriv",
+            "--reuid=www-data",
+            "--regid=www-data",
+            "--init-groups",
+            "fcgiwrap",
+            "-c",
+            "2",
+            "-s",
+            "unix:/run/wk-fcgi/sock",
+        ],
+        work / "fcgiwrap.log",
+    )
+    deadline = time.monotonic() + 10
+    while sb.run(["test", "-S", "/run/wk-fcgi/sock"]).returncode != 0:
+        assert time.monotonic() < deadline, "fcgiwrap did not create its socket"
+        time.sleep(0.05)
+    ok(sb.run(["ln", "-sf", "/run/wk-fcgi/sock", "/run/fcgiwrap.socket"]))
+    web = work / "nginx"
+    web.mkdir(mode=0o755)
+    shutil.copy("/etc/nginx/fastcgi_params", web)
+    (web / "nginx.conf").write_text(NGINX_CONF.format(dir=web, server=SERVER4))
+    sb.popen(["nginx", "-c", web / "nginx.conf", "-g", "daemon off;"], work / "nginx.log")
+    deadline = time.monotonic() + 10
+    while not sb.run(["ss", "-Hltn", "sport = :80"]).stdout.strip():
+        assert time.monotonic() < deadline, (
+            (web / "error.log").read_text() if (web / "error.log").exists() else "nginx"
+        )
+        time.sleep(0.05)
+
+
+def daemon_pid(sb: Sandbox) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/usr/local/sbin/webknockd") for a in cmdline[:2]):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{sb.pid}/ns/mnt"):
+                    return int(pid)
+    return None
+
+
+def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
+    work = Path(tempfile.mkdtemp(prefix="webknock-hostinstall-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    (work / "sandbox").mkdir()
+    server_args: list[str | Path] = [
+        INSTALL, "server", "--no-apt", "--yes", "--web-server", "nginx", "--tcp-ports", "22,2222",
+        "--udp-ports", "51820", "--max-time", "600", "--protect", "yes", "--url", URL,
+    ]  # fmt: skip
+    # The server namespace has no route to PyPI: pip gets a wheelhouse downloaded here.
+    wheels = work / "wheels"
+    ok(
+        sh(
+            [
+                shared_venv() / "bin" / "python3",
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--disable-pip-version-check",
+                "-d",
+                wheels,
+                "-c",
+                REPO / "requirements.txt",
+                "pycryptodome",
+                "filelock",
+                "inotify_simple",
+                "setuptools>=61",
+                "wheel",
+            ]
+        )
+    )
+    # The admin's SSH session comes from CLIENT4; OTHER4 holds a connection made before.
+    ssh_env = {
+        "PATH": SBIN_PATH,
+        "LANG": "C.UTF-8",
+        "SSH_CLIENT": f"{CLIENT4} 50000 22",
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheels),
+    }
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
+        lab = Lab("i")
+        stack.callback(lab.close)
+        lab.add_client_address(OTHER4)
+        # A host with a stateful rule already (policy ACCEPT): conntrack tracks connections
+        # from their start. Without any such rule the kernel starts tracking only when
+        # protect's rules load, sees an old connection as NEW and protect drops it.
+        for tool in ("iptables", "ip6tables"):
+            lab.server.run(
+                [
+                    tool,
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED",
+                    "-j",
+                    "ACCEPT",
+                ]
+            )
+        ports = json.dumps({"tcp": [22, 2222], "udp": [51820]})
+        listener = lab.server.popen(
+            [str(shared_venv() / "bin/python3"), str(LISTENER), ports], log=work / "listener.log"
+        )
+        stack.callback(stop_process, listener)
+        deadline = time.monotonic() + 10
+        while not tcp_open(lab, OTHER4, 22):
+            assert time.monotonic() < deadline, "listener did not come up"
+        held = Held(lab, OTHER4, 22)
+        stack.callback(held.close)
+        sb = Sandbox(lab, work / "sandbox")
+        stack.callback(sb.close)
+
+        first = sb.run(server_args, env=ssh_env)
+        out = ok(first)
+        assert "granting your SSH session's address first" in out
+        assert f"granted {CLIENT4} tcp/22" in out
+        assert "systemd is not running: starting webknockd directly" in out
+        pid = daemon_pid(sb)
+        assert pid, out
+        # The daemon runs with the unit's capability bounding set (setpriv), nothing more.
+        cap_bnd = int(
+            re.findall(r"CapBnd:\s+([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[0], 16
+        )
+        caps = {"net_admin": 12, "net_raw": 13, "chown": 0, "dac_read_search": 2}
+        assert cap_bnd == sum(1 << n for n in caps.values())
+        assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
+
+        assert tcp_open(lab, CLIENT4, 22), "the SSH session's address was granted first"
+        assert not tcp_open(lab, OTHER4, 22), "protect closes the port to others"
+        assert not tcp_open(lab, CLIENT4, 2222), "only the SSH port was granted"
+        assert held.still_works(), "an established connection never drops"
+
+        start_web(sb, work)
+        keys_text = ok(sb.run(["cat", "/etc/webknock/webknock.keys"]))
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(keys_text)
+        keys = v1.Keys.from_hex(dict(parser.items("v1")))
+        reply = agent(
+            lab,
+            {
+                "action": "openports",
+                "server": SERVER4,
+                "src": OTHER4,
+                "ip": OTHER4,
+                "ports": [["tcp", 22], ["tcp", 2222]],
+                "time": 300,
+            },
+            keys,
+        )
+        assert reply["status"] == 200 and reply["reply"]["success"] is True, reply  # type: ignore[index]
+        assert tcp_open(lab, OTHER4, 22) and tcp_open(lab, OTHER4, 2222)
+        listed = json.loads(ok(sb.run(["/usr/local/sbin/webknockctl", "list", "--json"])))
+        assert sorted((g["ip"], g["port"]) for g in listed) == [
+            (CLIENT4, 22),
+            (OTHER4, 22),
+            (OTHER4, 2222),
+        ]
+
+        second = ok(sb.run(server_args, env=ssh_env))
+        assert (
+            "webknock.keys: kept" in second
+            and ok(sb.run(["cat", "/etc/webknock/webknock.keys"])) == keys_text
+        )
+        new_pid = daemon_pid(sb)
+        assert new_pid and new_pid != pid, "a re-run restarts webknockd"
+        assert tcp_open(lab, OTHER4, 2222), "grants survive the restart"
+
+        rules = ok(lab.server.run(["iptables-save", "-t", "filter"]))
+        assert ":WEBKNOCK " in rules and "-A INPUT -j WEBKNOCK" in rules
+        gone = ok(sb.run([INSTALL, "uninstall", "--purge"], env=ssh_env))
+        assert "removing the firewall chain" in gone
+        assert daemon_pid(sb) is None
+        for tool in ("iptables-save", "ip6tables-save"):
+            assert "WEBKNOCK" not in ok(lab.server.run([tool, "-t", "filter"]))
+        assert tcp_open(lab, OTHER4, 2222), (
+            "without webknock the host policy (ACCEPT) applies again"
+        )
+        left = {f for f in sb.upper_files() if not RUNTIME_NOISE.match(f)}
+        assert left == set(), f"uninstall --purge left {sorted(left)}"

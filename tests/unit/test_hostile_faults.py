@@ -1,0 +1,489 @@
+"""Faults: a state file that refuses writes (full disk, read-only), a firewall changed behind
+the daemon's back, a daemon step that fails. Nothing is reported as success that is not in
+the firewall, nothing is corrupted, and the daemon keeps running.
+
+The disk faults are real: a tiny tmpfs or a read-only bind mount, made inside a private
+mount namespace (``unshare -m``) of a child process, so the host never sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, write_instance
+from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner
+from webknock import daemon as daemon_mod
+from webknock.config import ServerConfig, load
+from webknock.daemon import Daemon
+from webknock.engine import GrantEngine, Outcome, census
+from webknock.events import EventBus
+from webknock.firewall.iptables import IptablesFirewall
+from webknock.grants import GrantKey, parse_address
+from webknock.protocol import messages, transport, v1
+from webknock.spool import GrantRequest, encode_request, new_request_id, write_request
+from webknock.spooldirs import WebIdentity, prepare_spool
+from webknock.state import StateError, StateStore
+
+WEB = pwd.getpwnam("www-data")
+A = parse_address("192.0.2.10")
+B = parse_address("2001:db8::10")
+
+
+def request(ip: object = A, seconds: int = 600, port: int = 22) -> GrantRequest:
+    return GrantRequest(new_request_id(), ip, (("tcp", port),), seconds, time.time(), "t")  # type: ignore[arg-type]
+
+
+# -- state commit refused after the kernel batch went in ---------------------------------
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> GrantEngine:
+    return GrantEngine("webknock", StateStore(tmp_path / "s.db"), MemoryFirewall(), EventBus())
+
+
+@contextmanager
+def commit_refused(engine: GrantEngine) -> Iterator[None]:
+    """Every COMMIT fails as SQLite fails it on a full disk."""
+    real = engine.store._connect
+
+    class Db:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.db, name)
+
+    engine.store._connect = lambda: Db(real())  # type: ignore[method-assign,assignment,return-value]
+    try:
+        yield
+    finally:
+        engine.store._connect = real  # type: ignore[method-assign]
+
+
+def test_refused_commit_takes_new_rules_back_out(engine: GrantEngine) -> None:
+    fw = engine.firewall
+    assert isinstance(fw, MemoryFirewall)
+    first = request()
+    assert engine.open([first], time.time())[first.id].ok
+    with commit_refused(engine), pytest.raises(StateError, match="disk is full"):
+        engine.open([request(B), request(A)], time.time())
+    assert sorted(map(str, fw.held)) == ["192.0.2.10:tcp/22"], "new grant undone, old kept"
+    assert [str(g.key) for g in engine.store.read().all()] == ["192.0.2.10:tcp/22"]
+    assert engine.check(time.time(), full=True) is None
+
+
+def test_refused_commit_of_a_revoke_puts_live_rules_back(engine: GrantEngine) -> None:
+    now = time.time()
+    engine.open([request(A, 600), request(B, 1)], now)
+    with commit_refused(engine), pytest.raises(StateError):
+        engine.revoke(A, None, None, now)
+    with commit_refused(engine), pytest.raises(StateError):
+        engine.reap(now + 5)  # B expired: it stays out of the kernel, row kept for later
+    assert sorted(map(str, engine.firewall.listed())) == ["192.0.2.10:tcp/22"]
+    assert len(engine.store.read().all()) == 2
+    assert engine.check(now + 5) is None, "an expired row the kernel dropped is no drift"
+    assert [str(g.key) for g in engine.reap(now + 5)] == ["[2001:db8::10]:tcp/22"]
+
+
+def test_daemon_answers_state_failure_and_keeps_going(tmp_path: Path, vector_keys: v1.Keys) -> None:
+    cfg = load(write_instance(tmp_path, vector_keys))
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), MemoryFirewall(), EventBus())
+    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    rid = new_request_id()
+    write_request(cfg.spool.requests, rid, encode_request(A, [("tcp", 22)], 60, time.time()))
+    with commit_refused(eng):
+        d.drain()
+    outcome = json.loads((cfg.spool.results / f"{rid}.json").read_bytes())
+    assert outcome == {
+        "v": 1,
+        "ok": False,
+        "error": "server state unavailable",
+        "errorcode": "STATE",
+    }
+    assert eng.firewall.listed() == []
+
+
+# -- the firewall changed behind the daemon's back ---------------------------------------
+
+
+def running_daemon(tmp_path: Path, keys: v1.Keys) -> tuple[Daemon, ServerConfig, MemoryFirewall]:
+    cfg = load(write_instance(tmp_path, keys))
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    fw = MemoryFirewall()
+    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
+    return Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), cfg, fw
+
+
+def test_flushed_firewall_is_restored_within_two_seconds(
+    tmp_path: Path, vector_keys: v1.Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, _, fw = running_daemon(tmp_path, vector_keys)
+    d.engine.open([request(A), request(B, port=2222)], time.time())
+    d.engine.store.close()  # the daemon thread opens its own connection
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        for damage in (fw.held.clear, lambda: fw.held.pop(next(iter(fw.held)))):
+            damage()
+            t0 = time.monotonic()
+            while len(fw.held) != 2 and time.monotonic() - t0 < 3:
+                time.sleep(0.02)
+            assert len(fw.held) == 2 and time.monotonic() - t0 < 2
+        fw.held[GrantKey(parse_address("198.51.100.1"), "tcp", 22)] = time.time() + 60
+        t0 = time.monotonic()
+        while len(fw.held) != 2 and time.monotonic() - t0 < 3:
+            time.sleep(0.02)
+        assert len(fw.held) == 2, "an extra grant somebody added is removed"
+    finally:
+        d.stopping = True
+        thread.join(5)
+    assert "firewall differs from the state file" in caplog.text
+    assert "firewall restored: 2 live grant(s)" in caplog.text
+
+
+def test_full_check_catches_same_count_other_keys(tmp_path: Path, vector_keys: v1.Keys) -> None:
+    d, _, fw = running_daemon(tmp_path, vector_keys)
+    d.engine.open([request(A)], time.time())
+    fw.held = {GrantKey(parse_address("198.51.100.1"), "tcp", 22): time.time() + 60}
+    assert d.engine.check(time.time()) is None, "counts agree"
+    assert "1 missing, 1 extra" in (d.engine.check(time.time(), full=True) or "")
+    d.next_full_check = 0
+    d.check_firewall(time.time())
+    assert [str(k) for k in fw.held] == ["192.0.2.10:tcp/22"]
+
+
+def test_failing_check_backs_off(tmp_path: Path, vector_keys: v1.Keys) -> None:
+    d, _, fw = running_daemon(tmp_path, vector_keys)
+    d.engine.open([request(A)], time.time())
+    fw.held.clear()
+    fw.fail_sync = True
+    now = time.time()
+    d.check_firewall(now)
+    assert d.next_check == now + daemon_mod.CHECK_BACKOFF
+
+
+def save(lines: list[str]) -> str:
+    return "\n".join(["*filter", ":INPUT DROP [0:0]", *lines, "COMMIT"]) + "\n"
+
+
+INTACT = [
+    ":WEBKNOCK - [0:0]",
+    ":WEBKNOCK-GRANTS - [0:0]",
+    "-A INPUT -j WEBKNOCK",
+    "-A WEBKNOCK -j WEBKNOCK-GRANTS",
+]
+GRANT4 = "-A WEBKNOCK-GRANTS -s 192.0.2.10/32 -p tcp -m tcp --dport 22 -j ACCEPT"
+
+
+@pytest.mark.parametrize(
+    ("v4", "problem"),
+    [
+        ([*INTACT, GRANT4], None),
+        ([*INTACT[1:], GRANT4], "chain WEBKNOCK missing"),
+        ([x for x in INTACT if "INPUT" not in x] + [GRANT4], "INPUT jumps to WEBKNOCK 0 times"),
+        ([*INTACT, "-A INPUT -j WEBKNOCK", GRANT4], "INPUT jumps to WEBKNOCK 2 times"),
+        ([x for x in INTACT if "-A WEBKNOCK " not in x] + [GRANT4], "chain WEBKNOCK does not"),
+        (["-A INPUT -p tcp --dport 80 -j ACCEPT"], "chain WEBKNOCK, WEBKNOCK-GRANTS missing"),
+    ],
+)
+def test_iptables_census_sees_hook_chains_and_counts(v4: list[str], problem: str | None) -> None:
+    runner = RecordingRunner({"iptables-save": save(v4), "ip6tables-save": save(INTACT)})
+    held, problems = census(IptablesFirewall(SETTINGS, runner))
+    assert held == {4: sum(x.startswith("-A WEBKNOCK-GRANTS") for x in v4), 6: 0}
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
+
+
+def test_iptables_census_with_protect_counts_main_rules() -> None:
+    settings = dataclasses.replace(SETTINGS, protect=True)
+    fw = IptablesFirewall(settings, RecordingRunner())
+    body = [f"-A WEBKNOCK {' '.join(r)}" for r in fw.main_rules()]
+    lines = [*INTACT[:3], *body]
+    fw.run = RecordingRunner({"iptables-save": save(lines), "ip6tables-save": save(lines)})
+    assert census(fw) == ({4: 0, 6: 0}, [])
+    fw.run = RecordingRunner({"iptables-save": save(lines[:-1]), "ip6tables-save": save(lines)})
+    assert census(fw)[1] == ["IPv4: chain WEBKNOCK does not hold its 5 rule(s)"]
+
+
+def test_daemon_loop_survives_failing_steps(
+    tmp_path: Path, vector_keys: v1.Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, cfg, _ = running_daemon(tmp_path, vector_keys)
+    calls = {"n": 0}
+    real_open = d.engine.open
+
+    def flaky(requests: Sequence[GrantRequest], now: float) -> dict[str, Outcome]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")
+        return real_open(requests, now)
+
+    d.engine.open = flaky  # type: ignore[method-assign]
+    shutil.rmtree(cfg.spool.seen)  # prune fails every tick
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        first = new_request_id()
+        write_request(cfg.spool.requests, first, encode_request(A, [("tcp", 22)], 60, time.time()))
+        time.sleep(0.5)
+        second = new_request_id()
+        write_request(cfg.spool.requests, second, encode_request(B, [("tcp", 22)], 60, time.time()))
+        deadline = time.monotonic() + 5
+        while not (cfg.spool.results / f"{second}.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.2)
+        assert thread.is_alive()
+    finally:
+        d.stopping = True
+        thread.join(5)
+    assert json.loads((cfg.spool.results / f"{second}.json").read_bytes())["ok"] is True
+    assert "drain failed: [Errno 5] Input/output error" in caplog.text
+    assert "pruning the spool failed" in caplog.text
+
+
+# -- real disk faults, in a private mount namespace --------------------------------------
+
+
+def in_mount_namespace(scenario: str, base: Path, keys: v1.Keys) -> dict[str, Any]:
+    """Run `scenario` of this module in a child with its own mount namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) missing")
+    code = (
+        "import json, sys\n"
+        "from tests.unit import test_hostile_faults as t\n"
+        "from webknock.protocol.v1 import Keys\n"
+        f"out = t.{scenario}(t.Path({str(base)!r}), Keys.from_hex({keys.to_hex()!r}))\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"no mount namespaces here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def _mount(*argv: str) -> None:
+    subprocess.run(["mount", *argv], check=True, capture_output=True)
+
+
+def _fill(directory: Path, *, inodes: bool = True) -> None:
+    """Fill the file system of `directory` to the last byte (and inode)."""
+    with open(directory / ".filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    for i in range(100000 if inodes else 0):
+        try:
+            (directory / f"inode{i}").touch()
+        except OSError:
+            break
+
+
+def _cgi(cfg_path: Path, keys: v1.Keys, obj: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    from webknock import cgi
+
+    obj = {"nonce": os.urandom(8).hex(), **obj}
+    body = b"data=" + transport.encode_field(v1.encode(keys, messages.dumps(obj))).encode()
+    env = {
+        "REQUEST_METHOD": "POST",
+        "CONTENT_LENGTH": str(len(body)),
+        "REMOTE_ADDR": obj.get("ip", "192.0.2.10"),
+        "WEBKNOCK_CONFIG": str(cfg_path),
+    }
+    try:
+        packet = cgi.handle(env, io.BytesIO(body), time.time())
+    except cgi.Reply as reply:
+        return reply.status, None
+    reply_obj: dict[str, Any] = json.loads(v1.decode(keys, packet))
+    return 200, reply_obj
+
+
+def _knock(ip: str) -> dict[str, Any]:
+    return {
+        "api": "openports",
+        "ip": ip,
+        "ports": [{"proto": "TCP", "num": 22}],
+        "time": 600,
+        "ver": 1,
+        "ts": int(time.time()),
+    }
+
+
+def _integrity(state: Path) -> tuple[str, list[str]]:
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    try:
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        rows = [r[0] for r in db.execute("SELECT ip FROM grants ORDER BY ip")]
+    finally:
+        db.close()
+    return check, rows
+
+
+def scenario_full_disk(base: Path, keys: v1.Keys) -> dict[str, Any]:
+    """State dir and spool on tiny tmpfs file systems, filled up, with a daemon running."""
+    cfg_path = write_instance(base, keys, result_timeout="2")
+    cfg = load(cfg_path)
+    cfg.state_file.parent.mkdir(mode=0o700)
+    _mount(
+        "-t", "tmpfs", "-o", "size=256k,nr_inodes=64,mode=0700", "tmpfs", str(cfg.state_file.parent)
+    )
+    cfg.spool_dir.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=128k", "tmpfs", str(cfg.spool_dir))
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    fw = MemoryFirewall()
+    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
+    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        out["before"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
+        _fill(cfg.state_file.parent)
+        out["state_full"] = _cgi(cfg_path, keys, _knock("192.0.2.11"))
+        out["revoke_full"] = repr(_try(lambda: eng.revoke(A, None, None, time.time())))
+        out["held_state_full"] = sorted(map(str, fw.held))
+        # now the spool fills up as well
+        _fill(cfg.spool.requests, inodes=False)  # the CGI can create its file, not fill it
+        out["spool_full"] = _cgi(cfg_path, keys, _knock("192.0.2.12"))
+        out["spool_left"] = sorted(os.listdir(cfg.spool.requests))
+        (cfg.spool.requests / ".filler").unlink()
+        for f in os.listdir(cfg.state_file.parent):
+            if f == ".filler" or f.startswith("inode"):
+                os.unlink(cfg.state_file.parent / f)
+        out["after"] = _cgi(cfg_path, keys, _knock("192.0.2.13"))
+        out["alive"] = thread.is_alive()
+    finally:
+        d.stopping = True
+        thread.join(5)
+    out["held"] = sorted(map(str, fw.held))
+    out["integrity"] = _integrity(cfg.state_file)
+    return out
+
+
+def _try(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
+def test_full_disk_answers_errors_and_corrupts_nothing(
+    tmp_path: Path, vector_keys: v1.Keys
+) -> None:
+    out = in_mount_namespace("scenario_full_disk", tmp_path, vector_keys)
+    assert out["before"][0] == 200 and out["before"][1]["success"] is True
+    status, reply = out["state_full"]
+    assert status == 200 and reply == {
+        "success": False,
+        "error": "server state unavailable",
+        "errorcode": "STATE",
+    }
+    assert "StateError" in out["revoke_full"]
+    assert out["held_state_full"] == ["192.0.2.10:tcp/22"], "revoke refused: rule stays"
+    assert out["spool_full"] == [503, None]
+    assert out["spool_left"] == [".filler"], "no half-written request left behind"
+    assert out["after"][0] == 200 and out["after"][1]["success"] is True
+    assert out["alive"] is True
+    assert out["held"] == ["192.0.2.10:tcp/22", "192.0.2.13:tcp/22"]
+    assert out["integrity"] == ["ok", ["192.0.2.10", "192.0.2.13"]]
+
+
+def scenario_read_only_state(base: Path, keys: v1.Keys) -> dict[str, Any]:
+    """The state dir turns read-only under a running daemon, then writable again."""
+    daemon_mod.CHECK_BACKOFF = 1.0  # this child only: no need to wait the full 5 s
+    cfg_path = write_instance(base, keys, result_timeout="2")
+    cfg = load(cfg_path)
+    state_dir = cfg.state_file.parent
+    state_dir.mkdir(mode=0o700)
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    fw = MemoryFirewall()
+    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
+    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        out["before"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
+        _mount("--bind", "-o", "ro", str(state_dir), str(state_dir))  # stacked on top
+        out["ro"] = _cgi(cfg_path, keys, _knock("2001:db8::10"))
+        out["renew_ro"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
+        out["held_ro"] = sorted(map(str, fw.held))
+        fw.held.clear()  # and the firewall is flushed meanwhile
+        time.sleep(1.5)
+        out["held_flushed_ro"] = sorted(map(str, fw.held))
+        subprocess.run(["umount", str(state_dir)], check=True)
+        deadline = time.monotonic() + daemon_mod.CHECK_BACKOFF + 2
+        while not fw.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["held_restored"] = sorted(map(str, fw.held))
+        out["after"] = _cgi(cfg_path, keys, _knock("2001:db8::10"))
+        out["alive"] = thread.is_alive()
+    finally:
+        d.stopping = True
+        thread.join(5)
+    out["held"] = sorted(map(str, fw.held))
+    out["integrity"] = _integrity(cfg.state_file)
+    return out
+
+
+def test_read_only_state_answers_errors_and_corrupts_nothing(
+    tmp_path: Path, vector_keys: v1.Keys
+) -> None:
+    out = in_mount_namespace("scenario_read_only_state", tmp_path, vector_keys)
+    assert out["before"][1]["success"] is True
+    for key in ("ro", "renew_ro"):
+        status, reply = out[key]
+        assert status == 200 and reply["success"] is False and reply["errorcode"] == "STATE"
+    assert out["held_ro"] == ["192.0.2.10:tcp/22"]
+    assert out["held_flushed_ro"] == [], "no repair while the state cannot be locked"
+    assert out["held_restored"] == ["192.0.2.10:tcp/22"], "repaired once it can"
+    assert out["after"][1]["success"] is True and out["alive"] is True
+    assert out["held"] == ["192.0.2.10:tcp/22", "[2001:db8::10]:tcp/22"]
+    assert out["integrity"] == ["ok", ["192.0.2.10", "2001:db8::10"]]
+
+
+def test_census_counts_the_lines_listed_parses() -> None:
+    """Guard: a grant line the census counts is exactly one `listed()` parses."""
+    fw = IptablesFirewall(SETTINGS, RecordingRunner())
+    line = "-A WEBKNOCK-GRANTS " + " ".join(fw.grant_rule(GrantKey(A, "tcp", 22)))
+    assert line == GRANT4
+    assert fw._parse_grant(line) == GrantKey(A, "tcp", 22)
