@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"webknockctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    needs_root = args.command not in ("check-config",)
+    needs_root = args.command not in ("check-config", "log")  # log: whoever can read it
     if needs_root and os.geteuid() != 0:
         print("webknockctl: must run as root", file=sys.stderr)
         return EXIT_USAGE

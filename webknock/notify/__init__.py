@@ -1,0 +1,62 @@
+"""Event sinks beyond the log: the audit trail (always), mail and webhook (when configured).
+
+``webknockd`` and ``webknockctl`` add :func:`sinks_for` to their event bus.
+"""
+
+from __future__ import annotations
+
+from webknock.config import ServerConfig
+from webknock.events import Event, Sink
+from webknock.notify.settings import NotifySettings, load_notify
+from webknock.notify.worker import BackgroundSender
+
+__all__ = ["NotifySettings", "load_notify", "mail_sender", "sinks_for", "webhook_sender"]
+
+
+def _is_open(event: Event) -> bool:
+    return event.kind == "open"
+
+
+def mail_sender(settings: NotifySettings) -> BackgroundSender:
+    """One mail per batch of new grants (renewals never mail)."""
+    from webknock.notify.mail import Mailer
+
+    return BackgroundSender(
+        "mail",
+        Mailer(settings),
+        accept=_is_open,
+        window=settings.batch_window,
+        retries=settings.retries,
+        retry_delay=settings.retry_delay,
+    )
+
+
+def webhook_sender(settings: NotifySettings) -> BackgroundSender:
+    """One POST per event of the kinds in ``webhook_events``."""
+    from webknock.notify.webhook import Webhook
+
+    kinds = settings.webhook_events
+    return BackgroundSender(
+        "webhook",
+        Webhook(settings),
+        accept=lambda ev: ev.kind in kinds,
+        max_batch=1,
+        retries=settings.retries,
+        retry_delay=settings.retry_delay,
+    )
+
+
+def sinks_for(cfg: ServerConfig) -> list[Sink]:
+    """The audit sink, plus mail and webhook senders when ``[notify]`` asks for them.
+
+    Raises ConfigError (naming file, section and key) for an invalid ``[notify]``.
+    """
+    from webknock.audit import AuditSink
+
+    settings = load_notify(cfg)
+    sinks: list[Sink] = [AuditSink(cfg.audit_log)]
+    if settings.mail:
+        sinks.append(mail_sender(settings))
+    if settings.webhook:
+        sinks.append(webhook_sender(settings))
+    return sinks
