@@ -127,9 +127,10 @@ def cmd_reconcile(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    from webknock.firewall import make_firewall
+    from webknock.firewall import teardown_all
 
-    make_firewall(cfg).teardown()
+    for what in teardown_all(cfg):  # every backend: also what an earlier `backend` left
+        log.info("removed %s", what)
     if args.state:
         for suffix in ("", "-journal", ".lock"):
             try:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from webknock.events import Event, EventBus
 from webknock.firewall import Firewall, FirewallError
-from webknock.firewall.iptables import IptablesFirewall
 from webknock.grants import Address, Entry, Grant, GrantKey
 from webknock.spool import GrantRequest
 from webknock.state import StateError, StateStore, StateTx
@@ -277,33 +276,6 @@ class GrantEngine:
 
 
 def census(firewall: Firewall) -> tuple[dict[int, int], list[str]]:
-    """Grants the kernel holds per family, and what is wrong with the backend's objects.
-
-    The linear iptables chain gets a text-only census of ``*-save`` (a line count, about
-    10x cheaper than parsing every rule, and it sees the INPUT hook); any other backend is
-    counted through :meth:`Firewall.listed`. The iptables part belongs in the backend
-    (a ``Firewall.census()``); it lives here until the interface gains it.
-    """
-    held = {4: 0, 6: 0}
-    if not isinstance(firewall, IptablesFirewall):
-        for key in firewall.listed():
-            held[key.family] += 1
-        return held, []
-    problems: list[str] = []
-    main, grants = firewall.chain, firewall.grants_chain
-    for family in (4, 6):
-        lines = firewall.saved(family)
-        chains = {ln.split()[0][1:] for ln in lines if ln.startswith(":")}
-        missing = [c for c in (main, grants) if c not in chains]
-        if missing:
-            problems.append(f"IPv{family}: chain {', '.join(missing)} missing")
-        hooks = sum(ln.split() == ["-A", "INPUT", "-j", main] for ln in lines)
-        if hooks != 1:
-            problems.append(f"IPv{family}: INPUT jumps to {main} {hooks} times, not once")
-        body = [ln for ln in lines if ln.startswith(f"-A {main} ")]
-        if len(body) != len(firewall.main_rules()) or body[:1] != [f"-A {main} -j {grants}"]:
-            problems.append(
-                f"IPv{family}: chain {main} does not hold its {len(firewall.main_rules())} rule(s)"
-            )
-        held[family] = sum(ln.startswith(f"-A {grants} ") for ln in lines)
-    return held, problems
+    """Grants the kernel holds per family, and what is wrong with the backend's objects
+    (each backend counts in its own cheapest way: :meth:`Firewall.census`)."""
+    return firewall.census()

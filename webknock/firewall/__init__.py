@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from webknock.config import ServerConfig
 from webknock.firewall.base import (
@@ -15,7 +16,14 @@ from webknock.firewall.base import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Firewall", "FirewallError", "FirewallSettings", "make_firewall", "settings_of"]
+__all__ = [
+    "Firewall",
+    "FirewallError",
+    "FirewallSettings",
+    "make_firewall",
+    "settings_of",
+    "teardown_all",
+]
 
 
 def settings_of(cfg: ServerConfig) -> FirewallSettings:
@@ -55,13 +63,35 @@ def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
         why = cls.unusable(runner)
         if why:
             raise FirewallError(f"backend {cfg.backend} unusable: {why}")
-        return cls(settings, runner)
+        return cls.build(settings, runner)
     reasons = []
     for name, cls in registry.items():
         why = cls.unusable(runner)
         if why is None:
-            fw = cls(settings, runner)
+            fw = cls.build(settings, runner)
             log.info("backend auto: chose %s", fw.describe())
             return fw
         reasons.append(f"{name}: {why}")
     raise FirewallError("no usable firewall backend (" + "; ".join(reasons) + ")")
+
+
+def teardown_all(cfg: ServerConfig, runner: Runner = run_command) -> list[str]:
+    """Remove this instance's objects from every usable backend (the configured one and any
+    left from an earlier ``backend``/``ipset`` setting); return what was torn down."""
+    settings = settings_of(cfg)
+    done: list[str] = []
+    errors: list[str] = []
+    for name, cls in backend_classes().items():
+        if cls.unusable(runner) is not None:
+            continue
+        wide = replace(settings, ipset="auto")  # the ipset variant also removes the linear chain
+        fw = cls.build(wide, runner)
+        try:
+            fw.teardown()
+        except FirewallError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        done.append(fw.describe())
+    if errors:
+        raise FirewallError("teardown failed: " + "; ".join(errors))
+    return done

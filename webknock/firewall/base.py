@@ -105,3 +105,19 @@ class Firewall(ABC):
     def describe(self) -> str:
         """One line for logs and `webknockctl status`."""
         return self.name
+
+    @classmethod
+    def build(cls, settings: FirewallSettings, runner: Runner = run_command) -> Firewall:
+        """The instance to use for `settings` (a backend may pick a variant, e.g. ipset)."""
+        return cls(settings, runner)
+
+    def census(self) -> tuple[dict[int, int], list[str]]:
+        """Grants the kernel holds per address family, and what is wrong with our objects.
+
+        The default counts :meth:`listed`; a backend overrides it with a cheaper count that
+        also checks its table, chains, sets and hook.
+        """
+        held = {4: 0, 6: 0}
+        for key in self.listed():
+            held[key.family] += 1
+        return held, []
