@@ -1,0 +1,154 @@
+"""iptables+ipset backend: the exact ``ipset restore`` and ``iptables-restore`` files."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any
+
+import pytest
+
+from tests.fakes import SETTINGS, RecordingRunner
+from webknock.firewall.base import FirewallError
+from webknock.firewall.ipset import IpsetFirewall, parse_element
+from webknock.firewall.iptables import IptablesFirewall
+from webknock.grants import Entry, GrantKey
+
+V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
+V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)
+V6 = GrantKey(ipaddress.ip_address("2001:db8::10"), "tcp", 22)
+NOW = 1_800_000_000.0
+EMPTY_SAVE = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+CREATE4 = "create WEBKNOCK4 hash:ip,port family inet timeout 0 maxelem 1048576\n"
+CREATE6 = "create WEBKNOCK6 hash:ip,port family inet6 timeout 0 maxelem 1048576\n"
+
+
+def fw(runner: RecordingRunner, **kw: Any) -> IpsetFirewall:
+    return IpsetFirewall(dataclasses.replace(SETTINGS, **kw), runner)
+
+
+def test_add_v4_v6_renew_and_remove_are_one_restore_file() -> None:
+    runner = RecordingRunner()
+    fw(runner).apply([Entry(V6, NOW + 60)], [Entry(V4, NOW + 3599.2)], [V4U], now=NOW)
+    assert runner.calls == [
+        (
+            ["ipset", "-exist", "restore"],
+            "add WEBKNOCK4 192.0.2.10,tcp:22 timeout 3600\n"
+            "del WEBKNOCK4 192.0.2.10,udp:51820\n"
+            "add WEBKNOCK6 2001:db8::10,tcp:22 timeout 60\n",
+        )
+    ]
+
+
+def test_empty_batch_runs_nothing() -> None:
+    runner = RecordingRunner()
+    fw(runner).apply(now=NOW)
+    assert runner.calls == []
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_ensure_creates_sets_then_the_chain_matching_them(protect: bool) -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner, protect=protect).ensure()
+    assert runner.calls[0] == (["ipset", "-exist", "restore"], CREATE4 + CREATE6)
+    v4, v6 = runner.stdin_of("iptables-restore"), runner.stdin_of("ip6tables-restore")
+    rules = ""
+    if protect:
+        rules = (
+            "-A WEBKNOCK -p tcp -m multiport --dports 22,2222 -m conntrack --ctstate "
+            "RELATED,ESTABLISHED -j ACCEPT\n"
+            "-A WEBKNOCK -p tcp -m multiport --dports 22,2222 -j DROP\n"
+            "-A WEBKNOCK -p udp -m multiport --dports 51820 -m conntrack --ctstate "
+            "RELATED,ESTABLISHED -j ACCEPT\n"
+            "-A WEBKNOCK -p udp -m multiport --dports 51820 -j DROP\n"
+        )
+    for batch, family in ((v4, 4), (v6, 6)):
+        assert batch == [
+            "*filter\n"
+            ":WEBKNOCK-GRANTS - [0:0]\n"
+            ":WEBKNOCK - [0:0]\n"
+            f"-A WEBKNOCK -m set --match-set WEBKNOCK{family} src,dst -j ACCEPT\n"
+            + rules
+            + "-I INPUT 1 -j WEBKNOCK\nCOMMIT\n"
+        ]
+
+
+def test_ensure_removes_a_grants_chain_left_by_the_linear_variant() -> None:
+    left = EMPTY_SAVE.replace("COMMIT", ":WEBKNOCK-GRANTS - [0:0]\nCOMMIT")
+    runner = RecordingRunner({"iptables-save": left, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).ensure()
+    assert runner.stdin_of("iptables-restore")[-1] == (
+        "*filter\n-F WEBKNOCK-GRANTS\n-X WEBKNOCK-GRANTS\nCOMMIT\n"
+    )
+    assert len(runner.stdin_of("ip6tables-restore")) == 1
+
+
+def test_sync_fills_fresh_sets_and_swaps_them_in() -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).sync([Entry(V6, NOW + 10), Entry(V4, NOW + 20)], now=NOW)
+    assert runner.stdin_of("ipset")[-1] == (
+        "create WEBKNOCK4-new hash:ip,port family inet timeout 0 maxelem 1048576\n"
+        "flush WEBKNOCK4-new\n"
+        "add WEBKNOCK4-new 192.0.2.10,tcp:22 timeout 20\n"
+        "swap WEBKNOCK4-new WEBKNOCK4\n"
+        "destroy WEBKNOCK4-new\n"
+        "create WEBKNOCK6-new hash:ip,port family inet6 timeout 0 maxelem 1048576\n"
+        "flush WEBKNOCK6-new\n"
+        "add WEBKNOCK6-new 2001:db8::10,tcp:22 timeout 10\n"
+        "swap WEBKNOCK6-new WEBKNOCK6\n"
+        "destroy WEBKNOCK6-new\n"
+    )
+
+
+def test_teardown_removes_hook_chain_then_only_our_sets() -> None:
+    saved = (
+        "*filter\n:INPUT DROP [0:0]\n:WEBKNOCK - [0:0]\n-A INPUT -j WEBKNOCK\n"
+        "-A WEBKNOCK -m set --match-set WEBKNOCK4 src,dst -j ACCEPT\nCOMMIT\n"
+    )
+    runner = RecordingRunner(
+        {"iptables-save": saved, "ip6tables-save": EMPTY_SAVE, "ipset": "OTHER\nWEBKNOCK4\n"}
+    )
+    fw(runner).teardown()
+    assert runner.stdin_of("iptables-restore") == [
+        "*filter\n-D INPUT -j WEBKNOCK\n-F WEBKNOCK\n-X WEBKNOCK\nCOMMIT\n"
+    ]
+    assert runner.calls[-1] == (["ipset", "-exist", "restore"], "destroy WEBKNOCK4\n")
+
+
+def test_listed_parses_ipset_save() -> None:
+    out = (
+        "create WEBKNOCK4 hash:ip,port family inet hashsize 1024 maxelem 1048576 timeout 0\n"
+        "add WEBKNOCK4 192.0.2.10,tcp:22 timeout 99\n"
+        "add WEBKNOCK4 192.0.2.10,udp:51820 timeout 5\n"
+        "add WEBKNOCK6 2001:db8::10,tcp:22 timeout 5\n"
+        "add WEBKNOCK4 bogus timeout 5\n"
+    )
+    runner = RecordingRunner({"ipset": out})
+    assert fw(runner).listed() == [V4, V4U, V6]  # each set only its own lines
+    assert runner.calls[0][0] == ["ipset", "save", "WEBKNOCK4"]
+    assert parse_element("2001:db8::10,tcp:22") == V6
+    assert parse_element("192.0.2.10,icmp:0") is None
+
+
+def test_census_counts_set_entries_and_checks_the_chain() -> None:
+    saved = (
+        "*filter\n:INPUT DROP [0:0]\n:WEBKNOCK - [0:0]\n-A INPUT -j WEBKNOCK\n"
+        "-A WEBKNOCK -m set --match-set WEBKNOCK4 src,dst -j ACCEPT\nCOMMIT\n"
+    )
+    terse = "Name: WEBKNOCK4\nType: hash:ip,port\nNumber of entries: 3\nMembers:\n"
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": saved, "ipset": terse})
+    held, problems = fw(runner).census()
+    assert held == {4: 3, 6: 3}
+    assert problems == ["IPv6: chain WEBKNOCK does not hold its 1 rule(s)"]  # v6 matches set 4
+
+
+def test_build_picks_the_variant_from_the_ipset_setting() -> None:
+    runner = RecordingRunner()
+    assert type(IptablesFirewall.build(SETTINGS, runner)) is IpsetFirewall  # auto, ipset works
+    linear = dataclasses.replace(SETTINGS, ipset="no")
+    assert type(IptablesFirewall.build(linear, runner)) is IptablesFirewall
+    broken = RecordingRunner(fail="ipset")
+    auto = IptablesFirewall.build(SETTINGS, broken)
+    assert type(auto) is IptablesFirewall, "auto falls back to the linear chain"
+    with pytest.raises(FirewallError, match="ipset = yes but ipset is unusable"):
+        IptablesFirewall.build(dataclasses.replace(SETTINGS, ipset="yes"), broken)

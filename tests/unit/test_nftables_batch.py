@@ -1,0 +1,239 @@
+"""nftables backend: the exact JSON transactions it hands libnftables (or ``nft -j -f -``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+
+from tests.fakes import SETTINGS, RecordingRunner
+from webknock.firewall.base import FirewallError
+from webknock.firewall.nftables import NftablesFirewall, table_name
+from webknock.grants import Entry, GrantKey
+
+V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
+V4B = GrantKey(ipaddress.ip_address("192.0.2.11"), "tcp", 22)
+V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)
+V6 = GrantKey(ipaddress.ip_address("2001:db8::10"), "tcp", 22)
+NOW = 1_800_000_000.0
+T = {"family": "inet", "table": "webknock"}
+
+
+class FakeLib:
+    """Records each JSON transaction; answers list commands from a canned listing."""
+
+    def __init__(self, listing: list[dict[str, Any]] | None = None, rc: int = 0) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.listing = listing
+        self.rc = rc
+
+    def json_cmd(self, root: dict[str, Any]) -> tuple[int, Any, str]:
+        self.batches.append(root["nftables"])
+        if self.rc:
+            return self.rc, "", "Error: Could not process rule: No such file or directory"
+        if "list" in root["nftables"][0]:
+            if self.listing is None:
+                return 1, "", "Error: No such file or directory\nlist table inet webknock"
+            return 0, {"nftables": self.listing}, ""
+        return 0, "", ""
+
+
+def fw(lib: FakeLib, **kw: Any) -> NftablesFirewall:
+    return NftablesFirewall(dataclasses.replace(SETTINGS, **kw), RecordingRunner(), lib=lib)
+
+
+def grant_rule(proto: str, family: int) -> dict[str, Any]:
+    ip = "ip" if family == 4 else "ip6"
+    left = {
+        "concat": [
+            {"payload": {"protocol": ip, "field": "saddr"}},
+            {"payload": {"protocol": proto, "field": "dport"}},
+        ]
+    }
+    expr = [{"match": {"op": "==", "left": left, "right": f"@{proto}{family}"}}, {"accept": None}]
+    return {"add": {"rule": {**T, "chain": "input", "expr": expr}}}
+
+
+def protect_rules(proto: str, ports: list[int]) -> list[dict[str, Any]]:
+    dport = {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": proto, "field": "dport"}},
+            "right": {"set": ports},
+        }
+    }
+    state = {
+        "match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}
+    }
+    return [
+        {"add": {"rule": {**T, "chain": "input", "expr": [dport, state, {"accept": None}]}}},
+        {"add": {"rule": {**T, "chain": "input", "expr": [dport, {"drop": None}]}}},
+    ]
+
+
+def skeleton(protect: bool) -> list[dict[str, Any]]:
+    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": "webknock"}}}]
+    for name, addr in (
+        ("tcp4", "ipv4_addr"),
+        ("tcp6", "ipv6_addr"),
+        ("udp4", "ipv4_addr"),
+        ("udp6", "ipv6_addr"),
+    ):
+        spec = {**T, "name": name, "type": [addr, "inet_service"], "flags": ["timeout"]}
+        cmds.append({"add": {"set": spec}})
+    chain = {**T, "name": "input", "type": "filter", "hook": "input", "prio": -1}
+    cmds.append({"add": {"chain": {**chain, "policy": "accept"}}})
+    cmds.append({"flush": {"chain": {**T, "name": "input"}}})
+    cmds += [grant_rule(p, f) for p in ("tcp", "udp") for f in (4, 6)]
+    if protect:
+        cmds += protect_rules("tcp", [22, 2222]) + protect_rules("udp", [51820])
+    return cmds
+
+
+def elems(op: str, name: str, elem: list[Any]) -> dict[str, Any]:
+    return {op: {"element": {**T, "name": name, "elem": elem}}}
+
+
+def test_table_name_per_instance() -> None:
+    assert table_name("webknock") == "webknock"
+    assert table_name("default") == "webknock"
+    assert table_name("site-b") == "webknock_site-b"
+
+
+def test_add_v4_and_v6_is_one_transaction_setting_each_timeout() -> None:
+    lib = FakeLib()
+    fw(lib).apply([Entry(V4, NOW + 60), Entry(V6, NOW + 90.5), Entry(V4U, NOW + 30)], now=NOW)
+    k4, k6, ku = (
+        {"concat": ["192.0.2.10", 22]},
+        {"concat": ["2001:db8::10", 22]},
+        {"concat": ["192.0.2.10", 51820]},
+    )
+    assert lib.batches == [
+        [
+            elems("add", "tcp4", [k4]),
+            elems("delete", "tcp4", [k4]),
+            elems("add", "tcp4", [{"elem": {"val": k4, "timeout": 60}}]),
+            elems("add", "tcp6", [k6]),
+            elems("delete", "tcp6", [k6]),
+            elems("add", "tcp6", [{"elem": {"val": k6, "timeout": 91}}]),
+            elems("add", "udp4", [ku]),
+            elems("delete", "udp4", [ku]),
+            elems("add", "udp4", [{"elem": {"val": ku, "timeout": 30}}]),
+        ]
+    ]
+
+
+def test_renew_replaces_the_timeout_and_removal_tolerates_an_expired_element() -> None:
+    lib = FakeLib()
+    fw(lib).apply([], [Entry(V4B, NOW + 3600)], [V4], now=NOW)
+    a, b = {"concat": ["192.0.2.10", 22]}, {"concat": ["192.0.2.11", 22]}
+    assert lib.batches == [
+        [
+            elems("add", "tcp4", [a, b]),
+            elems("delete", "tcp4", [a, b]),
+            elems("add", "tcp4", [{"elem": {"val": b, "timeout": 3600}}]),
+        ]
+    ]
+
+
+def test_empty_batch_touches_nothing() -> None:
+    lib = FakeLib()
+    fw(lib).apply([], [], [], now=NOW)
+    assert lib.batches == []
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_ensure_builds_table_sets_chain_and_rules(protect: bool) -> None:
+    lib = FakeLib()
+    fw(lib, protect=protect).ensure()
+    assert lib.batches == [skeleton(protect)]
+
+
+def test_sync_is_one_transaction_flushing_and_refilling_each_set() -> None:
+    lib = FakeLib()
+    fw(lib).sync([Entry(V6, NOW + 10), Entry(V4, NOW + 20)], now=NOW)
+    k4, k6 = {"concat": ["192.0.2.10", 22]}, {"concat": ["2001:db8::10", 22]}
+    refill = [
+        {"flush": {"set": {**T, "name": "tcp4"}}},
+        elems("add", "tcp4", [{"elem": {"val": k4, "timeout": 20}}]),
+        {"flush": {"set": {**T, "name": "tcp6"}}},
+        elems("add", "tcp6", [{"elem": {"val": k6, "timeout": 10}}]),
+        {"flush": {"set": {**T, "name": "udp4"}}},
+        {"flush": {"set": {**T, "name": "udp6"}}},
+    ]
+    assert lib.batches == [[*skeleton(False), *refill]]
+
+
+def test_teardown_deletes_only_our_table() -> None:
+    lib = FakeLib([{"table": {"family": "inet", "name": "webknock"}}, {"table": {"name": "x"}}])
+    fw(lib).teardown()
+    assert lib.batches[-1] == [{"delete": {"table": {"family": "inet", "name": "webknock"}}}]
+    other = FakeLib([{"table": {"family": "inet", "name": "webknock_b"}}])
+    fw(other).teardown()
+    assert other.batches == [[{"list": {"tables": None}}]], "another instance's table stays"
+
+
+def listing(protect: bool = False, drop_rule: bool = False) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
+    items.append({"table": {"family": "inet", "name": "webknock", "handle": 1}})
+    for cmd in skeleton(protect):
+        kind, spec = next(iter(cmd.items()))
+        if kind == "add" and "set" in spec:
+            items.append({"set": dict(spec["set"])})
+        if kind == "add" and "chain" in spec:
+            items.append({"chain": spec["chain"]})
+        if kind == "add" and "rule" in spec:
+            items.append({"rule": spec["rule"]})
+    if drop_rule:
+        items.pop()
+    items[2]["set"]["elem"] = [
+        {"elem": {"val": {"concat": ["192.0.2.10", 22]}, "timeout": 60, "expires": 59}},
+        {"concat": ["192.0.2.11", 22]},
+        {"elem": {"val": {"concat": ["not-an-address", 22]}}},
+    ]
+    items[3]["set"]["elem"] = [{"elem": {"val": {"concat": ["2001:db8::10", 22]}}}]
+    return items
+
+
+def test_listed_parses_elements_with_and_without_timeout() -> None:
+    lib = FakeLib(listing())
+    assert fw(lib).listed() == [V4, V4B, V6]
+    assert lib.batches == [[{"list": {"table": {"family": "inet", "name": "webknock"}}}]]
+    assert fw(FakeLib(None)).listed() == [], "no table yet: nothing held"
+
+
+def test_census_counts_and_checks_our_objects() -> None:
+    assert fw(FakeLib(listing(protect=True)), protect=True).census() == ({4: 2, 6: 1}, [])
+    held, problems = fw(FakeLib(listing(protect=True, drop_rule=True)), protect=True).census()
+    assert held == {4: 2, 6: 1}
+    assert problems == ["chain webknock input does not hold its 8 rule(s)"]
+    _, problems = fw(FakeLib(listing(protect=False)), protect=True).census()
+    assert problems == ["chain webknock input does not hold its 8 rule(s)"]
+    assert fw(FakeLib(None)).census() == ({4: 0, 6: 0}, ["table inet webknock missing"])
+
+
+def test_failed_transaction_raises_with_the_library_error() -> None:
+    with pytest.raises(FirewallError, match="libnftables: Error: Could not process rule"):
+        fw(FakeLib(rc=1)).apply([Entry(V4, NOW + 60)], now=NOW)
+
+
+def test_without_the_binding_the_same_json_goes_to_nft() -> None:
+    runner = RecordingRunner({"nft": ""})
+    firewall = NftablesFirewall(SETTINGS, runner, lib=None)
+    firewall.apply([Entry(V4, NOW + 5)], now=NOW)
+    assert runner.calls[0][0] == ["nft", "-j", "-f", "-"]
+    lib = FakeLib()
+    fw(lib).apply([Entry(V4, NOW + 5)], now=NOW)
+    assert json.loads(runner.calls[0][1] or "") == {"nftables": lib.batches[0]}
+    listed = RecordingRunner({"nft": json.dumps({"nftables": listing()})})
+    assert NftablesFirewall(SETTINGS, listed, lib=None).listed() == [V4, V4B, V6]
+    assert "nft -j" in NftablesFirewall(SETTINGS, listed, lib=None).describe()
+
+
+def test_nft_failure_raises() -> None:
+    runner = RecordingRunner(fail="nft")
+    with pytest.raises(FirewallError, match="nft failed"):
+        NftablesFirewall(SETTINGS, runner, lib=None).ensure()
