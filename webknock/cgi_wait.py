@@ -51,7 +51,7 @@ def submit_and_wait(
     we waited once more, and after that it may still be applied (the client is told
     504, never success).
     """
-    from inotify_simple import INotify, flags
+    from webknock.inotify import INotify, flags
 
     spool = cfg.spool
     request_id = new_request_id()

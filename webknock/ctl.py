@@ -227,6 +227,12 @@ def port(text: str) -> int:
     return int(text)
 
 
+def seconds(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webknockctl",
@@ -258,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ip", type=address, help="client address")
     p.add_argument("--proto", choices=("tcp", "udp"), default="tcp", help="protocol (tcp)")
     p.add_argument("--port", type=port, help="one offered port (default: all offered)")
-    p.add_argument("--time", type=port, help="seconds (default and cap: max_time)")
+    p.add_argument("--time", type=seconds, help="seconds (default and cap: max_time)")
     p.set_defaults(func=cmd_grant)
 
     p = sub.add_parser("reap", help="remove expired grants in one batch (cron fallback)")

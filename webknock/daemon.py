@@ -342,7 +342,7 @@ class Daemon:
     # -- main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        from inotify_simple import INotify, flags
+        from webknock.inotify import INotify, flags
 
         inotify = INotify()
         inotify.add_watch(self.spool.requests, flags.CLOSE_WRITE | flags.MOVED_TO)

@@ -93,3 +93,23 @@ def test_reconcile_restores_and_reap_removes_expired(
 def test_bad_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, tmp_path / "missing.ini", "list")
     assert code == 2 and "missing.ini: cannot read" in err
+
+
+def test_grant_time_beyond_a_port_number_is_capped_at_max_time(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, _ = run(capsys, instance_config, "grant", "192.0.2.10", "--time", "86400")
+    assert code == 0
+    _, out, _ = run(capsys, instance_config, "list", "--json")
+    assert {g["remaining"] <= 3600 and g["remaining"] > 3590 for g in json.loads(out)} == {True}
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "1.5", "soon"])
+def test_grant_time_must_be_positive_seconds(
+    instance_config: Path, fw: MemoryFirewall, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        run(capsys, instance_config, "grant", "192.0.2.10", "--time", bad)
+    assert info.value.code == 2
+    assert "positive number of seconds" in capsys.readouterr().err
+    assert fw.held == {}

@@ -12,8 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from Crypto.Cipher import AES
-
+from webknock.protocol.aes import AES
 from webknock.protocol.transport import BLOCK, MAX_PACKET
 
 HMAC_LEN = 20

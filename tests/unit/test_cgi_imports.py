@@ -1,0 +1,133 @@
+"""What one CGI request costs in imports and processes: junk is refused before config or
+crypto is loaded, a valid request loads only what it uses, and nothing spawns a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, write_instance
+from webknock.config import load
+from webknock.protocol import messages, transport, v1
+from webknock.spooldirs import prepare_spool
+
+#: Runs the CGI in a fresh interpreter and reports the modules it ended with and every
+#: process it tried to start (audit hooks see fork/exec/spawn without importing anything).
+PROBE = """
+import os, sys
+spawned = []
+def hook(event, args):
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.system"):
+        import traceback
+        spawned.append(event + ": " + "".join(traceback.format_stack(limit=12)))
+sys.addaudithook(hook)
+from webknock.cgi import main
+main()
+modules = sorted(sys.modules)
+import json
+with open(os.environ["PROBE_REPORT"], "w") as fh:
+    json.dump({"modules": modules, "spawned": spawned}, fh)
+"""
+
+#: Never on any CGI path: the client's HTTP library, CLI parsing, logging setup.
+NEVER = {"requests", "urllib3", "argparse", "logging", "sqlite3", "filelock"}
+#: Not before a request passed the cheap screen (method, length, shape of `data`).
+HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
+#: Only when a request is spooled.
+SPOOL = {"inotify_simple", "webknock.inotify", "webknock.spool", "webknock.cgi_wait"}
+
+
+@pytest.fixture
+def instance(tmp_path: Path, vector_keys: v1.Keys) -> Path:
+    config = write_instance(tmp_path, vector_keys, result_timeout="1")
+    prepare_spool(load(config).spool, pwd.getpwnam("www-data").pw_gid)
+    return config
+
+
+def probe(tmp_path: Path, config: Path, body: bytes, method: str = "POST") -> dict[str, Any]:
+    report = tmp_path / "report.json"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REQUEST_METHOD": method,
+        "CONTENT_LENGTH": str(len(body)),
+        "REMOTE_ADDR": "192.0.2.10",
+        "WEBKNOCK_CONFIG": str(config),
+        "PYTHONPATH": str(REPO),
+        "PROBE_REPORT": str(report),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        input=body,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    result: dict[str, Any] = json.loads(report.read_text())
+    result["status"] = int(proc.stdout.split(b"\r\n", 1)[0].split()[1])
+    return result
+
+
+def top_level(modules: list[str]) -> set[str]:
+    return set(modules) | {m.split(".")[0] for m in modules}
+
+
+def sealed(keys: v1.Keys, data: bytes) -> bytes:
+    return b"data=" + transport.encode_field(v1.encode(keys, data)).encode()
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "status"),
+    [
+        ("GET", b"", 400),
+        ("POST", b"x=1", 400),
+        ("POST", b"data=" + b"!" * 683, 403),
+        ("POST", b"data=" + b"A" * 100, 403),  # base64, but not a multiple of 512 bytes
+    ],
+)
+def test_junk_is_refused_before_config_or_crypto(
+    tmp_path: Path, instance: Path, method: str, body: bytes, status: int
+) -> None:
+    got = probe(tmp_path, instance, body, method)
+    assert got["status"] == status
+    assert top_level(got["modules"]) & (NEVER | HEAVY | SPOOL) == set()
+    assert got["spawned"] == []
+
+
+def test_getinfo_loads_crypto_but_not_the_spool(
+    tmp_path: Path, instance: Path, vector_keys: v1.Keys
+) -> None:
+    got = probe(tmp_path, instance, sealed(vector_keys, messages.getinfo_request(int(time.time()))))
+    assert got["status"] == 200
+    modules = top_level(got["modules"])
+    assert {"Crypto", "webknock.config", "webknock.keys"} <= modules
+    assert modules & (NEVER | SPOOL) == set()
+    assert got["spawned"] == [], "pycryptodome's loader must not run `file` per request"
+
+
+def test_openports_adds_only_the_spool(
+    tmp_path: Path, instance: Path, vector_keys: v1.Keys
+) -> None:
+    data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
+    got = probe(tmp_path, instance, sealed(vector_keys, data))
+    assert got["status"] == 504  # no daemon in this test: the whole wait path ran
+    modules = top_level(got["modules"])
+    assert modules >= SPOOL
+    assert modules & NEVER == set()
+    assert got["spawned"] == []
+
+
+def test_installed_layout_is_byte_compiled(tmp_path: Path) -> None:
+    """The web user cannot write __pycache__: the installer compiles every module."""
+    install = (REPO / "install.sh").read_text()
+    assert "compileall" in install
+    assert os.access(REPO / "cgi-bin" / "webknock.cgi", os.X_OK)
