@@ -40,6 +40,7 @@ class Webhook:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
                 status = resp.status
         except urllib.error.HTTPError as exc:
+            exc.close()
             raise OSError(f"{self.url} answered {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
             raise OSError(f"{self.url}: {exc.reason}") from None

@@ -93,10 +93,10 @@ class BackgroundSender:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                try:
-                    batch.append(self.queue.get(timeout=left))
+                try:  # short waits: close() must not wait for the window
+                    batch.append(self.queue.get(timeout=min(left, 0.1)))
                 except queue.Empty:
-                    break
+                    continue
             while len(batch) < self.max_batch:  # whatever is already queued goes along
                 try:
                     batch.append(self.queue.get_nowait())
