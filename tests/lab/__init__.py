@@ -213,11 +213,43 @@ BASE_FIREWALL = """*filter
 """
 
 
-def close_server_firewall(ns: Netns) -> None:
-    """Host policy of the e2e server: INPUT DROP except loopback, established and HTTP."""
-    ns.run(["iptables-restore"], input=BASE_FIREWALL.format(extra=""))
+#: The nftables host policy: a table of the admin's own. Every base chain on the input hook
+#: must accept a packet, so an accept in webknock's table cannot override this drop; the
+#: admin accepts the offered ports here and lets webknock (protect = yes) keep them closed.
+NFT_BASE_FIREWALL = """table inet labhost {{
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        iif lo accept
+        ct state established,related accept
+        meta l4proto ipv6-icmp accept
+        tcp dport 80 accept
+{extra}    }}
+}}
+"""
+
+
+def delegated_ports() -> str:
+    """The offered ports, for a host policy that leaves them to webknock's protect mode."""
+    tcp = ", ".join(map(str, TCP_PORTS))
+    udp = ", ".join(map(str, UDP_PORTS))
+    return f"tcp dport {{ {tcp} }} accept\nudp dport {{ {udp} }} accept\n"
+
+
+def close_server_firewall(ns: Netns, backend: str = "iptables", delegate: bool = False) -> None:
+    """Host policy of the e2e server: INPUT DROP except loopback, established and HTTP
+    (and the offered ports when `delegate`), as iptables rules or, for the nftables
+    backend, as an nft table of the host's own."""
+    if backend == "nftables":
+        extra = "".join(f"        {ln}\n" for ln in delegated_ports().splitlines() if delegate)
+        ns.run(["nft", "-f", "-"], input=NFT_BASE_FIREWALL.format(extra=extra))
+        return
+    ports = ""
+    if delegate:
+        ports = "".join(f"-A INPUT -p tcp -m tcp --dport {p} -j ACCEPT\n" for p in TCP_PORTS)
+        ports += "".join(f"-A INPUT -p udp -m udp --dport {p} -j ACCEPT\n" for p in UDP_PORTS)
+    ns.run(["iptables-restore"], input=BASE_FIREWALL.format(extra=ports))
     icmp6 = "-A INPUT -p ipv6-icmp -j ACCEPT\n"
-    ns.run(["ip6tables-restore"], input=BASE_FIREWALL.format(extra=icmp6))
+    ns.run(["ip6tables-restore"], input=BASE_FIREWALL.format(extra=icmp6 + ports))
 
 
 class Site:
@@ -267,6 +299,7 @@ class Site:
             "spool_dir": str(self.spool),
             "state_file": str(self.state),
             "backend": backend,
+            "ipset": "no",  # the linear chain unless a test asks for ipset (extra)
             "protect": "yes" if protect else "no",
             "web_user": "www-data",
             "result_timeout": "5",
@@ -585,16 +618,22 @@ def deployment(
     backend: str = "iptables",
     protect: bool = False,
     close_firewall: bool = True,
+    delegate: bool | None = None,
     **site_kw: Any,
 ) -> Iterator[Deployment]:
-    """A whole server: lab, site, firewall policy, web server, daemon, listeners."""
+    """A whole server: lab, site, firewall policy, web server, daemon, listeners.
+
+    `delegate`: the host policy accepts the offered ports and leaves them to webknock's
+    protect mode (default: only for the nftables backend, where nothing else can work)."""
     with contextlib.ExitStack() as stack:
         lab = Lab(server[0])
         stack.callback(lab.close)
         site = Site(backend=backend, protect=protect, **site_kw)
         stack.callback(site.close)
         if close_firewall:
-            close_server_firewall(lab.server)
+            close_server_firewall(
+                lab.server, backend, backend == "nftables" if delegate is None else delegate
+            )
         web = WEB_SERVERS[server](lab.server, site)
         stack.callback(web.close)
         site.start_daemon(lab.server)

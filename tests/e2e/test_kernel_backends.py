@@ -1,0 +1,257 @@
+"""The timeout backends (nftables sets, iptables + ipset) in a real kernel.
+
+Each test builds a lab (server and client namespaces, nginx + fcgiwrap, webknockd) and
+checks with real connections from the client namespace: a port refused before the knock
+is open after it, and refused again after revoke or after the kernel's own timeout, which
+closes it with the daemon stopped. The kernel's elements are read back with ``nft -j`` or
+``ipset save``: one element per grant, its timeout set on open and replaced on renew.
+
+For nftables the host policy is an nft table of the host's own that accepts the offered
+ports (they are delegated to webknock) and webknock runs with ``protect = yes``; for
+iptables + ipset the host policy is the lab's iptables INPUT DROP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.lab import (
+    CLIENT4,
+    CLIENT6,
+    OTHER4,
+    SERVER4,
+    SERVER6,
+    Deployment,
+    Lab,
+    Site,
+    close_server_firewall,
+    deployment,
+)
+
+pytestmark = pytest.mark.kernel
+
+BACKENDS: dict[str, dict[str, Any]] = {
+    "nftables": {"backend": "nftables", "protect": True},
+    "ipset": {"backend": "iptables", "extra": {"ipset": "yes"}},
+}
+
+Held = dict[tuple[str, str, int], int]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def d(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    with deployment("nginx", **BACKENDS[request.param]) as dep:
+        dep.lab.add_client_address(OTHER4)
+        try:
+            yield dep
+        except BaseException:
+            print(dep.diagnostics())
+            raise
+
+
+def is_nft(d: Deployment) -> bool:
+    return d.site.settings["backend"] == "nftables"
+
+
+def held(d: Deployment) -> list[tuple[tuple[str, str, int], int]]:
+    """Every element the kernel holds for the instance, with its remaining seconds."""
+    ns = d.lab.server
+    found: list[tuple[tuple[str, str, int], int]] = []
+    if is_nft(d):
+        out = ns.run(["nft", "-j", "list", "table", "inet", "webknock"]).stdout
+        for item in json.loads(out)["nftables"]:
+            spec = item.get("set")
+            if not spec:
+                continue
+            for elem in spec.get("elem", []):
+                e = elem["elem"]
+                ip, port = e["val"]["concat"]
+                found.append(((ip, spec["name"][:3], port), e.get("expires", e["timeout"])))
+        return found
+    for name in ("WEBKNOCK4", "WEBKNOCK6"):
+        for line in ns.run(["ipset", "save", name]).stdout.splitlines():
+            m = re.fullmatch(rf"add {name} (\S+),(tcp|udp):(\d+) timeout (\d+)", line)
+            if m:
+                found.append(((m[1], m[2], int(m[3])), int(m[4])))
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def status(d: Deployment) -> tuple[int, dict[str, Any]]:
+    proc = d.ctl("status", "--json", check=False)
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return proc.returncode, report
+
+
+def test_grant_renew_revoke(d: Deployment) -> None:
+    a = d.agent
+    assert not a.tcp_open(SERVER4, CLIENT4, 22), "port must start closed"
+    assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=600)["reply"]["success"]
+    assert a.tcp_open(SERVER4, CLIENT4, 22)
+    assert not a.tcp_open(SERVER4, OTHER4, 22), "another address stays refused"
+    assert not a.tcp_open(SERVER4, CLIENT4, 2222), "a port not asked for stays refused"
+    ((key, left),) = held(d)
+    assert key == (CLIENT4, "tcp", 22) and 590 <= left <= 600
+
+    assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=1800)["reply"]["success"]
+    ((key, left),) = held(d)
+    assert key == (CLIENT4, "tcp", 22) and 1790 <= left <= 1800, "timeout replaced in place"
+    assert a.tcp_open(SERVER4, CLIENT4, 22)
+    (grant,) = d.list_json()
+    assert grant["renew_count"] == 1 and 1790 <= grant["remaining"] <= 1800
+
+    assert a.knock(SERVER6, CLIENT6, [("tcp", 22), ("udp", 51820)], time=600)["reply"]["success"]
+    assert a.tcp_open(SERVER6, CLIENT6, 22) and a.udp_open(SERVER6, CLIENT6, 51820)
+    assert sorted(k for k, _ in held(d)) == [
+        (CLIENT4, "tcp", 22),
+        (CLIENT6, "tcp", 22),
+        (CLIENT6, "udp", 51820),
+    ]
+    code, report = status(d)
+    assert code == 0 and report["firewall_agrees"] is True
+
+    d.ctl("revoke", CLIENT4)
+    assert not a.tcp_open(SERVER4, CLIENT4, 22)
+    d.ctl("revoke", CLIENT6, "--proto", "udp")
+    assert not a.udp_open(SERVER6, CLIENT6, 51820) and a.tcp_open(SERVER6, CLIENT6, 22)
+    assert [k for k, _ in held(d)] == [(CLIENT6, "tcp", 22)]
+
+
+def test_kernel_expires_a_grant_with_the_daemon_stopped(d: Deployment) -> None:
+    a, site = d.agent, d.site
+    assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=2)["reply"]["success"]
+    assert a.knock(SERVER6, CLIENT6, [("tcp", 2222)], time=600)["reply"]["success"]
+    site.stop_daemon(kill=True)
+    assert a.tcp_open(SERVER4, CLIENT4, 22)
+    assert wait_until(lambda: not a.tcp_open(SERVER4, CLIENT4, 22, timeout=0.3), 6), (
+        "the kernel did not close the grant on time"
+    )
+    assert [k for k, _ in held(d)] == [(CLIENT6, "tcp", 2222)]
+    assert a.tcp_open(SERVER6, CLIENT6, 2222), "the long grant stays"
+    site.start_daemon(d.lab.server)
+    assert [(g["ip"], g["port"]) for g in d.list_json()] == [(CLIENT6, 2222)]
+    assert wait_until(lambda: d.ctl("list", "--all", "--json").stdout.count('"ip"') == 1, 5)
+
+
+def test_reconcile_after_a_flush_restores_remaining_time(d: Deployment) -> None:
+    a, site, ns = d.agent, d.site, d.lab.server
+    assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=600)["reply"]["success"]
+    assert a.knock(SERVER6, CLIENT6, [("udp", 51820)], time=300)["reply"]["success"]
+    site.stop_daemon(kill=True)
+    time.sleep(2.1)
+    if is_nft(d):
+        ns.run(["nft", "flush", "set", "inet", "webknock", "tcp4"])
+        ns.run(["nft", "flush", "set", "inet", "webknock", "udp6"])
+    else:
+        ns.run(["ipset", "flush", "WEBKNOCK4"])
+        ns.run(["ipset", "flush", "WEBKNOCK6"])
+    assert not a.tcp_open(SERVER4, CLIENT4, 22)
+    code, report = status(d)
+    assert code == 3 and report["firewall_agrees"] is False
+    assert report["drift"]["missing"] == ["192.0.2.10:tcp/22", "[2001:db8::10]:udp/51820"]
+
+    out = d.ctl("reconcile").stdout
+    assert "2 live grant(s)" in out
+    left = dict(held(d))
+    assert 590 <= left[(CLIENT4, "tcp", 22)] <= 598, "restored with its remaining time"
+    assert 290 <= left[(CLIENT6, "udp", 51820)] <= 298
+    assert a.tcp_open(SERVER4, CLIENT4, 22) and a.udp_open(SERVER6, CLIENT6, 51820)
+
+    def repaired() -> bool:
+        return a.tcp_open(SERVER4, CLIENT4, 22, timeout=0.3) and not a.tcp_open(
+            SERVER4, OTHER4, 22, timeout=0.3
+        )
+
+    if is_nft(d):  # flushing the whole table removes the chain too, protect's drop included
+        ns.run(["nft", "flush", "table", "inet", "webknock"])
+        assert a.tcp_open(SERVER4, OTHER4, 22), "a flushed table protects nothing"
+    else:
+        ns.run(["ipset", "flush"])
+        assert not a.tcp_open(SERVER4, CLIENT4, 22)
+    site.start_daemon(ns)
+    assert repaired() and a.udp_open(SERVER6, CLIENT6, 51820), "restored on start"
+    assert status(d)[0] == 0
+    ns.run(["nft", "flush", "table", "inet", "webknock"] if is_nft(d) else ["ipset", "flush"])
+    assert wait_until(repaired, 15), "the running daemon did not repair a flush"
+    assert status(d)[0] == 0
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_protect_on_and_off(backend: str) -> None:
+    """Host policy accepts the offered ports: protect decides whether they need a knock."""
+    kw = {**BACKENDS[backend], "protect": False}
+    with deployment("nginx", delegate=True, **kw) as d:
+        d.lab.add_client_address(OTHER4)
+        a, site, ns = d.agent, d.site, d.lab.server
+        assert a.tcp_open(SERVER4, OTHER4, 22), "protect off: the host policy decides"
+        assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=600)["reply"]["success"]
+
+        site.write_config({**site.settings, "protect": "yes"})
+        site.stop_daemon()
+        site.start_daemon(ns)
+        assert not a.tcp_open(SERVER4, OTHER4, 22), "protect on: a knock is needed"
+        assert not a.udp_open(SERVER6, CLIENT6, 51820)
+        assert a.tcp_open(SERVER4, CLIENT4, 22), "the grant survives the switch"
+        held_conn = a.hold(SERVER4, CLIENT4, 22)
+        try:
+            d.ctl("revoke", CLIENT4)
+            assert not a.tcp_open(SERVER4, CLIENT4, 22)
+            assert held_conn.stdin is not None and held_conn.stdout is not None
+            held_conn.stdin.write("\n")
+            held_conn.stdin.flush()
+            assert json.loads(held_conn.stdout.read()) == {"first": True, "second": True}
+        finally:
+            held_conn.kill()
+            held_conn.communicate(timeout=5)
+
+        site.write_config({**site.settings, "protect": "no"})
+        site.stop_daemon()
+        site.start_daemon(ns)
+        assert a.tcp_open(SERVER4, OTHER4, 22), "protect off again"
+
+
+def test_teardown_removes_only_ours_and_auto_prefers_nftables() -> None:
+    """Two instances and a foreign table/set: teardown of one leaves the rest alone."""
+    with Lab("k") as lab:
+        ns = lab.server
+        close_server_firewall(ns, "nftables")
+        ns.run(["nft", "add table inet other; add set inet other s { type ipv4_addr; }"])
+        ns.run(["ipset", "create", "OTHER", "hash:ip"])
+        sites = [Site(backend="auto"), Site(backend="iptables", instance="second")]
+        try:
+            sites[1].write_config({**sites[1].settings, "ipset": "yes"})
+            first = sites[0].ctl(ns, "-v", "grant", CLIENT4, "--port", "22", "--time", "60")
+            assert "backend auto: chose nftables" in first.stderr
+            sites[1].ctl(ns, "grant", CLIENT4, "--port", "22", "--time", "60")
+            tables = ns.run(["nft", "list", "tables"]).stdout.split()
+            assert {"labhost", "other", "webknock"} <= set(tables)
+            assert set(ns.run(["ipset", "list", "-n"]).stdout.split()) == {
+                "OTHER",
+                "WK-second4",
+                "WK-second6",
+            }
+            sites[0].ctl(ns, "teardown")
+            assert "webknock" not in ns.run(["nft", "list", "tables"]).stdout.split()
+            assert "WK-second" in ns.run(["iptables-save"]).stdout, "other instance kept"
+            sites[1].ctl(ns, "teardown")
+            assert set(ns.run(["ipset", "list", "-n"]).stdout.split()) == {"OTHER"}
+            assert "WK-second" not in ns.run(["iptables-save"]).stdout
+            assert "WK-second" not in ns.run(["ip6tables-save"]).stdout
+            assert {"labhost", "other"} <= set(ns.run(["nft", "list", "tables"]).stdout.split())
+        finally:
+            for site in sites:
+                site.close()
