@@ -123,6 +123,9 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     for path, whats in parents.items():
         what = f"{', '.join(whats)} directory"
         problems += _mode_problems(path, uid=0, gid=None, mode=0o755, what=what)
+    from webknock.notify.problems import notify_problems  # audit log and [notify]
+
+    problems += notify_problems(cfg)
     if os.geteuid() == 0:
         try:
             make_firewall(cfg)
