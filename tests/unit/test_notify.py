@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -558,3 +559,18 @@ def test_credentials_file(tmp_path: Path) -> None:
     bad.write_text("[smtp]\nuser = u\n")
     with pytest.raises(ConfigError, match=f"^{bad}: .*need \\[smtp\\] user and password"):
         read_credentials(bad)
+
+
+def test_example_config_notify_section_is_valid(tmp_path: Path) -> None:
+    """Every commented setting of the shipped example's [notify] loads when enabled."""
+    example = (Path(__file__).parents[2] / "etc/webknock/webknock.ini.example").read_text()
+    head, notify = example.split("#[notify]\n")
+    enabled = "\n".join(
+        line[1:] if re.fullmatch(r"#[a-z_]+ = .*", line) else line for line in notify.splitlines()
+    )
+    path = tmp_path / "webknock.ini"
+    path.write_text(f"{head}[notify]\n{enabled}\n")
+    s = load_notify(config.load(path))
+    assert s.email_to == ("admin@example.org", "oncall@example.org")
+    assert s.webhook_url == "https://hooks.example.org/webknock"
+    assert (s.batch_window, s.retries, s.smtp_port) == (10.0, 3, 25)

@@ -22,8 +22,9 @@ log = logging.getLogger("webknock.notify")
 
 MAX_QUEUE = 10000
 MAX_BACKOFF = 300.0
-#: On exit (daemon stop, end of a webknockctl command) pending events get this long.
-CLOSE_GRACE = 15.0
+#: On exit (daemon stop, end of a webknockctl command) pending events get this long
+#: (below the 15 s systemd stop timeout).
+CLOSE_GRACE = 8.0
 
 Deliver = Callable[[Sequence[Event]], None]
 
