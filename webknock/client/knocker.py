@@ -83,7 +83,9 @@ class Knocker:
         try:
             obj = json.loads(v1.decode(self.keys, reply))
         except v1.PacketError as exc:
-            raise ServerFailed(f"undecodable reply: {exc.reason}") from None
+            raise ServerFailed(
+                f"undecodable reply (not sealed with our keys): {exc.reason}"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise ServerFailed("undecodable reply: the sealed content is not JSON") from None
         if not isinstance(obj, dict):

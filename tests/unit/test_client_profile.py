@@ -1,0 +1,172 @@
+"""Client profiles: parsing, every error naming file and key, ports, keys file mode, lookup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from webknock.client.errors import EXIT_CONFIG, ConfigError
+from webknock.client.profile import (
+    find_profile,
+    format_ports,
+    load_profile,
+    parse_ports,
+)
+from webknock.keys import format_keys
+from webknock.protocol.v1 import Keys
+
+
+def write_profile(tmp: Path, body: str, *, keys_mode: int = 0o600, name: str = "p") -> Path:
+    keys = tmp / f"{name}.keys"
+    keys.write_text(format_keys(Keys.generate()))
+    os.chmod(keys, keys_mode)
+    path = tmp / f"{name}.ini"
+    path.write_text(body)
+    return path
+
+
+BASE = "[client]\nurl = https://knock.example.org/webknock\nkeys_file = p.keys\n"
+
+
+def test_full_profile(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    path = write_profile(
+        tmp_path,
+        BASE + "ports = tcp/22, UDP/51820, tcp/22\ntime = 600\nverify = ca.pem\n"
+        "timeout = 2.5\nfamily = both\n",
+    )
+    p = load_profile(path)
+    assert p.name == "p" and p.url == "https://knock.example.org/webknock"
+    assert p.keys_file == tmp_path / "p.keys", "relative keys_file is beside the profile"
+    assert p.ports == (("tcp", 22), ("udp", 51820))
+    assert (p.time, p.verify, p.timeout, p.family) == (600, str(ca), 2.5, "both")
+    assert p.keys().sign and len(p.keys().key1) == 32
+
+
+def test_defaults(tmp_path: Path) -> None:
+    p = load_profile(write_profile(tmp_path, BASE))
+    assert (p.ports, p.time, p.verify, p.timeout, p.family) == ((), None, True, 10.0, "any")
+
+
+def test_install_sh_profile_is_accepted(tmp_path: Path) -> None:
+    """The exact layout PY_CLIENT_PROFILE in install.sh writes (absolute keys path, comments)."""
+    keys = tmp_path / "lab.keys"
+    keys.write_text(format_keys(Keys.generate()))
+    os.chmod(keys, 0o600)
+    path = tmp_path / "lab.ini"
+    path.write_text(
+        "# webknock client profile lab, written by install.sh client.\n"
+        "# Use: webknock --profile lab knock|keep|exec -- CMD|info (see webknock --help)\n"
+        f"[client]\nurl = http://192.0.2.1/webknock\nkeys_file = {keys}\n"
+        "ports = tcp/22, tcp/2222, udp/51820\ntime = 3600\n"
+        "# verify = yes       # check the server certificate (https)\n"
+        "# timeout = 10       # seconds per request\n"
+        "# family = ...       # address family to knock from: see webknock --help\n"
+    )
+    p = load_profile(path)
+    assert p.ports == (("tcp", 22), ("tcp", 2222), ("udp", 51820)) and p.time == 3600
+    assert p.keys_file == keys
+
+
+def test_profile_blob_with_inline_keys(tmp_path: Path) -> None:
+    """The blob install.sh server prints works as a profile: keys in its own [v1]."""
+    path = tmp_path / "blob.ini"
+    path.write_text(
+        "[client]\nurl = http://192.0.2.1/webknock\nports = tcp/22\n" + format_keys(Keys.generate())
+    )
+    os.chmod(path, 0o600)
+    p = load_profile(path)
+    assert p.keys_file == path and len(p.keys().iv1) == 16
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="readable by everyone"):
+        load_profile(path).keys()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("[other]\n", r"p\.ini: missing section \[client\]"),
+        ("[client\n", r"p\.ini: not a valid INI file"),
+        ("[client]\nkeys_file = p.keys\n", r"p\.ini: \[client\] url: missing"),
+        (BASE.replace("https://", "ftp://"), r"\[client\] url: .*http:// or https://"),
+        (BASE.replace("knock.example.org", ""), r"\[client\] url: .*has no host"),
+        (BASE.replace("example.org", "example.org:99999"), r"\[client\] url: .*bad port"),
+        ("[client]\nurl = http://h/\n", r"\[client\] keys_file: missing"),
+        (BASE + "ports = tcp/22, ssh\n", r"\[client\] ports: 'ssh' is not tcp/N"),
+        (BASE + "ports = tcp/0\n", r"\[client\] ports: 'tcp/0'"),
+        (BASE + "ports = udp/65536\n", r"\[client\] ports: 'udp/65536'"),
+        (BASE + "time = soon\n", r"\[client\] time: 'soon' is not a number"),
+        (BASE + "time = 0\n", r"\[client\] time: '0' is out of range"),
+        (BASE + "time = 999999\n", r"\[client\] time: '999999' is out of range"),
+        (BASE + "timeout = -1\n", r"\[client\] timeout: '-1' is out of range"),
+        (BASE + "verify = /nonexistent/ca.pem\n", r"\[client\] verify: .*neither yes/no"),
+        (BASE + "family = inet\n", r"\[client\] family: 'inet' is not one of"),
+        (BASE + "famly = ipv4\n", r"\[client\] famly: unknown key"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, body: str, expected: str) -> None:
+    path = write_profile(tmp_path, body)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_profile(path)
+    assert str(path) in info.value.message
+    assert info.value.code == EXIT_CONFIG
+
+
+def test_missing_profile_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.ini: cannot read"):
+        load_profile(tmp_path / "nope.ini")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602])
+def test_keys_readable_by_others_refused(tmp_path: Path, mode: int) -> None:
+    p = load_profile(write_profile(tmp_path, BASE, keys_mode=mode))
+    with pytest.raises(ConfigError, match=r"p\.ini: \[client\] keys_file: .*p\.keys") as info:
+        p.keys()
+    assert "chmod o-rwx" in info.value.message
+
+
+def test_keys_group_readable_is_fine(tmp_path: Path) -> None:
+    assert load_profile(write_profile(tmp_path, BASE, keys_mode=0o640)).keys()
+
+
+def test_bad_keys_file(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, BASE)
+    (tmp_path / "p.keys").write_text("[v1]\nkey1 = 00\n")
+    with pytest.raises(ConfigError, match=r"keys_file: .*key1 must be 64 hex"):
+        load_profile(path).keys()
+    (tmp_path / "p.keys").unlink()
+    with pytest.raises(ConfigError, match=r"keys_file: .*cannot read"):
+        load_profile(path).keys()
+
+
+def test_parse_ports() -> None:
+    assert parse_ports("") == ()
+    assert parse_ports(" tcp/22 ,udp/51820,, ") == (("tcp", 22), ("udp", 51820))
+    assert format_ports(parse_ports("tcp/22, udp/1")) == "tcp/22, udp/1"
+    for bad in ("22", "tcp:22", "sctp/1", "tcp/-1", "tcp/123456"):
+        with pytest.raises(ValueError, match="is not tcp/N"):
+            parse_ports(bad)
+
+
+def test_find_profile_user_then_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import webknock.client.profile as profile_mod
+
+    system = tmp_path / "system"
+    system.mkdir()
+    monkeypatch.setattr(profile_mod, "SYSTEM_DIR", system)
+    env = {"HOME": str(tmp_path / "home")}
+    (system / "office.ini").write_text(BASE)
+    assert find_profile("office", env) == system / "office.ini"
+    user = tmp_path / "home" / ".config" / "webknock"
+    user.mkdir(parents=True)
+    (user / "office.ini").write_text(BASE)
+    assert find_profile("office", env) == user / "office.ini"
+    xdg = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
+    assert find_profile("office", xdg) == system / "office.ini"
+    with pytest.raises(ConfigError, match=r"profile 'lab' not found .*lab\.ini"):
+        find_profile("lab", env)
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        find_profile("../etc/passwd", env)
