@@ -17,10 +17,15 @@ from typing import Any
 from webknock.protocol import messages, transport, v1
 
 
-def post(server: str, src: str, path: str, body: bytes, timeout: float = 15) -> tuple[int, bytes]:
+def post(
+    server: str, src: str, path: str, body: bytes, timeout: float = 15, user_agent: str = ""
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(server, 80, timeout=timeout, source_address=(src, 0))
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if user_agent:
+        headers["User-Agent"] = user_agent
     try:
-        conn.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+        conn.request("POST", path, body, headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -32,7 +37,13 @@ def sealed(keys: v1.Keys, data: bytes) -> bytes:
 
 
 def exchange(keys: v1.Keys, req: dict[str, Any], data: bytes) -> dict[str, Any]:
-    status, body = post(req["server"], req["src"], req.get("path", "/webknock"), sealed(keys, data))
+    status, body = post(
+        req["server"],
+        req["src"],
+        req.get("path", "/webknock"),
+        sealed(keys, data),
+        user_agent=req.get("user_agent", ""),
+    )
     reply = json.loads(v1.decode(keys, body)) if status == 200 else None
     return {"status": status, "reply": reply}
 
