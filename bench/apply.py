@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Apply latency, spool to kernel, at 0, 1 000 and 10 000 live grants, per backend.
+
+Run as root from the repository (after `tests/run` made the venv), e.g.:
+
+    /var/tmp/webknock-venv/bin/python3 bench/apply.py
+    /var/tmp/webknock-venv/bin/python3 bench/apply.py --backends nftables --samples 100
+
+For each backend (nftables, iptables+ipset, iptables linear) it builds a lab server,
+puts N live grants into the state file and the kernel, starts webknockd (which reconciles
+them), then submits one openports request at a time into the spool exactly as the CGI
+does (``submit_and_wait``) and times it until the daemon's result is there, i.e. the
+state transaction and the kernel batch are both committed. Each request opens tcp/22 for
+a new address. It prints p50/p99 per N and the ratio of each p50 to the same backend's
+p50 at 0 grants (the baseline of the same run). Samples per N are bounded by --samples
+and by --budget seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._lab import (  # noqa: E402
+    BACKENDS,
+    fill_state_and_kernel,
+    filler,
+    inner,
+    percentiles,
+    pick,
+    require_root,
+    server,
+    table,
+)
+
+
+def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str, Any]:
+    """(Inside the server namespace.) Time spool-to-result for fresh addresses."""
+    from webknock.cgi_wait import submit_and_wait
+    from webknock.config import load
+
+    cfg = load(config)
+    times: list[float] = []
+    failed = 0
+    deadline = time.monotonic() + budget
+    for ip in filler(samples, start):
+        if time.monotonic() > deadline:
+            break
+        t0 = time.perf_counter()
+        result = submit_and_wait(cfg, ip, [("tcp", 22)], 3600, time.time(), "bench")
+        times.append(time.perf_counter() - t0)
+        failed += not (result and result.get("ok"))
+    return {**percentiles(times), "failed": failed}
+
+
+def run_inner(params: dict[str, Any]) -> dict[str, Any]:
+    if params["step"] == "fill":
+        return {"sync_s": fill_state_and_kernel(params["config"], params["count"], 3600)}
+    return knock_loop(params["config"], params["start"], params["samples"], params["budget"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--inner", help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), metavar="NAME")
+    parser.add_argument("--counts", nargs="+", type=int, default=[0, 1000, 10000])
+    parser.add_argument("--samples", type=int, default=200, help="requests per N (200)")
+    parser.add_argument("--budget", type=float, default=30, help="seconds per N (30)")
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(run_inner(json.loads(args.inner))))
+        return 0
+    require_root()
+    rows = [("backend", "grants", "sync s", "n", "p50 ms", "p99 ms", "p50/base", "failed")]
+    for backend in pick(args.backends):
+        base = None
+        with server(backend) as (lab, site):
+            for count in args.counts:
+                site.stop_daemon()
+                fill = inner(
+                    lab.server, "apply", 600, step="fill", config=str(site.config), count=count
+                )
+                site.start_daemon(lab.server)
+                res = inner(
+                    lab.server,
+                    "apply",
+                    args.budget + 120,
+                    step="knock",
+                    config=str(site.config),
+                    start=count,
+                    samples=args.samples,
+                    budget=args.budget,
+                )
+                base = base or res["p50_ms"]
+                rows.append(
+                    (
+                        backend.label,
+                        str(count),
+                        f"{fill['sync_s']:.2f}",
+                        str(res["n"]),
+                        f"{res['p50_ms']:.2f}",
+                        f"{res['p99_ms']:.2f}",
+                        f"{res['p50_ms'] / base:.2f}",
+                        str(res["failed"]),
+                    )
+                )
+                print(table(rows), "\n", flush=True)
+    print("apply latency: spool write to daemon result (state + kernel committed)")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
