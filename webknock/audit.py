@@ -88,21 +88,34 @@ class AuditSink:
             self._close()
         flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self._create(flags)
         except FileExistsError:
             fd = os.open(self.path, flags)
         except FileNotFoundError:
-            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        else:
-            gid = _audit_gid() if os.geteuid() == 0 else -1
-            if gid != -1:
-                os.fchown(fd, 0, gid)
-                os.fchmod(fd, 0o640)
-            else:
-                os.fchmod(fd, 0o600)
+            self._make_parent()
+            fd = self._create(flags)
         self.fd = fd
         return fd
+
+    def _create(self, flags: int) -> int:
+        """A new trail file: root:adm 0640 when root and the group exists, else 0600."""
+        assert self.path is not None
+        fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        gid = _audit_gid() if os.geteuid() == 0 else -1
+        if gid != -1:
+            os.fchown(fd, 0, gid)
+        os.fchmod(fd, 0o640 if gid != -1 else 0o600)
+        return fd
+
+    def _make_parent(self) -> None:
+        """The log directory: 0750, group adm (when root), so adm members can read the trail."""
+        assert self.path is not None
+        parent = self.path.parent
+        parent.mkdir(mode=0o750, parents=True)
+        gid = _audit_gid() if os.geteuid() == 0 else -1
+        if gid != -1:
+            os.chown(parent, 0, gid)
+        os.chmod(parent, 0o750)  # noqa: S103 - not the umask: adm reads the trail
 
     def _close(self) -> None:
         if self.fd is not None:
@@ -277,7 +290,7 @@ def cmd_log(cfg: ServerConfig, args: argparse.Namespace) -> int:
     if cfg.audit_log is None:
         return _usage(
             f"{cfg.source}: [server] audit_log is not set, so the audit trail is in the "
-            f"journal: journalctl -t webknockd -g '\"event\"' (set audit_log = "
+            f"journal: journalctl -u webknockd@{cfg.instance} -g '\"event\"' (set audit_log = "
             f"/var/log/webknock/{cfg.instance}.jsonl to use webknockctl log)"
         )
     files = trail_files(cfg.audit_log)

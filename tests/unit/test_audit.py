@@ -118,6 +118,15 @@ def test_file_is_created_root_adm_0640_and_appended(tmp_path: Path) -> None:
     assert int(flags, 8) & os.O_APPEND
 
 
+def test_missing_log_directory_is_made_root_adm_0750(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "log" / "webknock" / "a.jsonl"
+    AuditSink(path)(Event("open", 1.0, "x", "192.0.2.1", "tcp", 22, 5))
+    st = path.parent.stat()
+    adm = grp.getgrnam("adm").gr_gid
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, adm, 0o750)
+    assert len(lines(path)) == 1
+
+
 def test_reopened_after_rotation_and_removal(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     sink = AuditSink(path)
@@ -336,7 +345,7 @@ def test_log_without_audit_file_points_to_the_journal(
 ) -> None:
     code, out, err = run_log(capsys, write_instance(tmp_path, vector_keys))
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "audit_log is not set" in err and "journalctl -t webknockd" in err
+    assert "audit_log is not set" in err and "journalctl -u webknockd@webknock" in err
 
 
 def test_log_missing_file_and_malformed_lines(
