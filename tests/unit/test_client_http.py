@@ -8,6 +8,7 @@ refused connections, TLS failures and the address-family pin.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import ssl
@@ -155,9 +156,12 @@ def server(keys: v1.Keys) -> Iterator[FakeServer]:
 
 
 @pytest.fixture(autouse=True)
-def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    yield tmp_path / "cache"
+    logger = logging.getLogger("webknock")  # cli.main() sets these up for its own stderr
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
 
 
 def make_profile(tmp: Path, keys: v1.Keys, url: str, extra: str = "") -> Path:

@@ -157,7 +157,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     ours = logging.getLogger("webknock")  # not the root logger: main() may run inside a host
     ours.handlers[:] = [handler]
     ours.setLevel(level)
-    ours.propagate = False
     logging.getLogger("urllib3").setLevel(max(level, logging.WARNING))
 
 
