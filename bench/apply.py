@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._lab import (  # noqa: E402
+from bench._lab import (
     BACKENDS,
     fill_state_and_kernel,
     filler,

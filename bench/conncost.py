@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._lab import (  # noqa: E402
+from bench._lab import (
     BACKENDS,
     fill_state_and_kernel,
     inner,
@@ -38,7 +38,7 @@ from bench._lab import (  # noqa: E402
     server,
     table,
 )
-from tests.lab import CLIENT4, SERVER4, start_listeners, stop_process  # noqa: E402
+from tests.lab import CLIENT4, SERVER4, start_listeners, stop_process
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 
