@@ -142,7 +142,8 @@ def test_census_counts_set_entries_and_checks_the_chain() -> None:
     assert problems == ["IPv6: chain WEBKNOCK does not hold its 1 rule(s)"]  # v6 matches set 4
 
 
-def test_build_picks_the_variant_from_the_ipset_setting() -> None:
+def test_build_picks_the_variant_from_the_ipset_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda tool: f"/usr/sbin/{tool}")
     runner = RecordingRunner()
     assert type(IptablesFirewall.build(SETTINGS, runner)) is IpsetFirewall  # auto, ipset works
     linear = dataclasses.replace(SETTINGS, ipset="no")

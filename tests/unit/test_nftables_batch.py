@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -237,3 +238,38 @@ def test_nft_failure_raises() -> None:
     runner = RecordingRunner(fail="nft")
     with pytest.raises(FirewallError, match="nft failed"):
         NftablesFirewall(SETTINGS, runner, lib=None).ensure()
+
+
+def test_auto_prefers_nftables_then_iptables_with_ipset(
+    monkeypatch: pytest.MonkeyPatch, instance_config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from webknock import config
+    from webknock.firewall import make_firewall, teardown_all
+    from webknock.firewall.ipset import IpsetFirewall
+    from webknock.firewall.iptables import IptablesFirewall
+
+    cfg = dataclasses.replace(config.load(instance_config), backend="auto")
+    usable: dict[str, str | None] = {"nft": None, "ipt": None, "ipset": None}
+    monkeypatch.setattr(NftablesFirewall, "unusable", classmethod(lambda c, r=None: usable["nft"]))
+    monkeypatch.setattr(IptablesFirewall, "unusable", classmethod(lambda c, r=None: usable["ipt"]))
+    monkeypatch.setattr(IpsetFirewall, "unusable", classmethod(lambda c, r=None: usable["ipset"]))
+    monkeypatch.setattr("webknock.firewall.nftables.load_binding", lambda: FakeLib())
+    with caplog.at_level("INFO"):
+        chosen = make_firewall(cfg, RecordingRunner())
+    assert isinstance(chosen, NftablesFirewall)
+    assert "backend auto: chose nftables (table inet webknock, libnftables)" in caplog.text
+
+    usable["nft"] = "nft: command not found"
+    assert type(make_firewall(cfg, RecordingRunner())) is IpsetFirewall
+    usable["ipset"] = "ipset not found"
+    assert type(make_firewall(cfg, RecordingRunner())) is IptablesFirewall
+    usable["ipt"] = "iptables-save not found"
+    with pytest.raises(FirewallError, match="no usable firewall backend"):
+        make_firewall(cfg, RecordingRunner())
+
+    torn: list[str] = []
+    for cls in (NftablesFirewall, IptablesFirewall, IpsetFirewall):
+        monkeypatch.setattr(cls, "teardown", lambda self: torn.append(self.describe()))
+    usable.update(nft=None, ipt=None, ipset=None)
+    assert teardown_all(dataclasses.replace(cfg, ipset="no"), RecordingRunner()) == torn
+    assert [t.split(" ")[0] for t in torn] == ["nftables", "iptables+ipset"]
