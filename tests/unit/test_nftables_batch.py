@@ -253,7 +253,7 @@ def test_auto_prefers_nftables_then_iptables_with_ipset(
     monkeypatch.setattr(NftablesFirewall, "unusable", classmethod(lambda c, r=None: usable["nft"]))
     monkeypatch.setattr(IptablesFirewall, "unusable", classmethod(lambda c, r=None: usable["ipt"]))
     monkeypatch.setattr(IpsetFirewall, "unusable", classmethod(lambda c, r=None: usable["ipset"]))
-    monkeypatch.setattr("webknock.firewall.nftables.load_binding", lambda: FakeLib())
+    monkeypatch.setattr("webknock.firewall.nftables.load_binding", FakeLib)
     with caplog.at_level("INFO"):
         chosen = make_firewall(cfg, RecordingRunner())
     assert isinstance(chosen, NftablesFirewall)
