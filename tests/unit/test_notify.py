@@ -143,6 +143,19 @@ def test_new_grant_sends_one_mail_with_address_ports_and_agent(
     assert sender.sent == 1 and sender.failed == 0
 
 
+def test_control_characters_of_the_agent_never_reach_the_mail(
+    tmp_path: Path, smtp: tuple[Inbox, int]
+) -> None:
+    inbox, port = smtp
+    sender = mail_sender(settings(tmp_path, smtp_port=port, batch_window=0))
+    engine_with(tmp_path, sender).open([req(ua="evil\x1b[2J\rBcc: x@example.org")], NOW)
+    assert wait_for(lambda: len(inbox.messages) == 1)
+    sender.close()
+    (msg,) = inbox.messages
+    assert "client: evil?[2J?Bcc: x@example.org" in msg.get_content()
+    assert msg["Bcc"] is None and inbox.envelopes[0].rcpt_tos == ["admin@example.org"]
+
+
 def test_renewals_send_no_mail(tmp_path: Path, smtp: tuple[Inbox, int]) -> None:
     inbox, port = smtp
     sender = mail_sender(settings(tmp_path, smtp_port=port, batch_window=0.05))
@@ -277,7 +290,10 @@ def make_cert(tmp_path: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-def test_starttls_with_login(tmp_path: Path) -> None:
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_tls(tmp_path: Path, security: str) -> None:
+    """STARTTLS with a login (AUTH only after TLS), and TLS from the first byte (aiosmtpd
+    offers no AUTH there, so without a login)."""
     cert_file, key_file = make_cert(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert_file, key_file)
@@ -294,24 +310,27 @@ def test_starttls_with_login(tmp_path: Path) -> None:
     creds.write_text("[smtp]\nuser = knock@example.org\npassword = s3cret pass\n")
     os.chmod(creds, 0o600)
     inbox, port = Inbox(), free_port()
-    ctl = Controller(
-        inbox,
-        hostname="127.0.0.1",
-        port=port,
-        tls_context=tls,
-        require_starttls=True,
-        auth_required=True,
-        authenticator=authenticator,
+    login = security == "starttls"
+    server_args: dict[str, Any] = (
+        {
+            "tls_context": tls,
+            "require_starttls": True,
+            "auth_required": True,
+            "authenticator": authenticator,
+        }
+        if login
+        else {"ssl_context": tls}
     )
+    ctl = Controller(inbox, hostname="127.0.0.1", port=port, **server_args)
     ctl.start()
     try:
         sender = mail_sender(
             settings(
                 tmp_path,
                 smtp_port=port,
-                smtp_security="starttls",
+                smtp_security=security,
                 smtp_cafile=cert_file,
-                smtp_credentials=creds,
+                smtp_credentials=creds if login else None,
                 batch_window=0,
             )
         )
@@ -321,7 +340,7 @@ def test_starttls_with_login(tmp_path: Path) -> None:
     finally:
         ctl.stop()
     assert sender.sent == 1 and len(inbox.messages) == 1
-    assert logins == [(b"knock@example.org", b"s3cret pass")]
+    assert logins == ([(b"knock@example.org", b"s3cret pass")] if login else [])
 
 
 def test_starttls_refuses_an_untrusted_certificate(
@@ -510,6 +529,13 @@ def test_settings_from_file(tmp_path: Path, vector_keys: Keys) -> None:
         "BackgroundSender",
         "BackgroundSender",
     ]
+
+
+def test_enabled_no_turns_everything_off(tmp_path: Path, vector_keys: Keys) -> None:
+    cfg = load_with(
+        tmp_path, vector_keys, "enabled = no\nemail_to = a@example.org\nwebhook_url = http://x/\n"
+    )
+    assert [type(k).__name__ for k in sinks_for(cfg)] == ["AuditSink"]
 
 
 def test_no_notify_section_is_only_the_audit_sink(tmp_path: Path, vector_keys: Keys) -> None:

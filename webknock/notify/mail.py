@@ -21,6 +21,11 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
+def _printable(text: str) -> str:
+    """A client's text without control characters (it comes from the network)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def compose(settings: NotifySettings, events: Sequence[Event]) -> EmailMessage:
     """One message listing every open of the batch, grouped by address."""
     by_ip: dict[str, list[Event]] = {}
@@ -38,7 +43,7 @@ def compose(settings: NotifySettings, events: Sequence[Event]) -> EmailMessage:
         for e in evs:
             until = f" until {_when(e.expires)}" if e.expires is not None else ""
             lines.append(f"    {e.proto}/{e.port} opened {_when(e.time)}{until}")
-        agents = sorted({e.user_agent for e in evs if e.user_agent})
+        agents = sorted({_printable(e.user_agent) for e in evs if e.user_agent})
         for ua in agents:
             lines.append(f"    client: {ua}")
         lines.append("")

@@ -176,7 +176,7 @@ def load_notify(cfg: ServerConfig) -> NotifySettings:
         source=cfg.source,
         instance=cfg.instance,
         email_to=email_to,
-        email_from=sec.get("email_from", _one_address, f"webknock@{socket.getfqdn()}"),
+        email_from=sec.get("email_from", _one_address, f"webknock@{socket.gethostname()}"),
         mail_transport=sec.get("mail_transport", _choice(TRANSPORTS), "smtp"),
         smtp_host=sec.get("smtp_host", _host, "localhost"),
         smtp_port=sec.get("smtp_port", _port, DEFAULT_PORTS[security]),
