@@ -487,6 +487,7 @@ def test_webhook_gets_open_and_revoke_not_renew(
     assert opened["proto"] == "tcp" and opened["port"] == 22
     assert opened["expires"] == int(NOW + 600) and opened["instance"] == "lab"
     assert opened["user_agent"] == "webknock-client/1.0 (test)"
+    assert opened["date"].endswith("Z") and opened["time"] == round(NOW, 3)
     assert revoked["event"] == "revoke" and revoked["reason"] == "revoked by admin"
     assert handler.headers_seen == ["application/json"] * 2
 

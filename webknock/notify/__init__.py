@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from webknock.config import ServerConfig
 from webknock.events import Event, Sink
 from webknock.notify.settings import NotifySettings, load_notify
 from webknock.notify.worker import BackgroundSender
+
+log = logging.getLogger("webknock.notify")
 
 __all__ = ["NotifySettings", "load_notify", "mail_sender", "sinks_for", "webhook_sender"]
 
@@ -55,8 +59,18 @@ def sinks_for(cfg: ServerConfig) -> list[Sink]:
 
     settings = load_notify(cfg)
     sinks: list[Sink] = [AuditSink(cfg.audit_log)]
+    log.debug("audit trail: %s", cfg.audit_log or "journal (logger webknock.audit)")
     if settings.mail:
         sinks.append(mail_sender(settings))
+        via = (
+            f"{settings.sendmail}"
+            if settings.mail_transport == "sendmail"
+            else f"{settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security})"
+        )
+        log.debug("new grants are mailed to %s via %s", ", ".join(settings.email_to), via)
     if settings.webhook:
         sinks.append(webhook_sender(settings))
+        log.debug(
+            "%s events go to %s", ", ".join(sorted(settings.webhook_events)), settings.webhook_url
+        )
     return sinks

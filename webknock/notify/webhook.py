@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from webknock import __version__
+from webknock.audit import record
 from webknock.events import Event
 from webknock.notify.settings import NotifySettings
 
@@ -16,7 +17,8 @@ log = logging.getLogger("webknock.notify")
 
 
 class Webhook:
-    """POSTs each event as ``application/json``; a non-2xx answer is a failure.
+    """POSTs each event as ``application/json`` (the audit line of the event); a non-2xx
+    answer is a failure.
 
     Used with batches of one event, so a retry never repeats an accepted POST.
     """
@@ -26,7 +28,7 @@ class Webhook:
         self.timeout = settings.webhook_timeout
 
     def post(self, event: Event) -> None:
-        body = json.dumps(event.to_dict(), separators=(",", ":")).encode()
+        body = json.dumps(record(event), separators=(",", ":")).encode()
         req = urllib.request.Request(  # noqa: S310 - the scheme is checked in settings
             self.url,
             data=body,
