@@ -434,6 +434,28 @@ def test_full_queue_drops_and_logs_but_never_blocks(caplog: pytest.LogCaptureFix
     assert sum(delivered) == 10 - sender.dropped
 
 
+def test_close_is_bounded_when_a_delivery_hangs(caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def hang(events: Sequence[Event]) -> None:
+        started.set()
+        release.wait(10)
+
+    sender = BackgroundSender("hung", hang, accept=lambda e: True)
+    sender(Event("open", NOW, "lab", "192.0.2.1", "tcp", 22, NOW + 60))
+    assert started.wait(5)
+    sender(Event("open", NOW, "lab", "192.0.2.2", "tcp", 22, NOW + 60))
+    began = time.monotonic()
+    sender.close(timeout=0.3)
+    assert time.monotonic() - began < 2
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert msg == "hung: still delivering after 0.3 s at exit; 1 more event(s) not sent"
+    release.set()
+    assert sender.thread is not None
+    sender.thread.join(5)
+
+
 # -- webhook ---------------------------------------------------------------------------------
 
 

@@ -145,4 +145,9 @@ class BackgroundSender:
         if thread is not None and thread.is_alive():
             thread.join(timeout)
             if thread.is_alive():
-                log.error("%s: %d event(s) still queued at exit", self.name, self.queue.qsize())
+                log.error(
+                    "%s: still delivering after %g s at exit; %d more event(s) not sent",
+                    self.name,
+                    timeout,
+                    self.queue.qsize(),
+                )
