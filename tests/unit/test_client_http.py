@@ -550,3 +550,18 @@ def test_keep_renews_and_stops_on_sigterm(
     assert "knock failed (1 in a row): the server's webknockd did not answer" in err
     assert "knock works again after" in err
     assert "SIGTERM received: stopping" in err and err.rstrip().endswith("stopped")
+
+
+@pytest.mark.parametrize("command", [[], ["knock"], ["keep"], ["exec"], ["info"]])
+def test_help_documents_exit_codes(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "3  cannot reach the server" in out
+
+
+def test_exec_without_command(tmp_path: Path, keys: v1.Keys, server: FakeServer) -> None:
+    profile = make_profile(tmp_path, keys, server.url())
+    assert cli.main(["--config", str(profile), "exec", "--"]) == EXIT_CONFIG
+    assert server.apis() == []

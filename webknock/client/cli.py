@@ -9,6 +9,7 @@ import logging
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,7 +63,7 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
         "--profile",
         metavar="NAME",
         default=d("default"),
-        help="profile name (default: %(default)s)",
+        help="profile name (default: default)",
     )
     parser.add_argument(
         "--family",
@@ -107,39 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    knock = sub.add_parser(
-        "knock",
-        help="open the ports once and print until when",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+    def add(name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=text,
+            description=textwrap.fill(text, 79),
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kw,
+        )
+
+    knock = add("knock", "open the ports once and print until when")
     knock.add_argument("--json", action="store_true", help="print the result as JSON")
-    keep = sub.add_parser(
+    keep = add(
         "keep",
-        help="stay in the foreground and keep the ports open (renews at a third of the time, "
-        "knocks again when the local address changes; stops on SIGTERM/SIGINT)",
+        "stay in the foreground and keep the ports open: renew at about a third of the "
+        "granted time, knock again at once when the local address changes or a renewal "
+        "fails (with backoff); stop on SIGTERM/SIGINT",
     )
-    keep.add_argument(
-        "--poll",
-        metavar="SECONDS",
-        type=float,
-        default=5.0,
-        help="how often to check the local address (default: %(default)s)",
-    )
-    run = sub.add_parser(
+    run = add(
         "exec",
-        help="knock, run CMD while renewing, exit with CMD's status",
+        "knock, run CMD while renewing in the background, exit with CMD's status",
         usage="webknock exec [options] -- CMD [ARGS...]",
     )
-    run.add_argument(
-        "--poll",
-        metavar="SECONDS",
-        type=float,
-        default=5.0,
-        help="how often to check the local address (default: %(default)s)",
-    )
+    for p in (keep, run):
+        p.add_argument(
+            "--poll",
+            metavar="SECONDS",
+            type=float,
+            default=5.0,
+            help="how often to check the local address (default: 5)",
+        )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments")
-    info = sub.add_parser("info", help="show what the server offers and the address it sees")
+    info = add("info", "show what the server offers and the address it sees")
     info.add_argument("--json", action="store_true", help="print the result as JSON")
     for p in (knock, keep, run, info):
         _common(p, argparse.SUPPRESS)
