@@ -318,6 +318,7 @@ set_paths() {
     LOG_DIR=$ROOT/var/log/webknock
     RUN_DIR=$ROOT/run/webknock
     CRON_FILE=$ROOT/etc/cron.d/webknock
+    LOGROTATE=$ROOT/etc/logrotate.d/webknock
     UNIT=$ROOT/etc/systemd/system/webknockd@.service
 }
 
@@ -1045,9 +1046,14 @@ cmd_server() {
     write_snippet "${url_path%%[?#]*}" "$CGI"
     write_manifest
 
-    step "cron fallback $CRON_FILE, systemd unit $UNIT"
+    step "cron fallback $CRON_FILE, systemd unit $UNIT, log rotation $LOGROTATE"
     cron_update add "$CONFIG"
     install_unit
+    # The audit trails (audit_log = /var/log/webknock/*.jsonl): readable by group adm.
+    mkdir -p -- "$LOG_DIR" "$(dirname -- "$LOGROTATE")"
+    chown root:adm -- "$LOG_DIR" 2>/dev/null || chown root:root -- "$LOG_DIR"
+    chmod 0750 -- "$LOG_DIR"
+    install_file 0644 "$SRC/etc/logrotate.d/webknock" "$LOGROTATE"
 
     step "checking the installation (webknockctl check-config)"
     check_installation
@@ -1264,6 +1270,7 @@ remove_shared() {
         if systemd_running; then systemctl daemon-reload; fi
     fi
     cron_update remove /nonexistent
+    rm -f -- "$LOGROTATE"
     rm -rf --one-file-system -- "$OPT"
     for f in "$SPOOL_BASE" "$STATE_DIR" "$LOG_DIR" "$RUN_DIR" "$ETC"; do
         rmdir -- "$f" 2>/dev/null || true

@@ -235,6 +235,10 @@ def test_cron_unit_snippet_and_cgi_copy(rooted: Rooted) -> None:
         f"* * * * * root test -x {sbin}/webknockctl && {sbin}/webknockctl --config {r.config} reap -q"
     ]
     assert mode_of(r.path("/etc/cron.d/webknock"))[0] == 0o644
+    rotate = r.path("/etc/logrotate.d/webknock")
+    assert rotate.read_text() == (REPO / "etc/logrotate.d/webknock").read_text()
+    assert mode_of(rotate) == (0o644, "root", "root")
+    assert mode_of(r.path("/var/log/webknock")) == (0o750, "root", "adm")
 
     unit = r.path("/etc/systemd/system/webknockd@.service").read_text()
     assert f"ExecStart={sbin}/webknockd --config {r.path('/etc/webknock')}/%i.ini\n" in unit
