@@ -124,6 +124,10 @@ class FakeServer:
             return self.send(h, 403, b"", "address mismatch: the server sees another address")
         elif b.refuse:
             reply = {"success": False, "error": b.refuse, "errorcode": "FIREWALL"}
+        elif not [
+            (proto, num) for proto, num in req.ports if num in (b.tcp if proto == "tcp" else b.udp)
+        ]:
+            reply = {"success": False, "error": "none offered", "errorcode": "NOPORTS"}
         else:
             seconds = min(req.time, b.maxtime) if req.time > 0 else b.maxtime
             reply = {"success": True, "expires": int(time.time()) + seconds}
@@ -243,6 +247,17 @@ def test_ports_not_offered(
     assert knock(profile, "--ports", "tcp/2223") == EXIT_REFUSED
     assert "none of the ports asked for (tcp/2223) is offered" in capsys.readouterr().err
     assert server.apis()[-1] != "openports" or len(server.apis()) == 2
+
+
+def test_offer_changed_since_cached(
+    tmp_path: Path, keys: v1.Keys, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = make_profile(tmp_path, keys, server.url())
+    assert knock(profile) == EXIT_OK
+    server.behaviour.tcp, server.behaviour.udp = [2222], []
+    assert knock(profile) == EXIT_REFUSED
+    assert server.apis()[2:] == ["openports", "getinfo"], "NOPORTS: getinfo again, once"
+    assert "(it offers tcp/2222)" in capsys.readouterr().err
 
 
 def test_empty_ports_means_all_offered(tmp_path: Path, keys: v1.Keys, server: FakeServer) -> None:
@@ -565,3 +580,21 @@ def test_exec_without_command(tmp_path: Path, keys: v1.Keys, server: FakeServer)
     profile = make_profile(tmp_path, keys, server.url())
     assert cli.main(["--config", str(profile), "exec", "--"]) == EXIT_CONFIG
     assert server.apis() == []
+
+
+def test_local_address_polls_reuse_name_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = net.resolve
+
+    def counting(host: str, port: int, family: str) -> list[str]:
+        calls.append(host)
+        return real(host, port, family)
+
+    monkeypatch.setattr(net, "resolve", counting)
+    t = net.Transport("http://localhost:8/webknock", "ipv4", True, 1.0)
+    assert [t.local_address() for _ in range(3)] == ["127.0.0.1"] * 3
+    assert calls == ["localhost"], "one resolution for three polls"
+    monkeypatch.setattr(net, "RESOLVE_TTL", 0.0)
+    t.local_address()
+    assert len(calls) == 2
+    assert net.Transport("http://no-such-host.invalid/", "ipv4", True, 1).local_address() is None

@@ -34,13 +34,16 @@ class ConfigError(ClientError):
 
 
 class Refused(ClientError):
-    """The server understood and refused; `status` is the HTTP status (0: a refusal reply)."""
+    """The server understood and refused.
+
+    `status` is the HTTP status, or 0 for a refusal reply with its `errorcode`.
+    """
 
     code = EXIT_REFUSED
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, errorcode: str = "") -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.errorcode = status, errorcode
 
 
 class Unreachable(ClientError):

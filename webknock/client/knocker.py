@@ -146,7 +146,8 @@ class Knocker:
             error = str(obj.get("error", "no reason given"))[:200]
             code = str(obj.get("errorcode", ""))[:40]
             raise Refused(
-                f"the server did not open the ports: {error}" + (f" ({code})" if code else "")
+                f"the server did not open the ports: {error}" + (f" ({code})" if code else ""),
+                errorcode=code,
             )
         expires = obj.get("expires")
         if not isinstance(expires, int) or isinstance(expires, bool):
@@ -163,8 +164,9 @@ class Knocker:
     def knock(self) -> Grant:
         """Open the ports: one request with a cached getinfo, else two.
 
-        A 403 after a cached getinfo (usually: our address changed) drops the cache and
-        asks getinfo once more before giving up.
+        A 403 after a cached getinfo (usually: our address changed), or a NOPORTS refusal
+        (the server no longer offers what the cache says), drops the cache and asks getinfo
+        once more before giving up.
         """
         self.requests = 0
         info = self.cached_info()
@@ -173,10 +175,10 @@ class Knocker:
         try:
             return self.open(info)
         except Refused as exc:
-            if exc.status != 403:
+            if exc.status != 403 and exc.errorcode != "NOPORTS":
                 raise
             log.info(
-                "refused with the cached address %s (%s); asking the server again",
+                "refused with the cached getinfo (address %s): %s; asking the server again",
                 info.ip,
                 exc.message,
             )

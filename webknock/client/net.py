@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 USER_AGENT = "webknock-client/1"
+RESOLVE_TTL = 60.0  # seconds a resolved server address is reused for the local-address poll
 
 _REFUSED = {
     400: "the server refused the request as malformed (400 Bad Request): is the URL the "
@@ -164,14 +166,24 @@ class Transport:
             raise ConfigError(f"family {family!r}: use any, ipv4 or ipv6 here")
         self.url, self.family, self.verify, self.timeout = url, family, verify, timeout
         self.endpoint = Endpoint.of(url)
+        self._resolved: tuple[float, list[str]] | None = None
 
     def addresses(self) -> list[str]:
-        return resolve(self.endpoint.host, self.endpoint.port, self.family)
+        addresses = resolve(self.endpoint.host, self.endpoint.port, self.family)
+        self._resolved = (time.monotonic(), addresses)
+        return addresses
 
     def local_address(self) -> str | None:
-        """Our source address towards the server's first address; None when unroutable."""
+        """Our source address towards the server's first address; None when unroutable.
+
+        Polled every few seconds by `keep`: the route lookup is cheap, name resolution is
+        reused for RESOLVE_TTL seconds.
+        """
         try:
-            first = self.addresses()[0]
+            if self._resolved and time.monotonic() - self._resolved[0] < RESOLVE_TTL:
+                first = self._resolved[1][0]
+            else:
+                first = self.addresses()[0]
         except (ClientError, IndexError):
             return None
         return local_address(first, self.endpoint.port)
