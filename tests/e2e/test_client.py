@@ -192,8 +192,9 @@ def test_keep_renews_follows_address_changes_and_stops_on_sigterm() -> None:
         assert keep.returncode == 0, err
         assert f"local address changed {CLIENT4} -> {OTHER4}: knocking again now" in err
         assert "SIGTERM received: stopping" in err and err.rstrip().endswith("stopped")
-        assert wait_until(lambda: not grants(d, OTHER4), 15), "grant outlived the keeper"
-        assert not d.agent.tcp_open(SERVER4, OTHER4, 22)
+        closed = lambda: not d.agent.tcp_open(SERVER4, OTHER4, 22)  # noqa: E731
+        assert wait_until(closed, 15), "grant outlived the keeper"
+        assert not grants(d, OTHER4)
 
 
 @contextlib.contextmanager
