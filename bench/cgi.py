@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,44 @@ def swap_cgi(d: Any, body: str | None, original: str) -> None:
     os.replace(tmp, d.site.cgi)
 
 
+def server_deps() -> Path:
+    """The server's pinned dependencies alone (as install.sh puts them in /opt/webknock),
+    without the test tools and the client's `requests`: every .pth and package on the
+    CGI's path costs each request, so the lab must not carry more than production."""
+    target = Path("/var/tmp/webknock-bench-server-deps")
+    pins = [
+        line.split("#")[0].strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip() and not line.startswith("requests")
+    ]
+    stamp = target / ".pins"
+    if not stamp.exists() or stamp.read_text() != "\n".join(pins):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+                str(target),
+                *pins,
+            ],
+            check=True,
+        )
+        stamp.write_text("\n".join(pins))
+    os.chmod(target, 0o755)
+    return target
+
+
+def use_server_deps(d: Any, deps: Path) -> None:
+    """Point the lab site's venv at the server-only dependencies."""
+    pth = next((d.site.python.parent.parent / "lib").glob("python3*/site-packages"))
+    (pth / "webknock-lab.pth").write_text(f"{d.site.root / 'lib'}\n{deps}\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per kind (≤ 2000)")
@@ -128,7 +167,11 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("bench/cgi.py: run as root (it builds network namespaces)")
     results: dict[str, list[float]] = {}
+    deps = server_deps()
     with deployment("nginx") as d:
+        use_server_deps(d, deps)
+        d.site.stop_daemon()  # restart it on the same dependencies as the CGI
+        d.site.start_daemon(d.lab.server)
         sources = [f"2001:db8::2:{i:x}" for i in range(1, n + 1)]
         batch = "".join(f"addr add {a}/64 dev {d.lab.client_if} nodad\n" for a in sources)
         d.lab.client.run(["ip", "-batch", "-"], input=batch)
