@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,19 @@ from webknock.protocol.v1 import Keys
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 VECTORS_FILE = SHARED / "protocol" / "v1-vectors.json"
+
+
+@pytest.fixture(autouse=True)
+def isolated_logging() -> Iterator[None]:
+    """Every CLI's main() configures logging for its process; in one test process that
+    would leave handlers bound to an earlier test's captured (closed) stderr."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("webknock", "urllib3"))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 @pytest.fixture(scope="session")

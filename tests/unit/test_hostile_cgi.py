@@ -354,9 +354,9 @@ def test_spool_failure_is_503_never_success(
         raise error
 
     if target == "inotify":
-        import inotify_simple
+        import webknock.inotify
 
-        monkeypatch.setattr(inotify_simple, "INotify", fail)
+        monkeypatch.setattr(webknock.inotify, "INotify", fail)
     else:
         monkeypatch.setattr(cgi_wait, target, fail)
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
