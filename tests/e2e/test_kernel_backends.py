@@ -131,6 +131,56 @@ def test_grant_renew_revoke(d: Deployment) -> None:
     assert [k for k, _ in held(d)] == [(CLIENT6, "tcp", 22)]
 
 
+PROBE = """
+import socket, struct, sys, time
+ok = refused = 0
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.settimeout(0.5)
+        s.bind((sys.argv[2], 0))
+        try:
+            s.connect((sys.argv[3], 22))
+            ok += 1
+        except OSError:
+            refused += 1
+print(ok, refused)
+"""
+
+
+def listen_drops(d: Deployment) -> int:
+    """SYNs the server dropped because a listener's accept queue was full (CPU contention)."""
+    out = d.lab.server.run(["nstat", "-asz", "TcpExtListenDrops"]).stdout
+    return int(out.split("TcpExtListenDrops")[1].split()[0])
+
+
+def test_renewals_leave_no_gap(d: Deployment) -> None:
+    """Connects in a tight loop while the grant is renewed again and again: none refused.
+
+    A refused connect that the kernel counts as a listen drop (the lab's listener, starved
+    of CPU by the renewing processes, let its accept queue fill) is not a firewall gap.
+    """
+    assert d.agent.knock(SERVER4, CLIENT4, [("tcp", 22)], time=600)["reply"]["success"]
+    out = d.site.root / "probe.out"
+    drops = listen_drops(d)
+    probe = d.lab.client.popen([str(d.site.python), "-c", PROBE, "4", CLIENT4, SERVER4], log=out)
+    renewals = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            renewals += 1
+            d.ctl("grant", CLIENT4, "--port", "22", "--time", str(600 + renewals))
+    finally:
+        probe.wait(15)
+    ok, refused = map(int, out.read_text().split())
+    assert renewals >= 5 and ok > 100, (renewals, ok)
+    gap = refused - (listen_drops(d) - drops)
+    assert gap <= 0, f"{gap} of {ok + refused} connects refused during {renewals} renewals"
+    ((key, left),) = held(d)
+    assert key == (CLIENT4, "tcp", 22) and left > 600 + renewals - 5
+
+
 def test_kernel_expires_a_grant_with_the_daemon_stopped(d: Deployment) -> None:
     a, site = d.agent, d.site
     assert a.knock(SERVER4, CLIENT4, [("tcp", 22)], time=2)["reply"]["success"]
