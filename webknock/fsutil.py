@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 
@@ -21,7 +20,7 @@ def write_atomic(
     The temp file is a dot-file beside the target (readers skip dot-files), created with
     O_EXCL and `mode`, owned by `uid`/`gid` when given, fsynced, then renamed into place.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # not `secrets`: CGI path
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)  # umask must not weaken or widen what we asked for

@@ -2,7 +2,7 @@
 
 Layout under ``spool_dir``::
 
-    requests/  root:WEBGROUP 1730  CGI writes ``.<id>.tmp`` then renames to ``<id>.req``
+    requests/  root:WEBGROUP 1730  CGI writes a dot temp file, then renames it to ``<id>.req``
     claimed/   root:root     0700  daemon renames a request here before reading it; from then
                                    on the CGI can no longer withdraw it (it waits for the result)
     results/   root:WEBGROUP 0750  daemon writes ``<id>.json`` (atomic); CGI only reads
@@ -15,7 +15,6 @@ itself (regular, not a link, one link, owner, size) before its content.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from webknock.fsutil import write_atomic
 from webknock.grants import Address, grantable, parse_address
 
 MAX_REQUEST_BYTES = 8192
@@ -71,27 +71,13 @@ def encode_request(
 
 
 def write_request(requests_dir: Path, request_id: str, payload: bytes) -> Path:
-    """Write the request atomically (dot temp + rename) with mode 0640; return its path.
+    """Write the request atomically (dot temp file + rename) with mode 0640; return its path.
 
-    Raises OSError (full disk, read-only spool) and then leaves nothing behind.
+    Raises OSError (full disk, read-only spool) and then leaves nothing behind. Not fsynced:
+    after a crash the CGI, which waits for the result, has answered 504 anyway.
     """
-    tmp = requests_dir / f".{request_id}.tmp"
     final = requests_dir / f"{request_id}{REQUEST_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        try:
-            os.fchmod(fd, 0o640)
-            if os.write(fd, payload) != len(payload):  # a short write: the disk is full
-                raise OSError(errno.ENOSPC, "short write to the spool", str(tmp))
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(final, payload, 0o640, fsync=False)
     return final
 
 

@@ -17,8 +17,9 @@ from webknock.config import ServerConfig, load
 from webknock.daemon import AlreadyRunning, Daemon, acquire_daemon_lock, daemon_running
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus
+from webknock.fsutil import write_atomic
 from webknock.grants import parse_address
-from webknock.spool import encode_request, new_request_id, write_request
+from webknock.spool import REQUEST_SUFFIX, encode_request, new_request_id
 from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateStore
 
@@ -46,8 +47,9 @@ def spool_request(
 ) -> str:
     rid = new_request_id()
     data = encode_request(parse_address(ip), ports or [("tcp", 22)], time_, received or time.time())
-    path = write_request(cfg.spool.requests, rid, data)
-    os.chown(path, WEB.pw_uid, WEB.pw_gid)
+    # owned by the web user before it appears: a running daemon may claim it at once
+    path = cfg.spool.requests / f"{rid}{REQUEST_SUFFIX}"
+    write_atomic(path, data, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
     return rid
 
 
