@@ -210,9 +210,14 @@ def test_reconcile_after_a_flush_restores_remaining_time(d: Deployment) -> None:
         ns.run(["ipset", "flush", "WEBKNOCK4"])
         ns.run(["ipset", "flush", "WEBKNOCK6"])
     assert not a.tcp_open(SERVER4, CLIENT4, 22)
+    if is_nft(d):  # and an element nobody granted
+        ns.run(["nft", "add element inet webknock tcp4 { 192.0.2.20 . 22 timeout 60s }"])
+    else:
+        ns.run(["ipset", "add", "WEBKNOCK4", f"{OTHER4},tcp:22", "timeout", "60"])
     code, report = status(d)
     assert code == 3 and report["firewall_agrees"] is False
     assert report["drift"]["missing"] == ["192.0.2.10:tcp/22", "[2001:db8::10]:udp/51820"]
+    assert report["drift"]["extra"] == [f"{OTHER4}:tcp/22"]
 
     out = d.ctl("reconcile").stdout
     assert "2 live grant(s)" in out
@@ -220,6 +225,8 @@ def test_reconcile_after_a_flush_restores_remaining_time(d: Deployment) -> None:
     assert 590 <= left[(CLIENT4, "tcp", 22)] <= 598, "restored with its remaining time"
     assert 290 <= left[(CLIENT6, "udp", 51820)] <= 298
     assert a.tcp_open(SERVER4, CLIENT4, 22) and a.udp_open(SERVER6, CLIENT6, 51820)
+    assert not a.tcp_open(SERVER4, OTHER4, 22), "reconcile removed the extra element"
+    assert sorted(left) == [(CLIENT4, "tcp", 22), (CLIENT6, "udp", 51820)]
 
     def repaired() -> bool:
         return a.tcp_open(SERVER4, CLIENT4, 22, timeout=0.3) and not a.tcp_open(

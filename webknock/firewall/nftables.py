@@ -10,10 +10,11 @@ Layout (table ``inet webknock``, or ``inet webknock_<instance>`` for another ins
     }
 
 Every element carries its remaining lifetime, so the kernel closes a grant on time even
-with the daemon and cron dead. nft 1.0.6 does not update the timeout of an element that
-exists, so a batch sets it by ``add`` (a no-op if present), ``delete``, ``add`` with the
-timeout, in one transaction: atomic, no duplicate, no instant without the element, and
-no error whether or not the kernel still held it. A removal is ``add`` then ``delete``.
+with the daemon and cron dead. Older kernels keep the old timeout when ``add element``
+names an element that exists (recent ones, e.g. 6.18, replace it), so a batch sets it by
+``add`` (a no-op if present), ``delete``, ``add`` with the timeout, in one transaction:
+the same result on every kernel, atomic (no instant without the element), no duplicate,
+and no error whether or not the kernel still held it. A removal is ``add`` then ``delete``.
 
 Batches go through libnftables in-process (Debian's python3-nftables) as JSON; without
 the binding the same JSON is fed to ``nft -j -f -`` through the injected runner.
