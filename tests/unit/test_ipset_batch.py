@@ -65,7 +65,6 @@ def test_ensure_creates_sets_then_the_chain_matching_them(protect: bool) -> None
     for batch, family in ((v4, 4), (v6, 6)):
         assert batch == [
             "*filter\n"
-            ":WEBKNOCK-GRANTS - [0:0]\n"
             ":WEBKNOCK - [0:0]\n"
             f"-A WEBKNOCK -m set --match-set WEBKNOCK{family} src,dst -j ACCEPT\n"
             + rules
@@ -77,10 +76,12 @@ def test_ensure_removes_a_grants_chain_left_by_the_linear_variant() -> None:
     left = EMPTY_SAVE.replace("COMMIT", ":WEBKNOCK-GRANTS - [0:0]\nCOMMIT")
     runner = RecordingRunner({"iptables-save": left, "ip6tables-save": EMPTY_SAVE})
     fw(runner).ensure()
-    assert runner.stdin_of("iptables-restore")[-1] == (
-        "*filter\n-F WEBKNOCK-GRANTS\n-X WEBKNOCK-GRANTS\nCOMMIT\n"
-    )
-    assert len(runner.stdin_of("ip6tables-restore")) == 1
+    assert runner.stdin_of("iptables-restore") == [
+        "*filter\n:WEBKNOCK - [0:0]\n"
+        "-A WEBKNOCK -m set --match-set WEBKNOCK4 src,dst -j ACCEPT\n"
+        "-I INPUT 1 -j WEBKNOCK\n-F WEBKNOCK-GRANTS\n-X WEBKNOCK-GRANTS\nCOMMIT\n"
+    ]
+    assert "GRANTS" not in runner.stdin_of("ip6tables-restore")[0]
 
 
 def test_sync_fills_fresh_sets_and_swaps_them_in() -> None:

@@ -90,13 +90,12 @@ class IpsetFirewall(IptablesFirewall):
 
     # -- interface ------------------------------------------------------------------------------
 
+    def retired_chains(self) -> tuple[str, ...]:
+        return (self.grants_chain,)  # left by the linear variant
+
     def ensure(self) -> None:
         self.ipset_restore([self.create_line(self.set_name(f), f) for f in (4, 6)])
-        super().ensure()
-        for family in (4, 6):  # a grants chain left by the linear variant is ours and unused
-            chains = {ln.split()[0][1:] for ln in self.saved(family) if ln.startswith(":")}
-            if self.grants_chain in chains:
-                self.restore(family, [f"-F {self.grants_chain}", f"-X {self.grants_chain}"])
+        super().ensure()  # the sets exist before the rules that match them
 
     def apply(
         self,

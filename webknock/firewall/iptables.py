@@ -162,14 +162,17 @@ class IptablesFirewall(Firewall):
             lines = self.saved(family)
             chains = {ln.split()[0][1:] for ln in lines if ln.startswith(":")}
             jumps = [ln for ln in lines if ln.split() == ["-A", "INPUT", "-j", self.chain]]
-            batch: list[str] = []
-            if self.grants_chain not in chains:
-                batch.append(f":{self.grants_chain} - [0:0]")
+            batch = [
+                f":{c} - [0:0]" for c in self.own_chains() if c != self.chain and c not in chains
+            ]
             batch.append(f":{self.chain} - [0:0]")  # declared: flushed and rebuilt atomically
             batch += [restore_line("-A", self.chain, rule) for rule in self.main_rules(family)]
             if not jumps:
                 batch.append(restore_line("-I", "INPUT", ("1", "-j", self.chain)))
             batch += [restore_line("-D", "INPUT", ("-j", self.chain))] * (len(jumps) - 1)
+            for chain in self.retired_chains():  # ours, no longer referenced once rebuilt
+                if chain in chains:
+                    batch += [f"-F {chain}", f"-X {chain}"]
             self.restore(family, batch)
 
     def apply(
@@ -280,6 +283,10 @@ class IptablesFirewall(Firewall):
     def own_chains(self) -> tuple[str, ...]:
         """The chains this variant needs."""
         return (self.chain, self.grants_chain)
+
+    def retired_chains(self) -> tuple[str, ...]:
+        """Chains of ours that another variant used and this one removes."""
+        return ()
 
     def held_count(self, family: int, saved: list[str], problems: list[str]) -> int:
         """Grants of one family, counted from the ``*-save`` lines."""
