@@ -38,10 +38,13 @@ def namespaces() -> str:
     ).stdout
 
 
-@pytest.mark.parametrize("web_server", ["nginx", "apache"])
-def test_demo_goes_from_refused_to_open_and_back(web_server: str) -> None:
+@pytest.mark.parametrize(
+    ("web_server", "backend"),
+    [("nginx", "iptables"), ("apache", "iptables"), ("nginx", "nftables")],
+)
+def test_demo_goes_from_refused_to_open_and_back(web_server: str, backend: str) -> None:
     proc = subprocess.run(
-        demo("--web-server", web_server, "--expiry", "3"),
+        demo("--web-server", web_server, "--backend", backend, "--expiry", "3"),
         cwd=REPO,
         env=env(),
         capture_output=True,
@@ -54,6 +57,8 @@ def test_demo_goes_from_refused_to_open_and_back(web_server: str) -> None:
     assert CONNECT.findall(proc.stdout) == ["refused", "open", "refused", "open", "refused"], out
     for needle in ("knock", "webknockctl list", "192.0.2.10  tcp    22", "revoked", "removed at"):
         assert needle in proc.stdout, out
+    shown = "192.0.2.10 . 22" if backend == "nftables" else "-s 192.0.2.10/32 -p tcp"
+    assert shown in proc.stdout, f"the grant in the server's firewall\n{out}"
     assert proc.stdout.rstrip().splitlines()[-1].startswith("demo OK"), out
     names = NAMESPACE.findall(proc.stdout)
     assert len(names) == 2 and not any(n in namespaces() for n in names)

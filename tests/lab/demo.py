@@ -173,11 +173,16 @@ class Demo:
         return expires
 
     def show_rules(self) -> None:
-        if self.d.site.settings.get("backend") != "iptables":
-            return
-        out = self.d.lab.server.run(["iptables", "-S", "WEBKNOCK-GRANTS"], check=False).stdout
-        rules = [ln for ln in out.splitlines() if ln.startswith("-A")]
-        self.detail("\n".join(["server firewall (iptables -S WEBKNOCK-GRANTS):", *rules]))
+        backend = self.d.site.settings.get("backend")
+        if backend == "nftables":
+            argv, title = ["nft", "list", "set", "inet", "webknock", "tcp4"], "nft list set"
+            out = self.d.lab.server.run(argv, check=False).stdout
+            lines = [ln.strip() for ln in out.splitlines() if "elements" in ln or "expires" in ln]
+        else:
+            argv, title = ["iptables", "-S", "WEBKNOCK-GRANTS"], "iptables -S WEBKNOCK-GRANTS"
+            out = self.d.lab.server.run(argv, check=False).stdout
+            lines = [ln for ln in out.splitlines() if ln.startswith("-A")]
+        self.detail("\n".join([f"server firewall ({title}):", *lines]))
 
     def list_grants(self) -> None:
         self.step("webknockctl list\n")
@@ -262,14 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     print("webknock demo: building throwaway network namespaces ...", flush=True)
     built = False
     try:
-        with deployment(args.web_server, backend=args.backend) as d:
+        # nftables: an accept in our table cannot override the host's drop, so the host
+        # policy leaves the offered ports to webknock and webknock guards them (protect)
+        protect = args.backend == "nftables"
+        with deployment(args.web_server, backend=args.backend, protect=protect) as d:
             built = True
             try:
                 problem = "--agent given" if args.agent else client_cli_problem(d)
                 print(
                     f"  server {d.lab.server.name}: {SERVER4}, {label} running the CGI as "
                     f"www-data, webknockd ({args.backend}),\n"
-                    f"    INPUT policy DROP except HTTP; offers "
+                    + (
+                        "    host policy drops all but HTTP and the offered ports, webknock's "
+                        "table (protect = yes) drops those without a grant; offers "
+                        if protect
+                        else "    INPUT policy DROP except HTTP; offers "
+                    )
                     + ", ".join(
                         [*(f"tcp/{p}" for p in TCP_PORTS), *(f"udp/{p}" for p in UDP_PORTS)]
                     )

@@ -201,12 +201,13 @@ def rec(t: float, kind: str = "open", ip: str = "192.0.2.10", **kw: Any) -> dict
 def trail(tmp_path: Path, vector_keys: Keys) -> tuple[Path, list[dict[str, Any]]]:
     """Five events across a gzipped, a plain rotated and the live file."""
     audit = tmp_path / "webknock.jsonl"
+    now = time.time()  # not NOW: relative --since forms are read against the clock of the test
     records = [
-        rec(NOW - 3 * 86400, ip="198.51.100.7"),  # .2.gz
-        rec(NOW - 3 * 3600, "renew"),  # .2.gz
-        rec(NOW - 1800, "revoke", reason="revoked by admin"),  # .1
-        rec(NOW - 120, ip="2001:db8::5"),  # live
-        rec(NOW - 30, "expire", ip="2001:db8:1::9"),  # live
+        rec(now - 3 * 86400, ip="198.51.100.7"),  # .2.gz
+        rec(now - 3 * 3600, "renew"),  # .2.gz
+        rec(now - 1800, "revoke", reason="revoked by admin"),  # .1
+        rec(now - 120, ip="2001:db8::5"),  # live
+        rec(now - 30, "expire", ip="2001:db8:1::9"),  # live
     ]
 
     def dump(rs: list[dict[str, Any]]) -> str:
@@ -249,20 +250,20 @@ def test_log_table_is_human_readable(
     assert rows[1].split()[2:5] == ["open", "198.51.100.7", "tcp/22"]
     assert rows[1].endswith(UA)
     assert rows[3].endswith("revoked by admin")
-    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(NOW - 30)) in rows[5]
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(trail[1][4]["time"])) in rows[5]
 
 
 @pytest.mark.parametrize(
     ("since", "count"),
     [
-        (str(int(NOW - 3600)), 3),
+        ("{unix}", 3),
         ("2h", 3),
         ("10m", 2),
         ("90s", 1),
         ("1w", 5),
-        (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(NOW - 3600)), 3),
-        (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 3600)), 3),
-        (time.strftime("%Y-%m-%d %H:%M:%S+00:00", time.gmtime(NOW - 3600)), 3),
+        ("{local}", 3),
+        ("{zulu}", 3),
+        ("{offset}", 3),
     ],
 )
 def test_log_since_forms(
@@ -272,6 +273,13 @@ def test_log_since_forms(
     count: int,
 ) -> None:
     config, records = trail
+    hour_ago = records[-1]["time"] + 30 - 3600  # an hour before the trail was written
+    since = since.format(
+        unix=int(hour_ago),
+        local=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(hour_ago)),
+        zulu=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(hour_ago)),
+        offset=time.strftime("%Y-%m-%d %H:%M:%S+00:00", time.gmtime(hour_ago)),
+    )
     code, out, _ = run_log(capsys, config, "--since", since, "--json")
     assert code == 0 and times(out) == [r["time"] for r in records[-count:]]
 
