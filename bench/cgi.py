@@ -6,8 +6,10 @@ Run as root from the repository (after `tests/run` made the venv), e.g.:
     /var/tmp/webknock-venv/bin/python3 bench/cgi.py --requests 200
 
 It builds the test lab (server and client network namespaces, nginx + fcgiwrap from the
-shipped snippet, webknockd, iptables), then times requests sent one at a time from the
-client namespace, each on a fresh connection, for:
+shipped snippet, webknockd, nftables by default) on the server's dependencies alone, serves
+two baseline CGIs beside ours, and times requests sent one at a time from the client
+namespace, each on a fresh connection, in interleaved rounds (every kind once per round,
+rotating order, so drift of the host hits all kinds alike), for:
 
 * print-only    a Python CGI that only prints a reply (the floor of any Python CGI);
 * imports-only  a CGI that imports what ours imports for an openports, then prints;
@@ -29,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +59,11 @@ from webknock.protocol import messages, transport, v1
 
 spec = json.loads(sys.stdin.read())
 keys = v1.Keys.from_hex(spec["keys"])
+PATHS = {"print-only": "/bench-print", "imports-only": "/bench-imports"}
 
 def body(kind, src):
     now = int(time.time())
-    if kind == "junk":
+    if kind in ("print-only", "imports-only", "junk"):
         return b"data=" + b"!" * 683
     if kind == "getinfo":
         data = messages.getinfo_request(now)  # with a nonce: not a replay within a second
@@ -67,16 +71,28 @@ def body(kind, src):
         data = messages.openports_request(src, [("tcp", 22)], 600, now)
     return b"data=" + transport.encode_field(v1.encode(keys, data)).encode()
 
-out = []
-for src in spec["sources"]:
-    data = body(spec["kind"], src)
+def send(kind, src):
+    data = body(kind, src)
     conn = http.client.HTTPConnection(spec["server"], 80, timeout=30, source_address=(src, 0))
     t0 = time.perf_counter()
-    conn.request("POST", "/webknock", data, {"Content-Type": "application/x-www-form-urlencoded"})
+    conn.request("POST", PATHS.get(kind, "/webknock"), data,
+                 {"Content-Type": "application/x-www-form-urlencoded"})
     resp = conn.getresponse()
     resp.read()
-    out.append([time.perf_counter() - t0, resp.status])
+    took = time.perf_counter() - t0
     conn.close()
+    return [took, resp.status]
+
+# Interleaved rounds: every kind once per round, in a rotating order, so that drift of the
+# host (other load, CPU frequency) hits baselines and our CGI alike.
+kinds = spec["kinds"]
+out = {k: [] for k in kinds + ["open-renew"]}
+for i, src in enumerate(spec["sources"]):
+    shift = i % len(kinds)
+    for kind in kinds[shift:] + kinds[:shift]:
+        out[kind].append(send(kind, src))
+        if kind == "open-new":
+            out["open-renew"].append(send("open-renew", src))
 print(json.dumps(out))
 """
 
@@ -95,30 +111,46 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_kind(d: Any, kind: str, sources: list[str]) -> list[float]:
-    spec = {"keys": d.site.keys.to_hex(), "server": SERVER6, "sources": sources}
-    spec["kind"] = "junk" if kind in ("print-only", "imports-only", "junk") else kind
-    spec["kind"] = "openports" if kind.startswith("open-") else spec["kind"]
+def run_rounds(d: Any, sources: list[str]) -> dict[str, list[float]]:
+    """Send one request of every kind per source address; seconds per request by kind."""
+    spec = {
+        "keys": d.site.keys.to_hex(),
+        "server": SERVER6,
+        "sources": sources,
+        "kinds": ["print-only", "imports-only", "junk", "getinfo", "open-new"],
+    }
     proc = d.lab.client.run(
         [str(d.site.python), "-c", CLIENT],
         input=json.dumps(spec),
-        timeout=600,
+        timeout=1800,
         env={**d.site.env(), "PYTHONPATH": str(REPO)},
     )
-    timings = json.loads(proc.stdout)
-    bad = [s for _, s in timings if s != EXPECTED_STATUS[kind]]
-    if bad:
-        raise SystemExit(f"{kind}: unexpected statuses {sorted(set(bad))}\n{d.diagnostics()}")
-    return [t for t, _ in timings]
+    results: dict[str, list[list[float]]] = json.loads(proc.stdout)
+    for kind, timings in results.items():
+        bad = [s for _, s in timings if s != EXPECTED_STATUS[kind]]
+        if bad:
+            raise SystemExit(f"{kind}: unexpected statuses {sorted(set(bad))}\n{d.diagnostics()}")
+    return {kind: [t for t, _ in timings] for kind, timings in results.items()}
 
 
-def swap_cgi(d: Any, body: str | None, original: str) -> None:
-    """Put a baseline script (or ours again) where nginx runs the CGI."""
-    text = original if body is None else f"#!{d.site.python}\n{body}"
-    tmp = d.site.cgi.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, d.site.cgi)
+def serve_baselines(d: Any) -> None:
+    """The baseline CGIs beside ours, each at its own URL of the same nginx + fcgiwrap
+    (a copy of the shipped location block), then reload nginx."""
+    snippet = (d.web.dir / "webknock.conf").read_text()
+    ours = str(d.site.cgi)
+    blocks = []
+    for name, script in (("print", PRINT_ONLY), ("imports", IMPORTS_ONLY)):
+        cgi = d.site.cgi.with_name(f"bench-{name}.cgi")
+        cgi.write_text(f"#!{d.site.python}\n{script}")
+        os.chmod(cgi, 0o755)
+        blocks.append(
+            snippet.replace("location = /webknock", f"location = /bench-{name}").replace(
+                ours, str(cgi)
+            )
+        )
+    (d.web.dir / "webknock.conf").write_text(snippet + "\n".join(blocks))
+    d.lab.server.run(["nginx", "-c", str(d.web.dir / "nginx.conf"), "-s", "reload"])
+    time.sleep(1.0)  # old workers finish, new ones serve the added locations
 
 
 def server_deps() -> Path:
@@ -162,41 +194,40 @@ def use_server_deps(d: Any, deps: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per kind (≤ 2000)")
+    parser.add_argument(
+        "--backend",
+        choices=("nftables", "iptables"),
+        default="nftables",
+        help="firewall backend of the server (default nftables, what auto picks)",
+    )
     args = parser.parse_args()
     n = max(10, min(args.requests, 2000))
     if os.geteuid() != 0:
         raise SystemExit("bench/cgi.py: run as root (it builds network namespaces)")
-    results: dict[str, list[float]] = {}
     deps = server_deps()
-    with deployment("nginx") as d:
+    with deployment("nginx", backend=args.backend, protect=args.backend == "nftables") as d:
         use_server_deps(d, deps)
         d.site.stop_daemon()  # restart it on the same dependencies as the CGI
         d.site.start_daemon(d.lab.server)
-        sources = [f"2001:db8::2:{i:x}" for i in range(1, n + 1)]
+        serve_baselines(d)
+        sources = [f"2001:db8::2:{i:x}" for i in range(1, n + 11)]
         batch = "".join(f"addr add {a}/64 dev {d.lab.client_if} nodad\n" for a in sources)
         d.lab.client.run(["ip", "-batch", "-"], input=batch)
-        original = d.site.cgi.read_text()
-        for kind, script in (("print-only", PRINT_ONLY), ("imports-only", IMPORTS_ONLY)):
-            swap_cgi(d, script, original)
-            run_kind(d, kind, sources[:10])  # warm the page cache
-            results[kind] = run_kind(d, kind, sources)
-        swap_cgi(d, None, original)
-        run_kind(d, "junk", sources[:10])
-        for kind in ("junk", "getinfo", "open-new", "open-renew"):
-            results[kind] = run_kind(d, kind, sources)
+        run_rounds(d, sources[n:])  # warm the page cache
+        results = run_rounds(d, sources[:n])
         grants = len(d.list_json())
     ms = {k: (percentile(v, 0.5) * 1e3, percentile(v, 0.9) * 1e3) for k, v in results.items()}
-    print(f"CGI through nginx + fcgiwrap, {n} requests per kind, one at a time")
+    print(f"CGI through nginx + fcgiwrap, {n} requests per kind, one at a time, {args.backend}")
     print(f"{'kind':14} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
     for kind, (p50, p90) in ms.items():
         print(f"{kind:14} {p50:8.2f} {p90:8.2f} {statistics.mean(results[kind]) * 1e3:8.2f}")
-    print(f"grants after the run: {grants} (expected {n})")
+    print(f"grants after the run: {grants} (expected {n + 10})")
     print("ratios (p50):")
     print(f"  junk / print-only       {ms['junk'][0] / ms['print-only'][0]:.2f}  (budget 1.3)")
     print(f"  getinfo / imports-only  {ms['getinfo'][0] / ms['imports-only'][0]:.2f}  (budget 1.2)")
     print(f"  open-new - getinfo      {ms['open-new'][0] - ms['getinfo'][0]:+.2f} ms  (budget 3)")
     print(f"  open-renew - getinfo    {ms['open-renew'][0] - ms['getinfo'][0]:+.2f} ms")
-    return 0 if grants == n else 1
+    return 0 if grants == n + 10 else 1
 
 
 if __name__ == "__main__":

@@ -133,8 +133,9 @@ def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Add
     return addr
 
 
-def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
-    """Handle one request; return the reply packet or raise Reply."""
+def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool = False) -> bytes:
+    """Handle one request; return the reply packet or raise Reply (`linger`: see
+    :func:`webknock.cgi_wait.submit_and_wait`)."""
     packet = read_packet(environ, stdin)
 
     from webknock.config import ConfigError, load
@@ -212,6 +213,7 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
             time_granted,
             now,
             environ.get("HTTP_USER_AGENT", ""),
+            linger=linger,
         )
     except OSError as exc:  # full or read-only spool, no inotify instance left: never success
         raise Reply(503, f"spool unavailable: {exc}") from None
@@ -228,11 +230,12 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
     return v1.encode(keys, dumps(reply))
 
 
-def main() -> int:
-    """CGI entry point: always exits 0 after writing exactly one response."""
+def main(*, detach: bool = True) -> int:
+    """CGI entry point: always exits 0 after writing exactly one response; `detach` (the
+    default, for the process the web server started) then hangs up stdout and stderr."""
     out = sys.stdout.buffer
     try:
-        body = handle(dict(os.environ), sys.stdin.buffer, time.time())
+        body = handle(dict(os.environ), sys.stdin.buffer, time.time(), linger=detach)
     except Reply as reply:
         warn(f"{reply.status}: {reply.why}")
         status, body, note = reply.status, reply.body, reply.note
@@ -245,4 +248,27 @@ def main() -> int:
         respond(out, status, body, note)
     except OSError as exc:  # the client or web server went away
         warn(f"{status} not delivered: {exc}")
+    if detach:
+        hang_up()
     return 0
+
+
+def hang_up() -> None:
+    """Give the web server its end of file now: the answer is complete, and what is left
+    (closing the inotify instance, the interpreter's shutdown) costs milliseconds that the
+    client need not wait for. stdout and stderr become /dev/null for the rest."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)

@@ -33,6 +33,10 @@ def _read_result(path: str) -> dict[str, Any] | None:
         return {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
 
 
+#: inotify instances left to process exit (``linger``).
+_LINGERING: list[Any] = []
+
+
 def submit_and_wait(
     cfg: ServerConfig,
     ip: Address,
@@ -40,6 +44,8 @@ def submit_and_wait(
     seconds: int,
     now: float,
     user_agent: str,
+    *,
+    linger: bool = False,
 ) -> dict[str, Any] | None:
     """Spool the request; return the daemon's result, or None on timeout.
 
@@ -50,6 +56,10 @@ def submit_and_wait(
     could still be withdrawn it will never be applied; if the daemon had claimed it,
     we waited once more, and after that it may still be applied (the client is told
     504, never success).
+
+    `linger` leaves the inotify instance open until the process exits: closing one waits
+    for an RCU grace period in the kernel (several milliseconds on an idle host), which a
+    CGI should spend after its answer is out, not before (see ``cgi.hang_up``).
     """
     from webknock.inotify import INotify, flags
 
@@ -57,8 +67,9 @@ def submit_and_wait(
     request_id = new_request_id()
     result_name = f"{request_id}{RESULT_SUFFIX}"
     result_path = os.path.join(spool.results, result_name)
-    with INotify() as inotify:
-        inotify.add_watch(spool.results, flags.MOVED_TO | flags.CLOSE_WRITE)
+    inotify = INotify()
+    try:
+        inotify.add_watch(spool.results, flags.MOVED_TO)  # results appear by rename only
         write_request(
             spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
         )
@@ -70,6 +81,11 @@ def submit_and_wait(
         except FileNotFoundError:  # claimed: the daemon is working on it, give it more time
             return _wait(inotify, result_path, result_name, cfg.result_timeout)
         return None
+    finally:
+        if linger:
+            _LINGERING.append(inotify)
+        else:
+            inotify.close()
 
 
 def _wait(inotify: Any, path: str, name: str, seconds: float) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from webknock.config import ConfigError, ServerConfig
 from webknock.keys import KeysError, load_keys
+from webknock.state import STATE_FILE_SUFFIXES
 
 Problem = tuple[str, str]  # ("error" | "warning", message)
 
@@ -103,7 +104,7 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     problems += _mode_problems(
         cfg.state_file.parent, uid=0, gid=None, mode=0o755, what="state directory"
     )
-    for suffix in (".lock", ".daemon", "-journal"):
+    for suffix in STATE_FILE_SUFFIXES[1:]:
         problems += _mode_problems(
             Path(f"{cfg.state_file}{suffix}"),
             uid=0,

@@ -17,7 +17,7 @@ from webknock.engine import GrantEngine
 from webknock.firewall import FirewallError
 from webknock.grants import Grant, grantable, parse_address
 from webknock.logsetup import setup_logging
-from webknock.state import StateError, StateStore
+from webknock.state import STATE_FILE_SUFFIXES, StateError, StateStore
 
 log = logging.getLogger("webknockctl")
 
@@ -132,7 +132,7 @@ def cmd_teardown(cfg: ServerConfig, args: argparse.Namespace) -> int:
     for what in teardown_all(cfg):  # every backend: also what an earlier `backend` left
         log.info("removed %s", what)
     if args.state:
-        for suffix in ("", "-journal", ".lock"):
+        for suffix in (s for s in STATE_FILE_SUFFIXES if s != ".daemon"):  # a daemon's own
             try:
                 os.unlink(f"{cfg.state_file}{suffix}")
             except FileNotFoundError:

@@ -345,13 +345,16 @@ class Daemon:
         from webknock.inotify import INotify, flags
 
         inotify = INotify()
-        inotify.add_watch(self.spool.requests, flags.CLOSE_WRITE | flags.MOVED_TO)
+        # Requests appear by rename: only that wakes us (each wake-up of an idle host costs
+        # latency; a temp file's close would be a second one). Anything else, e.g. a file
+        # written in place or events lost to a full queue, is picked up by the tick's drain.
+        inotify.add_watch(self.spool.requests, flags.MOVED_TO)
         try:
-            self._safely(self.drain)
             next_tick = 0.0
             while not self.stopping:
                 now = self.clock()
                 if now >= next_tick:
+                    self._safely(self.drain)
                     self._safely(self.tick)
                     next_tick = now + TICK
                 wait_ms = max(1, int((next_tick - self.clock()) * 1000))

@@ -131,3 +131,32 @@ def test_installed_layout_is_byte_compiled(tmp_path: Path) -> None:
     install = (REPO / "install.sh").read_text()
     assert "compileall" in install
     assert os.access(REPO / "cgi-bin" / "webknock.cgi", os.X_OK)
+
+
+def test_web_server_gets_end_of_file_before_the_process_ends(tmp_path: Path) -> None:
+    """After the answer, stdout and stderr are hung up: what the process does next (closing
+    an inotify instance, interpreter shutdown; here a sleep) delays no client."""
+    code = (
+        "import os, time\n"
+        "from webknock.cgi import main\n"
+        "main()\n"
+        "os.write(1, b'late')\n"
+        "time.sleep(3)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "REQUEST_METHOD": "GET", "PYTHONPATH": str(REPO)}
+    t0 = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        eof_after = time.monotonic() - t0
+        proc.wait(10)
+    assert out.startswith(b"Status: 400 Bad Request\r\n") and b"late" not in out
+    assert b"is not POST" in err
+    assert eof_after < 2.5 < time.monotonic() - t0, "EOF came with the answer, not at exit"

@@ -64,7 +64,7 @@ class Site:
             m.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(body)))
             m.setattr(sys, "stdout", types.SimpleNamespace(buffer=out))
             m.setattr(sys, "stderr", err)
-            assert cgi.main() == 0
+            assert cgi.main(detach=False) == 0
         head, _, payload = out.getvalue().partition(b"\r\n\r\n")
         headers = dict(line.split(": ", 1) for line in head.decode("ascii").split("\r\n"))
         return int(headers["Status"].split()[0]), headers, payload, err.getvalue()
@@ -410,7 +410,7 @@ def test_client_gone_is_not_a_traceback(site: Site, monkeypatch: pytest.MonkeyPa
         m.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO()))
         m.setattr(sys, "stdout", types.SimpleNamespace(buffer=Gone()))
         m.setattr(sys, "stderr", err)
-        assert cgi.main() == 0
+        assert cgi.main(detach=False) == 0
     assert "not delivered" in err.getvalue() and "Traceback" not in err.getvalue()
 
 
