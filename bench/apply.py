@@ -8,9 +8,9 @@ Run as root from the repository (after `tests/run` made the venv), e.g.:
 
 For each backend (nftables, iptables+ipset, iptables linear) it builds a lab server,
 puts N live grants into the state file and the kernel, starts webknockd (which reconciles
-them), then submits one openports request at a time into the spool exactly as the CGI
-does (``submit_and_wait``) and times it until the daemon's result is there, i.e. the
-state transaction and the kernel batch are both committed. Each request opens tcp/22 for
+them), then writes one openports request at a time into the spool as the CGI does and
+times it until the daemon's result is readable (the spool round trip), i.e. the state
+transaction and the kernel batch are both committed. Each request opens tcp/22 for
 a new address. It prints p50/p99 per N and the ratio of each p50 to the same backend's
 p50 at 0 grants (the baseline of the same run). Samples per N are bounded by --samples
 and by --budget seconds.
@@ -41,21 +41,39 @@ from bench._lab import (
 
 
 def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str, Any]:
-    """(Inside the server namespace.) Time spool-to-result for fresh addresses."""
-    from webknock.cgi_wait import submit_and_wait
+    """(Inside the server namespace.) Spool round trip for fresh addresses: request written
+    as the CGI writes it -> result readable. One inotify watch serves the whole loop: a CGI
+    makes one per request and leaves its teardown (milliseconds) to after its answer."""
     from webknock.config import load
+    from webknock.inotify import INotify, flags
+    from webknock.spool import (
+        RESULT_SUFFIX,
+        encode_request,
+        new_request_id,
+        parse_result,
+        write_request,
+    )
 
     cfg = load(config)
     times: list[float] = []
     failed = 0
     deadline = time.monotonic() + budget
-    for ip in filler(samples, start):
-        if time.monotonic() > deadline:
-            break
-        t0 = time.perf_counter()
-        result = submit_and_wait(cfg, ip, [("tcp", 22)], 3600, time.time(), "bench")
-        times.append(time.perf_counter() - t0)
-        failed += not (result and result.get("ok"))
+    with INotify() as watch:
+        watch.add_watch(cfg.spool.results, flags.MOVED_TO)
+        for ip in filler(samples, start):
+            if time.monotonic() > deadline:
+                break
+            rid = new_request_id()
+            name = f"{rid}{RESULT_SUFFIX}"
+            payload = encode_request(ip, [("tcp", 22)], 3600, time.time(), "bench")
+            t0 = time.perf_counter()
+            write_request(cfg.spool.requests, rid, payload)
+            result: dict[str, Any] | None = None
+            while result is None and time.perf_counter() - t0 < 10:
+                if any(event.name == name for event in watch.read(timeout=1000)):
+                    result = parse_result((cfg.spool.results / name).read_bytes())
+            times.append(time.perf_counter() - t0)
+            failed += not (result and result.get("ok"))
     return {**percentiles(times), "failed": failed}
 
 
