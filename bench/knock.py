@@ -102,7 +102,13 @@ def main() -> int:
                     for f in cache.glob("*.json"):
                         f.unlink()
                 t0 = time.perf_counter()
-                subprocess.run([*cmd, "-q", "knock"], env=env, check=True, timeout=60)
+                subprocess.run(
+                    [*cmd, "-q", "knock"],
+                    env=env,
+                    check=True,
+                    timeout=60,
+                    stdout=subprocess.DEVNULL,
+                )
                 times[kind].append(time.perf_counter() - t0)
 
     print(f"client knock through nginx+fcgiwrap, {runs} runs per kind")
