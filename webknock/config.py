@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from webknock import ini
+
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
 ENV_CONFIG = "WEBKNOCK_CONFIG"
 BACKENDS = ("auto", "iptables", "nftables")
@@ -199,16 +201,7 @@ def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
 
 def read_ini(path: Path) -> configparser.ConfigParser:
     """Read an INI file or raise ConfigError naming it."""
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except (configparser.Error, UnicodeDecodeError) as exc:
-        msg = str(exc).replace("\n", " ")
-        raise ConfigError(f"{path}: not a valid INI file: {msg}") from None
-    return parser
+    return ini.read_ini(path, ConfigError, inline_comments=True)
 
 
 def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import configparser
 import os
 import stat
 from pathlib import Path
 
+from webknock.ini import parse_ini
 from webknock.protocol.v1 import Keys
 
 KEY_NAMES = ("key1", "iv1", "key2", "iv2", "sign")
@@ -31,11 +31,7 @@ def load_keys(path: Path, *, refuse_world_readable: bool = True) -> Keys:
         raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise KeysError(f"{path}: not a text file") from None
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read_string(text, source=str(path))
-    except configparser.Error as exc:
-        raise KeysError(f"{path}: not a valid INI file: {str(exc).splitlines()[0]}") from None
+    parser = parse_ini(path, text, KeysError)
     if not parser.has_section("v1"):
         raise KeysError(f"{path}: missing section [v1]")
     try:

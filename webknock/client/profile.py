@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from webknock.client.errors import ConfigError
+from webknock.ini import read_ini
 from webknock.keys import KeysError, load_keys
 from webknock.protocol.v1 import Keys
 
@@ -109,17 +109,7 @@ def _number(text: str, kind: type[int] | type[float], low: float, high: float) -
 
 def load_profile(path: Path, name: str | None = None) -> Profile:
     """Read and check a profile; every error names the file and the key."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read_string(text, source=str(path))
-    except configparser.Error as exc:
-        raise ConfigError(f"{path}: not a valid INI file: {str(exc).splitlines()[0]}") from None
+    parser = read_ini(path, ConfigError)
     if not parser.has_section("client"):
         raise ConfigError(f"{path}: missing section [client]")
     values = dict(parser.items("client"))
