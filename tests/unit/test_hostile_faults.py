@@ -106,11 +106,18 @@ def test_refused_commit_of_a_revoke_puts_live_rules_back(engine: GrantEngine) ->
     assert [str(g.key) for g in engine.reap(now + 5)] == ["[2001:db8::10]:tcp/22"]
 
 
+def memory_daemon(cfg: ServerConfig) -> tuple[Daemon, MemoryFirewall]:
+    """A daemon for `cfg` on an in-memory firewall, with its spool prepared."""
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    fw = MemoryFirewall()
+    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
+    return Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), fw
+
+
 def test_daemon_answers_state_failure_and_keeps_going(tmp_path: Path, vector_keys: v1.Keys) -> None:
     cfg = load(write_instance(tmp_path, vector_keys))
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), MemoryFirewall(), EventBus())
-    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    d, _ = memory_daemon(cfg)
+    eng = d.engine
     rid = new_request_id()
     write_request(cfg.spool.requests, rid, encode_request(A, [("tcp", 22)], 60, time.time()))
     with commit_refused(eng):
@@ -130,10 +137,8 @@ def test_daemon_answers_state_failure_and_keeps_going(tmp_path: Path, vector_key
 
 def running_daemon(tmp_path: Path, keys: v1.Keys) -> tuple[Daemon, ServerConfig, MemoryFirewall]:
     cfg = load(write_instance(tmp_path, keys))
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    fw = MemoryFirewall()
-    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
-    return Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), cfg, fw
+    d, fw = memory_daemon(cfg)
+    return d, cfg, fw
 
 
 def test_flushed_firewall_is_restored_within_two_seconds(
@@ -356,6 +361,17 @@ def _integrity(state: Path) -> tuple[str, list[str]]:
     return check, rows
 
 
+def _running_daemon(
+    cfg: ServerConfig,
+) -> tuple[Daemon, GrantEngine, MemoryFirewall, threading.Thread]:
+    """webknockd's loop for `cfg` in a thread, on an in-memory firewall, settled in."""
+    d, fw = memory_daemon(cfg)
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    time.sleep(0.2)
+    return d, d.engine, fw, thread
+
+
 def scenario_full_disk(base: Path, keys: v1.Keys) -> dict[str, Any]:
     """State dir and spool on tiny tmpfs file systems, filled up, with a daemon running."""
     cfg_path = write_instance(base, keys, result_timeout="2")
@@ -366,15 +382,9 @@ def scenario_full_disk(base: Path, keys: v1.Keys) -> dict[str, Any]:
     )
     cfg.spool_dir.mkdir()
     _mount("-t", "tmpfs", "-o", "size=128k", "tmpfs", str(cfg.spool_dir))
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    fw = MemoryFirewall()
-    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
-    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    d, eng, fw, thread = _running_daemon(cfg)
     out: dict[str, Any] = {}
-    thread = threading.Thread(target=d.run)
-    thread.start()
     try:
-        time.sleep(0.2)
         out["before"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
         _fill(cfg.state_file.parent)
         out["state_full"] = _cgi(cfg_path, keys, _knock("192.0.2.11"))
@@ -433,15 +443,9 @@ def scenario_read_only_state(base: Path, keys: v1.Keys) -> dict[str, Any]:
     cfg = load(cfg_path)
     state_dir = cfg.state_file.parent
     state_dir.mkdir(mode=0o700)
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    fw = MemoryFirewall()
-    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
-    d = Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    d, _, fw, thread = _running_daemon(cfg)
     out: dict[str, Any] = {}
-    thread = threading.Thread(target=d.run)
-    thread.start()
     try:
-        time.sleep(0.2)
         out["before"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
         _mount("--bind", "-o", "ro", str(state_dir), str(state_dir))  # stacked on top
         out["ro"] = _cgi(cfg_path, keys, _knock("2001:db8::10"))
