@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tests.lab import (
     Deployment,
     deployment,
     stop_process,
+    wait_until,
 )
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
@@ -110,15 +111,6 @@ def client_lab(**site_kw: Any) -> Iterator[Client]:
 def client() -> Iterator[Client]:
     with client_lab() as c:
         yield c
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def grants(d: Deployment, ip: str) -> list[dict[str, Any]]:

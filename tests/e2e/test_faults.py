@@ -30,6 +30,7 @@ from tests.lab import (
     SERVER6,
     Deployment,
     deployment,
+    wait_for,
 )
 from webknock.fsutil import write_atomic
 from webknock.grants import parse_address
@@ -66,16 +67,6 @@ def state_grants(d: Deployment) -> dict[tuple[str, str, int], dict[str, Any]]:
     return {(g["ip"], g["proto"], g["port"]): g for g in grants}
 
 
-def wait_for(predicate: Any, seconds: float, step: float = 0.05) -> float | None:
-    """Seconds until `predicate()` held, or None if it did not within `seconds`."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
-
-
 def spool_empty(d: Deployment) -> bool:
     spool = d.site.spool
     pending = [n for n in os.listdir(spool / "requests") if not n.startswith(".")]
@@ -107,7 +98,11 @@ def test_kill_9_mid_burst_loses_and_duplicates_nothing(nginx: Deployment) -> Non
     try:
         for _ in range(3):
             mark = len(os.listdir(results))
-            wait_for(lambda m=mark: len(os.listdir(results)) >= m + 15, 30)  # mid-burst
+
+            def grew(m: int = mark) -> bool:
+                return len(os.listdir(results)) >= m + 15
+
+            wait_for(grew, 30)  # mid-burst
             in_flight = thread.is_alive()
             d.site.stop_daemon(kill=True)  # SIGKILL: no cleanup of any kind
             kills += in_flight

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +32,7 @@ from tests.lab import (
     Site,
     close_server_firewall,
     deployment,
+    wait_until,
 )
 
 pytestmark = pytest.mark.kernel
@@ -80,15 +81,6 @@ def held(d: Deployment) -> list[tuple[tuple[str, str, int], int]]:
             if m:
                 found.append(((m[1], m[2], int(m[3])), int(m[4])))
     return found
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def status(d: Deployment) -> tuple[int, dict[str, Any]]:

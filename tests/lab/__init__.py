@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,21 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 5) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait(5)
+
+
+def wait_for(predicate: Callable[[], object], seconds: float, step: float = 0.05) -> float | None:
+    """Seconds until `predicate()` held, or None if it did not within `seconds`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(step)
+    return None
+
+
+def wait_until(predicate: Callable[[], object], seconds: float, step: float = 0.2) -> bool:
+    """Whether `predicate()` held within `seconds`."""
+    return wait_for(predicate, seconds, step) is not None
 
 
 class LabError(RuntimeError):
