@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,24 @@ def write_instance(base: Path, keys: Keys, **overrides: str) -> Path:
 @pytest.fixture
 def instance_config(tmp_path: Path, vector_keys: Keys) -> Path:
     return write_instance(tmp_path, vector_keys)
+
+
+def run_in_mount_namespace(code: str, timeout: float = 120) -> str:
+    """Run Python `code` (with this repository importable) in a child with a private mount
+    namespace, so that it may mount without touching the host; return its stdout. Skips
+    where unshare(1) or mount namespaces are missing; fails on any other error."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) missing")
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"no mount namespaces here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_instance
+from tests.conftest import run_in_mount_namespace, write_instance
 from webknock import ctl
 from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
@@ -135,8 +133,6 @@ def test_exit_status_and_output(site: ServerConfig, capsys: pytest.CaptureFixtur
 
 def test_spool_split_over_file_systems_is_an_error(site: ServerConfig) -> None:
     """The daemon claims requests by rename(2): a mount inside the spool breaks that."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) missing")
     code = (
         "import subprocess\n"
         "from webknock.checks import check_installation\n"
@@ -147,16 +143,5 @@ def test_spool_split_over_file_systems_is_an_error(site: ServerConfig) -> None:
         f"prepare_spool(cfg.spool, {WEB.pw_gid})\n"
         "print(repr(check_installation(cfg)))\n"
     )
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    if proc.returncode != 0 and "unshare failed" in proc.stderr:
-        pytest.skip(proc.stderr.strip())
-    assert proc.returncode == 0, proc.stderr
-    assert "spans 2 file systems" in proc.stdout and "claimed" in proc.stdout
+    stdout = run_in_mount_namespace(code, timeout=60)
+    assert "spans 2 file systems" in stdout and "claimed" in stdout

@@ -16,7 +16,6 @@ import pwd
 import shutil
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, write_instance
+from tests.conftest import run_in_mount_namespace, write_instance
 from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner
 from webknock import daemon as daemon_mod
 from webknock.config import ServerConfig, load
@@ -277,8 +276,6 @@ def test_daemon_loop_survives_failing_steps(
 
 def in_mount_namespace(scenario: str, base: Path, keys: v1.Keys) -> dict[str, Any]:
     """Run `scenario` of this module in a child with its own mount namespace."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) missing")
     code = (
         "import json, sys\n"
         "from tests.unit import test_hostile_faults as t\n"
@@ -286,19 +283,8 @@ def in_mount_namespace(scenario: str, base: Path, keys: v1.Keys) -> dict[str, An
         f"out = t.{scenario}(t.Path({str(base)!r}), Keys.from_hex({keys.to_hex()!r}))\n"
         "print(json.dumps(out))\n"
     )
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    if proc.returncode != 0 and "unshare failed" in proc.stderr:
-        pytest.skip(f"no mount namespaces here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    stdout = run_in_mount_namespace(code)
+    result: dict[str, Any] = json.loads(stdout.splitlines()[-1])
     return result
 
 
