@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from typing import Any
 
 import pytest
 
+from webknock.config import load
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
+from webknock.spooldirs import prepare_spool
+from webknock.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -93,3 +97,18 @@ def run_in_mount_namespace(code: str, timeout: float = 120) -> str:
         pytest.skip(f"no mount namespaces here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def install_correctly(base: Path, keys: Keys, **overrides: str) -> Path:
+    """A correct installation under `base` (root 0755, as /etc/webknock would be): config
+    0644, keys root:<web group> 0640, spool and state file laid out; return the config."""
+    web_gid = pwd.getpwnam("www-data").pw_gid
+    os.chmod(base, 0o755)
+    config = write_instance(base, keys, **overrides)
+    os.chmod(config, 0o644)
+    cfg = load(config)
+    os.chown(cfg.keys_file, 0, web_gid)
+    prepare_spool(cfg.spool, web_gid)
+    with StateStore(cfg.state_file).transaction():
+        pass
+    return config

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_in_mount_namespace, write_instance
+from tests.conftest import install_correctly, run_in_mount_namespace
 from webknock import ctl
 from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import prepare_spool
-from webknock.state import StateStore
 
 WEB = pwd.getpwnam("www-data")
 
@@ -27,15 +25,7 @@ WEB = pwd.getpwnam("www-data")
 def site(vector_keys: Keys) -> Iterator[ServerConfig]:
     """A correct installation in a fresh directory (root 0755, as /etc/webknock would be)."""
     base = Path(tempfile.mkdtemp(prefix="webknock-check-"))
-    os.chmod(base, 0o755)
-    config = write_instance(base, vector_keys)
-    os.chmod(config, 0o644)
-    cfg = load(config)
-    os.chown(cfg.keys_file, 0, WEB.pw_gid)
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    with StateStore(cfg.state_file).transaction():
-        pass
-    yield cfg
+    yield load(install_correctly(base, vector_keys))
     shutil.rmtree(base)
 
 

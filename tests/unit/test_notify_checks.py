@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_instance
+from tests.conftest import install_correctly
 from webknock import ctl
 from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import prepare_spool
-from webknock.state import StateStore
 
 WEB = pwd.getpwnam("www-data")
 
@@ -26,15 +24,8 @@ WEB = pwd.getpwnam("www-data")
 def base(vector_keys: Keys) -> Iterator[Path]:
     """A correct installation with an audit log directory; [notify] is added per test."""
     base = Path(tempfile.mkdtemp(prefix="webknock-notify-check-"))
-    os.chmod(base, 0o755)
     (base / "log").mkdir(mode=0o750)
-    config = write_instance(base, vector_keys, audit_log=str(base / "log" / "i.jsonl"))
-    os.chmod(config, 0o644)
-    cfg = load(config)
-    os.chown(cfg.keys_file, 0, WEB.pw_gid)
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    with StateStore(cfg.state_file).transaction():
-        pass
+    install_correctly(base, vector_keys, audit_log=str(base / "log" / "i.jsonl"))
     yield base
     shutil.rmtree(base)
 
