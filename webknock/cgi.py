@@ -13,7 +13,8 @@ packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB
 429 this address sent too many bad packets (throttle); 500 misconfiguration only
 (config, keys, REMOTE_ADDR); 503 the spool, replay cache or inotify is unavailable
 (full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
-did not answer in time (see cgi_wait for what that means for the grant).
+did not answer in time, or its answer could not be waited for (see cgi_wait for what
+that means for the grant).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool =
         return v1.encode(keys, dumps(reply))
     time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
 
-    from webknock.cgi_wait import submit_and_wait
+    from webknock.cgi_wait import OutcomeUnknown, submit_and_wait
 
     try:
         outcome = submit_and_wait(
@@ -217,6 +218,8 @@ def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool =
         )
     except OSError as exc:  # full or read-only spool, no inotify instance left: never success
         raise Reply(503, f"spool unavailable: {exc}") from None
+    except OutcomeUnknown as exc:  # the daemon may apply it: never success, never "nothing"
+        raise Reply(504, f"cannot wait for webknockd: {exc}") from None
     if outcome is None:
         raise Reply(504, "webknockd did not answer in time")
     if outcome.get("ok"):

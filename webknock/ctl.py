@@ -92,7 +92,8 @@ def cmd_revoke(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_grant(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    from webknock.spool import GrantRequest, new_request_id
+    from webknock.spool import new_request_id
+    from webknock.spool_reader import GrantRequest
 
     ports = [(args.proto, args.port)] if args.port else sorted(cfg.offered())
     unknown = [p for p in ports if p not in cfg.offered()]

@@ -29,15 +29,8 @@ from webknock.events import Event, EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
 from webknock.fsutil import write_atomic
 from webknock.logsetup import setup_logging
-from webknock.spool import (
-    MAX_REQUEST_BYTES,
-    REQUEST_SUFFIX,
-    RESULT_SUFFIX,
-    GrantRequest,
-    SpoolError,
-    read_request,
-    result_payload,
-)
+from webknock.spool import MAX_REQUEST_BYTES, REQUEST_SUFFIX, RESULT_SUFFIX, result_payload
+from webknock.spool_reader import GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
 from webknock.throttle import FAIL_PREFIX, REPLAY_PREFIX
@@ -193,48 +186,60 @@ class Daemon:
             log.error("cannot remove refused spool entry %r: %s", name[:80], exc)
 
     def drain(self) -> int:
-        """Process everything pending as one batch; return how many requests were handled."""
+        """Process everything pending as one batch; return how many requests were handled.
+
+        A batch of MAX_BATCH is followed by the next one at once. A smaller batch had all
+        there was: what arrives meanwhile wakes the loop again by its own event (and the
+        tick drains anyway), so the common case pays for one look at the spool, not two."""
         handled = 0
         stuck: set[str] = set()  # names that could not be removed: never loop on them
         while True:
-            entries = [e for e in self.pending() if e.name not in stuck]
+            claimed = self.pending()
+            entries = [e for e in claimed if e.name not in stuck]
             if not entries:
                 return handled
             stuck.update(e.name for e in entries)
-            now = self.clock()
-            valid: list[tuple[os.DirEntry[str], GrantRequest]] = []
-            for entry in entries:
-                try:
-                    req = read_request(
-                        Path(entry.path),
-                        allowed_uids=self.allowed_uids,
-                        offered=self.offered,
-                        max_time=self.cfg.max_time,
-                    )
-                except SpoolError as exc:
-                    self.reject(entry, str(exc))
-                    continue
-                except Exception as exc:  # untrusted input must never stop the daemon
-                    log.exception("unexpected error reading spool file %r", entry.name[:80])
-                    self.reject(entry, f"unreadable: {type(exc).__name__}")
-                    continue
-                age = now - req.received
-                if not -30 <= age <= self.cfg.result_timeout + 30:
-                    self.reject(entry, f"stale: received {age:.0f}s ago")
-                    continue
-                valid.append((entry, req))
-            try:
-                outcomes = self.engine.open([req for _, req in valid], now)
-            except StateError as exc:
-                log.error("state file error: %s", exc)
-                outcomes = {
-                    req.id: Outcome(False, error="server state unavailable", errorcode="STATE")
-                    for _, req in valid
-                }
-            for entry, req in valid:
-                self.write_result(req.id, outcomes[req.id])
-                self._unlink(Path(entry.path))
+            with self.engine.events.held():  # the answers first, then log, audit, notify
+                self._handle(entries)
             handled += len(entries)
+            if len(claimed) < MAX_BATCH:
+                return handled
+
+    def _handle(self, entries: list[os.DirEntry[str]]) -> None:
+        """Validate, apply and answer one batch of claimed requests."""
+        now = self.clock()
+        valid: list[tuple[os.DirEntry[str], GrantRequest]] = []
+        for entry in entries:
+            try:
+                req = read_request(
+                    Path(entry.path),
+                    allowed_uids=self.allowed_uids,
+                    offered=self.offered,
+                    max_time=self.cfg.max_time,
+                )
+            except SpoolError as exc:
+                self.reject(entry, str(exc))
+                continue
+            except Exception as exc:  # untrusted input must never stop the daemon
+                log.exception("unexpected error reading spool file %r", entry.name[:80])
+                self.reject(entry, f"unreadable: {type(exc).__name__}")
+                continue
+            age = now - req.received
+            if not -30 <= age <= self.cfg.result_timeout + 30:
+                self.reject(entry, f"stale: received {age:.0f}s ago")
+                continue
+            valid.append((entry, req))
+        try:
+            outcomes = self.engine.open([req for _, req in valid], now)
+        except StateError as exc:
+            log.error("state file error: %s", exc)
+            outcomes = {
+                req.id: Outcome(False, error="server state unavailable", errorcode="STATE")
+                for _, req in valid
+            }
+        for entry, req in valid:
+            self.write_result(req.id, outcomes[req.id])
+            self._unlink(Path(entry.path))
 
     # -- housekeeping --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from webknock.events import Event, EventBus
 from webknock.firewall import Firewall, FirewallError
 from webknock.grants import Address, Entry, Grant, GrantKey
-from webknock.spool import GrantRequest
+from webknock.spool_reader import GrantRequest
 from webknock.state import StateError, StateStore, StateTx
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,13 @@ class GrantEngine:
     def _remove(
         self, kind: str, select: str, params: tuple[object, ...], now: float, reason: str = ""
     ) -> list[Grant]:
+        """Remove the grants `select` finds. A revoke is a durable commit: it must not come
+        back after a power loss (an expiry that does is simply repeated)."""
         removed: list[Grant] = []  # what the kernel lost, for an undo if the commit fails
         with (
             self.store.locked(),
             self._undo_on_state_error(now, (), removed),
-            self.store.transaction() as tx,
+            self.store.transaction(durable=kind == "revoke") as tx,
         ):
             gone = tx.select(select, params)
             if not gone:

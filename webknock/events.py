@@ -7,7 +7,8 @@ trail, notifications) subscribe. A sink never blocks or fails the apply path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +89,31 @@ class EventBus:
 
     def __init__(self, *sinks: Sink) -> None:
         self.sinks: list[Sink] = list(sinks)
+        self._held: list[Event] | None = None
 
     def add(self, sink: Sink) -> None:
         self.sinks.append(sink)
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Queue what is emitted inside the block and deliver it, in order, when the block
+        ends (also by an exception): the daemon answers the waiting CGIs first, then logs,
+        audits and notifies. Nested use delivers at the outermost end."""
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            queued, self._held = self._held, None
+            for event in queued:
+                self.emit(event)
+
     def emit(self, event: Event) -> None:
+        if self._held is not None:
+            self._held.append(event)
+            return
         for sink in self.sinks:
             try:
                 sink(event)

@@ -37,8 +37,19 @@ with open(os.environ["PROBE_REPORT"], "w") as fh:
     json.dump({"modules": modules, "spawned": spawned}, fh)
 """
 
-#: Never on any CGI path: the client's HTTP library, CLI parsing, logging setup.
-NEVER = {"requests", "urllib3", "argparse", "logging", "sqlite3", "filelock"}
+#: Never on any CGI path: the client's HTTP library, CLI parsing, logging setup, and the
+#: daemon's side of the spool (it validates what the CGI wrote, the CGI need not load it).
+NEVER = {
+    "requests",
+    "urllib3",
+    "argparse",
+    "logging",
+    "sqlite3",
+    "filelock",
+    "webknock.spool_reader",
+    "webknock.state",
+    "webknock.engine",
+}
 #: Not before a request passed the cheap screen (method, length, shape of `data`).
 HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
 #: Only when a request is spooled.

@@ -88,6 +88,26 @@ def test_drain_applies_one_batch_and_answers(
     assert [e.kind for e in events] == ["open", "open", "open"]
 
 
+def test_answers_are_written_before_events_are_delivered(
+    instance_config: Path,
+) -> None:
+    """Log, audit and notification sinks run after the waiting CGIs have their results."""
+    cfg = load(instance_config)
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    answered: list[bool] = []
+    engine = GrantEngine(
+        cfg.instance,
+        StateStore(cfg.state_file),
+        MemoryFirewall(),
+        EventBus(lambda _event: answered.append(bool(os.listdir(cfg.spool.results)))),
+    )
+    d = Daemon(cfg, engine, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    rid = spool_request(cfg)
+    assert d.drain() == 1
+    assert result(cfg, rid)["ok"] is True
+    assert answered == [True]
+
+
 def test_invalid_files_are_moved_aside_never_applied(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:

@@ -11,7 +11,7 @@ from tests.fakes import MemoryFirewall
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus
 from webknock.grants import GrantKey
-from webknock.spool import GrantRequest
+from webknock.spool_reader import GrantRequest
 from webknock.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
@@ -128,6 +128,31 @@ def test_revoke_filters(setup: tuple[GrantEngine, MemoryFirewall, list[Event]]) 
     assert engine.revoke(A, None, None, NOW) == []
 
 
+def test_only_a_revoke_is_a_durable_commit(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoke must not come back after a power loss; a grant or an expiry lost that way
+    fails closed (the kernel lost it too; reconcile repeats an expiry)."""
+    engine, _, _ = setup
+    durable: list[tuple[str, bool]] = []
+    real = engine.store.transaction
+
+    def transaction(**kw: bool) -> object:
+        durable.append((step, kw.get("durable", False)))
+        return real(**kw)
+
+    monkeypatch.setattr(engine.store, "transaction", transaction)
+    step = "open"
+    engine.open([req(ports=(("tcp", 22), ("tcp", 2222)))], NOW)
+    step = "reap"
+    engine.reap(NOW + 1)
+    step = "revoke"
+    engine.revoke(A, "tcp", 2222, NOW)
+    step = "expire"
+    engine.reap(NOW + 100)
+    assert durable == [("open", False), ("reap", False), ("revoke", True), ("expire", False)]
+
+
 def test_reconcile_restores_live_and_drops_expired(
     setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
 ) -> None:
@@ -150,3 +175,21 @@ def test_drift_reports_missing_extra(
     fw.held = {stray: NOW + 10}
     drift = engine.drift(NOW)
     assert drift.missing == [GrantKey(A, "tcp", 22)] and drift.extra == [stray]
+
+
+def test_held_events_are_delivered_in_order_at_the_end_even_on_error() -> None:
+    got: list[str] = []
+    bus = EventBus(lambda e: got.append(e.ip))
+
+    def ev(ip: str) -> Event:
+        return Event("open", NOW, "webknock", ip)
+
+    with pytest.raises(RuntimeError), bus.held():
+        bus.emit(ev("192.0.2.1"))
+        with bus.held():  # nested: delivered at the outermost end
+            bus.emit(ev("192.0.2.2"))
+        assert got == []
+        raise RuntimeError("after the commit, writing an answer failed")
+    assert got == ["192.0.2.1", "192.0.2.2"]
+    bus.emit(ev("192.0.2.3"))
+    assert got[-1] == "192.0.2.3", "not held any more"

@@ -29,7 +29,7 @@ from tests.conftest import REPO, write_instance
 from webknock import cgi, cgi_wait, throttle
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
-from webknock.spool import SpoolError, parse_request, read_request
+from webknock.spool_reader import SpoolError, parse_request, read_request
 from webknock.spooldirs import prepare_spool
 
 CORPUS = REPO / "tests" / "fuzz"
@@ -104,7 +104,7 @@ def check_request_json(data: bytes, now: float) -> None:
 
 
 def check_spool_request(data: bytes) -> None:
-    """spool.parse_request (root reading the web user's file): SpoolError or a valid grant."""
+    """spool_reader.parse_request (root reading the web user's file): SpoolError or a valid grant."""
     try:
         req = parse_request("0" * 32, data, offered=OFFERED, max_time=3600)
     except SpoolError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, cgi_wait, throttle
+from webknock import cgi, cgi_wait, spool, throttle
 from webknock.config import load
 from webknock.protocol import messages, transport, v1
 from webknock.spooldirs import prepare_spool
@@ -353,15 +353,62 @@ def test_spool_failure_is_503_never_success(
     def fail(*args: Any, **kw: Any) -> None:
         raise error
 
-    if target == "inotify":
+    if target == "inotify":  # the watch comes after the request is written: it is withdrawn
         import webknock.inotify
 
+        monkeypatch.setattr(cgi_wait, "write_request", spool.write_request)
         monkeypatch.setattr(webknock.inotify, "INotify", fail)
     else:
         monkeypatch.setattr(cgi_wait, target, fail)
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
-    assert status == 503 and body == b"" and str(error.strerror) in log
+    assert status == 503 and body == b"" and str(error.strerror) in log, log
     assert os.listdir(site.cfg.spool.requests) == []
+
+
+def test_no_watch_after_the_daemon_claimed_is_504_never_success(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request went in and the daemon took it before the CGI could watch for the result:
+    it may be applied, so the client is told neither success nor "nothing was applied"."""
+    import webknock.inotify
+
+    def write_and_claim(requests: Path, request_id: str, payload: bytes) -> Path:
+        path = spool.write_request(requests, request_id, payload)
+        os.rename(path, site.cfg.spool.claimed / path.name)  # as webknockd claims it
+        return path
+
+    def no_inotify(*args: Any, **kw: Any) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cgi_wait, "write_request", write_and_claim)
+    monkeypatch.setattr(webknock.inotify, "INotify", no_inotify)
+    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
+    assert status == 504 and body == b"", log
+    assert "claimed, but no watch for its result" in log and "Too many open files" in log
+    assert len(os.listdir(site.cfg.spool.claimed)) == 1, "the daemon's to apply or refuse"
+
+
+def test_a_result_faster_than_the_watch_is_not_missed(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon may answer before the CGI has its watch (that is the point of setting it
+    up after writing): the first look at results/ finds the answer, no wait, no timeout."""
+
+    def write_and_answer(requests: Path, request_id: str, payload: bytes) -> Path:
+        path = spool.write_request(requests, request_id, payload)
+        path.unlink()  # claimed and done, as webknockd would
+        (site.cfg.spool.results / f"{request_id}{spool.RESULT_SUFFIX}").write_bytes(
+            spool.result_payload(True, expires=now() + 60, ports=[["tcp", 22]])
+        )
+        return path
+
+    monkeypatch.setattr(cgi_wait, "write_request", write_and_answer)
+    started = time.monotonic()
+    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
+    assert status == 200, log
+    assert time.monotonic() - started < 0.9, "answered at once, not after result_timeout (1 s)"
+    reply = json.loads(v1.decode(site.keys, body))
+    assert reply["success"] is True and reply["expires"] > now()
 
 
 def test_replay_cache_unwritable_is_503(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,8 @@ from webknock.events import EventBus
 from webknock.firewall.iptables import IptablesFirewall
 from webknock.grants import GrantKey, parse_address
 from webknock.protocol import messages, transport, v1
-from webknock.spool import GrantRequest, encode_request, new_request_id, write_request
+from webknock.spool import encode_request, new_request_id, write_request
+from webknock.spool_reader import GrantRequest
 from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateError, StateStore
 

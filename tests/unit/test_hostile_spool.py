@@ -29,13 +29,8 @@ from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus
 from webknock.grants import parse_address
 from webknock.protocol.v1 import Keys
-from webknock.spool import (
-    MAX_REQUEST_BYTES,
-    GrantRequest,
-    encode_request,
-    new_request_id,
-    write_request,
-)
+from webknock.spool import MAX_REQUEST_BYTES, encode_request, new_request_id, write_request
+from webknock.spool_reader import GrantRequest
 from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateStore
 

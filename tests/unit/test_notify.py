@@ -36,7 +36,7 @@ from webknock.notify import load_notify, mail_sender, sinks_for, webhook_sender
 from webknock.notify.settings import NotifySettings, read_credentials
 from webknock.notify.worker import BackgroundSender
 from webknock.protocol.v1 import Keys
-from webknock.spool import GrantRequest
+from webknock.spool_reader import GrantRequest
 from webknock.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from webknock.spool import SpoolError, encode_request, parse_request, read_request, write_request
+from webknock.spool import encode_request, write_request
+from webknock.spool_reader import SpoolError, parse_request, read_request
 
 OFFERED = frozenset({("tcp", 22), ("tcp", 2222), ("udp", 51820)})
 RID = "0123456789abcdef0123456789abcdef"

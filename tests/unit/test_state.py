@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,41 @@ def test_ipv6_text_is_canonical(tmp_path: Path) -> None:
         tx.upsert([Grant(key, 1.0, 1.0, 100.0)])
     with store.transaction() as tx:
         assert tx.get([B.__class__(ipaddress.ip_address("2001:db8::10"), "tcp", 22)])
+
+
+def test_durability_is_per_transaction(tmp_path: Path) -> None:
+    """WAL always; a plain commit is synced at checkpoints (NORMAL), a durable one at once
+    (FULL), and the setting goes back for the next plain one."""
+    store = StateStore(tmp_path / "s.db")
+    seen = []
+    for durable in (False, True, False, True, True):
+        with store.transaction(durable=durable) as tx:
+            tx.upsert([Grant(A, 1.0, 1.0, 100.0)])
+            seen.append(tx.db.execute("PRAGMA synchronous").fetchone()[0])
+    assert seen == [1, 2, 1, 2, 2]  # NORMAL, FULL
+    assert store.read().db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    with store.transaction() as tx:  # a new connection starts plain again
+        assert tx.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+
+
+def test_nested_lock_takes_the_file_lock_once(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    taken: list[int] = []
+    acquire = store.lock.acquire
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        taken.append(1)
+        return acquire(*args, **kw)
+
+    store.lock.acquire = counting  # type: ignore[method-assign]
+    with store.locked(), store.transaction() as tx, store.locked():
+        tx.upsert([Grant(A, 1.0, 1.0, 100.0)])
+        assert store.lock.is_locked
+    assert taken == [1] and not store.lock.is_locked
+    with store.transaction():
+        pass
+    assert taken == [1, 1]
 
 
 WRITER = """
