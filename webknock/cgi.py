@@ -13,8 +13,7 @@ packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB
 429 this address sent too many bad packets (throttle); 500 misconfiguration only
 (config, keys, REMOTE_ADDR); 503 the spool, replay cache or inotify is unavailable
 (full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
-did not answer in time, or its answer could not be waited for (see cgi_wait for what
-that means for the grant).
+did not answer in time (see cgi_wait for what that means for the grant).
 """
 
 from __future__ import annotations
@@ -134,9 +133,8 @@ def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Add
     return addr
 
 
-def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool = False) -> bytes:
-    """Handle one request; return the reply packet or raise Reply (`linger`: see
-    :func:`webknock.cgi_wait.submit_and_wait`)."""
+def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
+    """Handle one request; return the reply packet or raise Reply."""
     packet = read_packet(environ, stdin)
 
     from webknock.config import ConfigError, load
@@ -204,7 +202,7 @@ def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool =
         return v1.encode(keys, dumps(reply))
     time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
 
-    from webknock.cgi_wait import OutcomeUnknown, submit_and_wait
+    from webknock.cgi_wait import submit_and_wait
 
     try:
         outcome = submit_and_wait(
@@ -214,12 +212,9 @@ def handle(environ: dict[str, str], stdin: object, now: float, *, linger: bool =
             time_granted,
             now,
             environ.get("HTTP_USER_AGENT", ""),
-            linger=linger,
         )
-    except OSError as exc:  # full or read-only spool, no inotify instance left: never success
+    except OSError as exc:  # full or read-only spool, no descriptor left: never success
         raise Reply(503, f"spool unavailable: {exc}") from None
-    except OutcomeUnknown as exc:  # the daemon may apply it: never success, never "nothing"
-        raise Reply(504, f"cannot wait for webknockd: {exc}") from None
     if outcome is None:
         raise Reply(504, "webknockd did not answer in time")
     if outcome.get("ok"):
@@ -238,7 +233,7 @@ def main(*, detach: bool = True) -> int:
     default, for the process the web server started) then hangs up stdout and stderr."""
     out = sys.stdout.buffer
     try:
-        body = handle(dict(os.environ), sys.stdin.buffer, time.time(), linger=detach)
+        body = handle(dict(os.environ), sys.stdin.buffer, time.time())
     except Reply as reply:
         warn(f"{reply.status}: {reply.why}")
         status, body, note = reply.status, reply.body, reply.note

@@ -1,17 +1,16 @@
 """The CGI's side of the spool: write one grant request and wait for its result.
 
-The wait is an inotify watch on ``results/``, so the CGI wakes the moment the daemon
-renames the result into place; no sleep loop. The watch is set up right *after* the
-request is written: loading the inotify library takes about as long as the daemon
-takes to answer, so the two overlap instead of adding up, and the first look at
-``results/`` after the watch exists catches a result that was faster than that.
+Before the request is written the CGI installs its doorbell (see
+:mod:`webknock.doorbell`), a FIFO that webknockd rings once the result is in place:
+the CGI sleeps in poll(2) and wakes the moment the daemon has answered; no sleep loop,
+and no library to load for it.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
+from webknock import doorbell
 from webknock.spool import (
     REQUEST_SUFFIX,
     RESULT_SUFFIX,
@@ -28,9 +27,8 @@ if TYPE_CHECKING:
     from webknock.config import ServerConfig
     from webknock.grants import Address
 
-
-class OutcomeUnknown(Exception):
-    """The request is in the daemon's hands, but its result cannot be waited for."""
+#: The daemon rang, but there is no result to read: a failure, never a success.
+NO_RESULT = {"ok": False, "error": "result missing", "errorcode": "INTERNAL"}
 
 
 def _read_result(path: str) -> dict[str, Any] | None:
@@ -43,19 +41,6 @@ def _read_result(path: str) -> dict[str, Any] | None:
         return {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
 
 
-def _withdraw(request: str) -> bool:
-    """Take the request back; False when the daemon has claimed it already."""
-    try:
-        os.unlink(request)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-#: inotify instances left to process exit (``linger``).
-_LINGERING: list[Any] = []
-
-
 def submit_and_wait(
     cfg: ServerConfig,
     ip: Address,
@@ -63,69 +48,42 @@ def submit_and_wait(
     seconds: int,
     now: float,
     user_agent: str,
-    *,
-    linger: bool = False,
 ) -> dict[str, Any] | None:
     """Spool the request; return the daemon's result, or None on timeout.
 
-    Raises OSError when nothing was spooled or the request could be taken back (full
-    disk, read-only spool, no inotify instance left): the caller answers an error and
-    nothing is applied. Raises OutcomeUnknown when no watch could be set up but the
-    daemon had already claimed the request: it may be applied, and we cannot wait.
+    Raises OSError when nothing was spooled (full disk, read-only spool, no doorbell):
+    the caller answers an error, nothing is applied.
 
     None means the daemon did not answer within ``result_timeout``. If the request
     could still be withdrawn it will never be applied; if the daemon had claimed it,
     we waited once more, and after that it may still be applied (the client is told
     504, never success).
-
-    `linger` leaves the inotify instance open until the process exits: closing one waits
-    for an RCU grace period in the kernel (several milliseconds on an idle host), which a
-    CGI should spend after its answer is out, not before (see ``cgi.hang_up``).
     """
     spool = cfg.spool
     request_id = new_request_id()
-    result_name = f"{request_id}{RESULT_SUFFIX}"
-    result_path = os.path.join(spool.results, result_name)
-    request_path = os.path.join(spool.requests, f"{request_id}{REQUEST_SUFFIX}")
-    write_request(spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent))
+    result_path = os.path.join(spool.results, f"{request_id}{RESULT_SUFFIX}")
+    bell_path = os.path.join(spool.waits, request_id)
+    bell = doorbell.install(bell_path)
     try:
-        from webknock.inotify import INotify, flags
-
-        inotify = INotify()
-    except (OSError, ImportError) as exc:
-        if _withdraw(request_path):
-            raise OSError(f"cannot wait for the result: {exc}") from None
-        raise OutcomeUnknown(f"claimed, but no watch for its result: {exc}") from None
-    try:
-        try:
-            inotify.add_watch(spool.results, flags.MOVED_TO)  # results appear by rename only
-        except OSError as exc:
-            if _withdraw(request_path):
-                raise
-            raise OutcomeUnknown(f"claimed, but no watch for its result: {exc}") from None
-        result = _wait(inotify, result_path, result_name, cfg.result_timeout)
+        write_request(
+            spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
+        )
+        result = _wait(bell, result_path, cfg.result_timeout)
         if result is not None:
             return result
-        if _withdraw(request_path):  # the daemon has not claimed it: it will never apply it
-            return None
-        # claimed: the daemon is working on it, give it more time
-        return _wait(inotify, result_path, result_name, cfg.result_timeout)
+        try:  # withdraw: the daemon has not claimed it, so it will never apply it
+            os.unlink(os.path.join(spool.requests, f"{request_id}{REQUEST_SUFFIX}"))
+        except FileNotFoundError:  # claimed: the daemon is working on it, give it more time
+            return _wait(bell, result_path, cfg.result_timeout)
+        return None
     finally:
-        if linger:
-            _LINGERING.append(inotify)
-        else:
-            inotify.close()
+        doorbell.remove(bell_path, bell)
 
 
-def _wait(inotify: Any, path: str, name: str, seconds: float) -> dict[str, Any] | None:
-    deadline = time.monotonic() + seconds
-    while True:
-        result = _read_result(path)
-        if result is not None:
-            return result
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        for event in inotify.read(timeout=max(1, int(left * 1000))):
-            if event.name == name:
-                break
+def _wait(bell: int, path: str, seconds: float) -> dict[str, Any] | None:
+    """The result at `path` once the bell rings (or it is there already), None on timeout."""
+    rang = doorbell.wait(bell, seconds)
+    result = _read_result(path)  # also after a timeout: the bell is only the fast way
+    if result is None and rang:
+        return NO_RESULT
+    return result

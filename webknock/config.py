@@ -34,7 +34,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class SpoolPaths:
     """The spool of one instance; the web user and root never share a writable directory
-    except ``requests`` (sticky, root-owned) and ``seen`` (replay cache, same rules)."""
+    except ``requests``, ``waits`` (doorbells) and ``seen`` (replay cache), all three
+    sticky and root-owned."""
 
     root: Path
 
@@ -57,6 +58,10 @@ class SpoolPaths:
     @property
     def seen(self) -> Path:
         return self.root / "seen"
+
+    @property
+    def waits(self) -> Path:
+        return self.root / "waits"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from webknock import __version__
+from webknock import __version__, doorbell
 from webknock.config import ConfigError, ServerConfig, load
 from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus, log_sink
@@ -142,6 +142,8 @@ class Daemon:
             write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
         except OSError as exc:  # full or read-only spool: the CGI times out (504), never success
             log.error("cannot write result %s: %s", request_id, exc)
+            return
+        doorbell.ring(os.path.join(self.spool.waits, request_id), self.web.uid)
 
     def reject(self, entry: os.DirEntry[str], reason: str) -> None:
         """Log, answer (when the name is a request id) and move the file aside."""
@@ -264,12 +266,14 @@ class Daemon:
         return max(replay, throttle)  # not ours: whatever the web user left there
 
     def prune(self) -> None:
-        """Drop old results, abandoned temp files, old replay marks and throttle counters,
-        excess throttle counters and excess rejects."""
+        """Drop old results, abandoned temp files and doorbells, old replay marks and
+        throttle counters, excess throttle counters and excess rejects."""
         now = self.clock()
+        bell_ttl = 2 * self.cfg.result_timeout + TMP_TTL  # a CGI waits twice at most
         for directory, ttl in (
             (self.spool.results, lambda _name: RESULT_TTL),
             (self.spool.requests, lambda name: TMP_TTL if name.startswith(".") else None),
+            (self.spool.waits, lambda _name: bell_ttl),
             (self.spool.seen, self.seen_ttl),
         ):
             counters: list[tuple[float, str]] = []
@@ -279,10 +283,13 @@ class Daemon:
                     if limit is None:
                         continue
                     try:
-                        mtime = e.stat(follow_symlinks=False).st_mtime
+                        st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if now - mtime > limit:
+                    mtime = st.st_mtime
+                    if now - mtime > limit and stat.S_ISDIR(st.st_mode):  # planted: not ours
+                        self._set_aside(Path(e.path), e.name)
+                    elif now - mtime > limit:
                         self._unlink(Path(e.path))
                     elif e.name.startswith(FAIL_PREFIX) and directory == self.spool.seen:
                         counters.append((mtime, e.path))

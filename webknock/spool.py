@@ -8,6 +8,8 @@ Layout under ``spool_dir``::
     results/   root:WEBGROUP 0750  daemon writes ``<id>.json`` (atomic); CGI only reads
     rejected/  root:root     0700  invalid requests moved aside for the admin
     seen/      root:WEBGROUP 1730  replay cache, one empty file per accepted packet MAC
+    waits/     root:WEBGROUP 1730  CGI's doorbell ``<id>`` (a FIFO) that the daemon rings
+                                   once the result is written (see webknock.doorbell)
 
 This module is the format of both file kinds and the CGI's side of it, which is on
 the path of every openports and so imports nothing the CGI does not already have.

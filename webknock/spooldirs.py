@@ -39,6 +39,7 @@ def layout(paths: SpoolPaths, gid: int) -> list[tuple[Path, int, int, int]]:
         (paths.claimed, 0, 0, 0o700),
         (paths.rejected, 0, 0, 0o700),
         (paths.seen, 0, gid, 0o1730),
+        (paths.waits, 0, gid, 0o1730),
     ]
 
 

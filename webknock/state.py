@@ -24,9 +24,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
-
 from webknock.grants import Grant, GrantKey, parse_address
+from webknock.instancelock import InstanceLock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants (
@@ -140,9 +139,8 @@ class StateStore:
 
     def __init__(self, path: Path, *, lock_timeout: float = 30.0) -> None:
         self.path = path
-        self.lock = FileLock(f"{path}.lock", timeout=lock_timeout, mode=0o600)
+        self.lock = InstanceLock(f"{path}.lock", timeout=lock_timeout)
         self._db: sqlite3.Connection | None = None
-        self._depth = 0  # how many times this process holds the lock (re-entrant)
         self._durable = False  # the connection's current `synchronous` setting is FULL
 
     def _connect(self) -> sqlite3.Connection:
@@ -166,25 +164,18 @@ class StateStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the instance lock (re-entrant); a lock that cannot be had is a StateError.
-
-        Nested use costs nothing: only the outermost level takes and drops the filelock."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
+        """Hold the instance lock (re-entrant); a lock that cannot be had is a StateError."""
         try:
-            self.lock.acquire()
-        except OSError as exc:  # includes filelock.Timeout; read-only or full state dir
-            raise StateError(f"{self.lock.lock_file}: cannot take the state lock: {exc}") from None
-        self._depth = 1
+            try:
+                self.lock.acquire()
+            except FileNotFoundError:  # first use: no state directory yet
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.lock.acquire()
+        except OSError as exc:  # a timeout; a read-only or full state dir
+            raise StateError(f"{self.lock.path}: cannot take the state lock: {exc}") from None
         try:
             yield
         finally:
-            self._depth = 0
             self.lock.release()
 
     @contextmanager
@@ -235,3 +226,4 @@ class StateStore:
             self._db.close()
             self._db = None
             self._durable = False
+        self.lock.close()

@@ -72,6 +72,7 @@ def test_spool_layout_modes(
         "claimed": (0o700, 0),
         "rejected": (0o700, 0),
         "seen": (0o1730, WEB.pw_gid),
+        "waits": (0o1730, WEB.pw_gid),
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, cgi_wait, spool, throttle
+from webknock import cgi, cgi_wait, doorbell, spool, throttle
 from webknock.config import load
 from webknock.protocol import messages, transport, v1
 from webknock.spooldirs import prepare_spool
@@ -344,7 +344,8 @@ def test_forwarded_for_only_from_trusted_proxies(
     [
         ("write_request", OSError(errno.ENOSPC, "No space left on device")),
         ("write_request", OSError(errno.EROFS, "Read-only file system")),
-        ("inotify", OSError(errno.EMFILE, "Too many open files")),
+        ("doorbell", OSError(errno.EMFILE, "Too many open files")),
+        ("doorbell", OSError(errno.ENOENT, "No such file or directory")),  # no waits/
     ],
 )
 def test_spool_failure_is_503_never_success(
@@ -353,62 +354,79 @@ def test_spool_failure_is_503_never_success(
     def fail(*args: Any, **kw: Any) -> None:
         raise error
 
-    if target == "inotify":  # the watch comes after the request is written: it is withdrawn
-        import webknock.inotify
-
+    if target == "doorbell":  # installed before the request is written: nothing spooled
         monkeypatch.setattr(cgi_wait, "write_request", spool.write_request)
-        monkeypatch.setattr(webknock.inotify, "INotify", fail)
+        monkeypatch.setattr(doorbell, "install", fail)
     else:
         monkeypatch.setattr(cgi_wait, target, fail)
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 503 and body == b"" and str(error.strerror) in log, log
     assert os.listdir(site.cfg.spool.requests) == []
+    assert os.listdir(site.cfg.spool.waits) == [], "the doorbell is gone with the request"
 
 
-def test_no_watch_after_the_daemon_claimed_is_504_never_success(
-    site: Site, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The request went in and the daemon took it before the CGI could watch for the result:
-    it may be applied, so the client is told neither success nor "nothing was applied"."""
-    import webknock.inotify
+def answering(site: Site, write: Any) -> Any:
+    """A write_request that spools the request and then plays the daemon with `write`."""
 
-    def write_and_claim(requests: Path, request_id: str, payload: bytes) -> Path:
+    def write_request(requests: Path, request_id: str, payload: bytes) -> Path:
         path = spool.write_request(requests, request_id, payload)
-        os.rename(path, site.cfg.spool.claimed / path.name)  # as webknockd claims it
+        path.unlink()  # claimed
+        write(request_id)
         return path
 
-    def no_inotify(*args: Any, **kw: Any) -> None:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    monkeypatch.setattr(cgi_wait, "write_request", write_and_claim)
-    monkeypatch.setattr(webknock.inotify, "INotify", no_inotify)
-    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
-    assert status == 504 and body == b"", log
-    assert "claimed, but no watch for its result" in log and "Too many open files" in log
-    assert len(os.listdir(site.cfg.spool.claimed)) == 1, "the daemon's to apply or refuse"
+    return write_request
 
 
-def test_a_result_faster_than_the_watch_is_not_missed(
+def test_the_daemon_rings_and_the_cgi_answers_at_once(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The daemon may answer before the CGI has its watch (that is the point of setting it
-    up after writing): the first look at results/ finds the answer, no wait, no timeout."""
+    """The bell is up before the request exists, so a daemon faster than the CGI is never
+    missed; the CGI wakes on the ring, not after result_timeout (1 s here)."""
 
-    def write_and_answer(requests: Path, request_id: str, payload: bytes) -> Path:
-        path = spool.write_request(requests, request_id, payload)
-        path.unlink()  # claimed and done, as webknockd would
+    def daemon(request_id: str) -> None:
         (site.cfg.spool.results / f"{request_id}{spool.RESULT_SUFFIX}").write_bytes(
             spool.result_payload(True, expires=now() + 60, ports=[["tcp", 22]])
         )
-        return path
+        assert doorbell.ring(str(site.cfg.spool.waits / request_id), os.getuid())
 
-    monkeypatch.setattr(cgi_wait, "write_request", write_and_answer)
+    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
     started = time.monotonic()
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 200, log
-    assert time.monotonic() - started < 0.9, "answered at once, not after result_timeout (1 s)"
+    assert time.monotonic() - started < 0.9, "woken by the ring, not by the timeout"
     reply = json.loads(v1.decode(site.keys, body))
     assert reply["success"] is True and reply["expires"] > now()
+    assert os.listdir(site.cfg.spool.waits) == []
+
+
+def test_a_ring_without_a_result_is_failure_never_success(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def daemon(request_id: str) -> None:
+        assert doorbell.ring(str(site.cfg.spool.waits / request_id), os.getuid())
+
+    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
+    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
+    assert status == 200, log
+    reply = json.loads(v1.decode(site.keys, body))
+    assert reply == {"success": False, "error": "result missing", "errorcode": "INTERNAL"}
+
+
+def test_a_result_without_a_ring_is_found_at_the_timeout(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bell is only the fast way: a result the daemon could not ring for is read once
+    the wait runs out, and the claimed request is not reported as lost."""
+
+    def daemon(request_id: str) -> None:
+        (site.cfg.spool.results / f"{request_id}{spool.RESULT_SUFFIX}").write_bytes(
+            spool.result_payload(True, expires=now() + 60, ports=[["tcp", 22]])
+        )
+
+    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
+    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
+    assert status == 200, log
+    assert json.loads(v1.decode(site.keys, body))["success"] is True
 
 
 def test_replay_cache_unwritable_is_503(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -248,10 +248,12 @@ def test_prune_keeps_throttle_counters_for_their_window(
     plant("f-192.0.2.1", 40, 20)  # throttle counter: window 60 + 5 s
     plant("f-192.0.2.2", 70, 20)
     plant("junk", 70)
-    (seen / "r-dir").mkdir()  # the web user can plant a directory: never a crash
+    (seen / "r-dir").mkdir()  # the web user can plant a directory: removed, never a crash
+    (seen / "r-dir" / "inside").write_text("x")
     os.utime(seen / "r-dir", (now - 100, now - 100))
     d.prune()
-    assert sorted(os.listdir(seen)) == ["f-192.0.2.1", "r-dir", "r-young"]
+    assert sorted(os.listdir(seen)) == ["f-192.0.2.1", "r-young"]
+    assert os.listdir(cfg.spool.rejected) == [], "a directory is not kept for the admin"
 
     monkeypatch.setattr(daemon_mod, "MAX_THROTTLE_MARKS", 5)
     for i in range(12):

@@ -105,6 +105,7 @@ def test_table_name_per_instance() -> None:
 
 
 def test_add_v4_and_v6_is_one_transaction_setting_each_timeout() -> None:
+    """A new grant is not in the kernel: one `add element` with its timeout per set."""
     lib = FakeLib()
     fw(lib).apply([Entry(V4, NOW + 60), Entry(V6, NOW + 90.5), Entry(V4U, NOW + 30)], now=NOW)
     k4, k6, ku = (
@@ -114,14 +115,8 @@ def test_add_v4_and_v6_is_one_transaction_setting_each_timeout() -> None:
     )
     assert lib.batches == [
         [
-            elems("add", "tcp4", [k4]),
-            elems("delete", "tcp4", [k4]),
             elems("add", "tcp4", [{"elem": {"val": k4, "timeout": 60}}]),
-            elems("add", "tcp6", [k6]),
-            elems("delete", "tcp6", [k6]),
             elems("add", "tcp6", [{"elem": {"val": k6, "timeout": 91}}]),
-            elems("add", "udp4", [ku]),
-            elems("delete", "udp4", [ku]),
             elems("add", "udp4", [{"elem": {"val": ku, "timeout": 30}}]),
         ]
     ]
@@ -136,6 +131,23 @@ def test_renew_replaces_the_timeout_and_removal_tolerates_an_expired_element() -
             elems("add", "tcp4", [a, b]),
             elems("delete", "tcp4", [a, b]),
             elems("add", "tcp4", [{"elem": {"val": b, "timeout": 3600}}]),
+        ]
+    ]
+
+
+def test_new_and_renewed_in_one_set_share_the_timed_add() -> None:
+    lib = FakeLib()
+    fw(lib).apply([Entry(V4, NOW + 60)], [Entry(V4B, NOW + 120)], [], now=NOW)
+    a, b = {"concat": ["192.0.2.10", 22]}, {"concat": ["192.0.2.11", 22]}
+    assert lib.batches == [
+        [
+            elems("add", "tcp4", [b]),
+            elems("delete", "tcp4", [b]),
+            elems(
+                "add",
+                "tcp4",
+                [{"elem": {"val": a, "timeout": 60}}, {"elem": {"val": b, "timeout": 120}}],
+            ),
         ]
     ]
 

@@ -6,12 +6,16 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pytest
 
+from webknock import instancelock
 from webknock.grants import Grant, GrantKey
+from webknock.instancelock import InstanceLock, LockTimeout
 from webknock.state import StateStore
 
 A = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
@@ -70,26 +74,80 @@ def test_durability_is_per_transaction(tmp_path: Path) -> None:
 def test_nested_lock_takes_the_file_lock_once(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s.db")
     taken: list[int] = []
-    acquire = store.lock.acquire
+    real = filelock.lock_descriptor
 
-    def counting(*args: Any, **kw: Any) -> Any:
-        taken.append(1)
-        return acquire(*args, **kw)
+    def counting(fd: int, **kw: Any) -> bool:
+        taken.append(fd)
+        return real(fd, **kw)
 
-    store.lock.acquire = counting  # type: ignore[method-assign]
-    with store.locked(), store.transaction() as tx, store.locked():
-        tx.upsert([Grant(A, 1.0, 1.0, 100.0)])
-        assert store.lock.is_locked
-    assert taken == [1] and not store.lock.is_locked
-    with store.transaction():
-        pass
-    assert taken == [1, 1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(instancelock, "lock_descriptor", counting)
+        with store.locked(), store.transaction() as tx, store.locked():
+            tx.upsert([Grant(A, 1.0, 1.0, 100.0)])
+            assert store.lock.held
+        assert len(taken) == 1 and not store.lock.held
+        with store.transaction():
+            pass
+        assert len(taken) == 2 and taken[0] == taken[1], "one descriptor, kept open"
+
+
+HOLDER = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_the_lock_excludes_a_filelock_of_another_process(tmp_path: Path) -> None:
+    """webknockctl of an older release (a filelock.FileLock) and we take the same lock."""
+    lock = InstanceLock(str(tmp_path / "s.db.lock"), timeout=5)
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, lock.path, "0.5"], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        lock.acquire()
+        waited = time.monotonic() - started
+        lock.release()
+    assert 0.2 < waited < 4, "waited for the other process, then got it"
+    short = InstanceLock(lock.path, timeout=0.2)
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, lock.path, "3"], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LockTimeout):
+            short.acquire()
+        holder.kill()
+
+
+def test_a_replaced_lock_file_is_locked_anew(tmp_path: Path) -> None:
+    """Someone deleted the lock file between two uses: the next user must not lock the
+    deleted one while others lock the new one."""
+    lock = InstanceLock(str(tmp_path / "s.db.lock"))
+    lock.acquire()
+    lock.release()
+    os.unlink(lock.path)
+    other = InstanceLock(lock.path)
+    other.acquire()  # creates and locks the new file
+    with pytest.raises(LockTimeout):
+        lock.timeout = 0.1
+        lock.acquire()
+    other.release()
+    lock.acquire()
+    assert lock.held and os.path.exists(lock.path)
+    lock.release()
 
 
 WRITER = """
 import ipaddress, sys
 from pathlib import Path
+import filelock
+
+from webknock import instancelock
 from webknock.grants import Grant, GrantKey
+from webknock.instancelock import InstanceLock, LockTimeout
 from webknock.state import StateStore
 store = StateStore(Path(sys.argv[1]))
 base = int(sys.argv[2])

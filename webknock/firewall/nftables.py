@@ -10,11 +10,15 @@ Layout (table ``inet webknock``, or ``inet webknock_<instance>`` for another ins
     }
 
 Every element carries its remaining lifetime, so the kernel closes a grant on time even
-with the daemon and cron dead. Older kernels keep the old timeout when ``add element``
-names an element that exists (recent ones, e.g. 6.18, replace it), so a batch sets it by
+with the daemon and cron dead. A new grant (none in the state file) is one ``add element``
+with its timeout. Older kernels keep the old timeout when ``add element`` names an
+element that exists (recent ones, e.g. 6.18, replace it), so a renewal sets it by
 ``add`` (a no-op if present), ``delete``, ``add`` with the timeout, in one transaction:
 the same result on every kernel, atomic (no instant without the element), no duplicate,
-and no error whether or not the kernel still held it. A removal is ``add`` then ``delete``.
+and no error whether or not the kernel still held it (a grant that expired in the state
+file is renewed this way too). A removal is ``add`` then ``delete``. (A new grant whose
+element someone else put there keeps that element's timeout on an older kernel; the
+reaper still deletes it when our grant ends.)
 
 Batches go through libnftables in-process (Debian's python3-nftables) as JSON; without
 the binding the same JSON is fed to ``nft -j -f -`` through the injected runner.
@@ -232,20 +236,18 @@ class NftablesFirewall(Firewall):
     ) -> None:
         cmds: list[Cmd] = []
         for proto, family in SET_KEYS:
-            setting = {
-                e.key: e for e in [*add, *renew] if e.key.proto == proto and e.key.family == family
-            }
-            gone = {k for k in remove if k.proto == proto and k.family == family} - set(setting)
+            fresh = {e.key: e for e in add if (e.key.proto, e.key.family) == (proto, family)}
+            setting = {e.key: e for e in renew if (e.key.proto, e.key.family) == (proto, family)}
+            gone = {k for k in remove if (k.proto, k.family) == (proto, family)}
+            gone -= {*setting, *fresh}
             touched = sorted({*setting, *gone})
-            if not touched:
-                continue
-            keys = [elem_key(k) for k in touched]
-            cmds.append(self._elements("add", proto, family, keys))
-            cmds.append(self._elements("delete", proto, family, keys))
-            if setting:
-                cmds.append(
-                    self._elements("add", proto, family, self._timed(setting.values(), now))
-                )
+            if touched:  # present or not: make it absent first (see the module's docstring)
+                keys = [elem_key(k) for k in touched]
+                cmds.append(self._elements("add", proto, family, keys))
+                cmds.append(self._elements("delete", proto, family, keys))
+            timed = {**fresh, **setting}
+            if timed:
+                cmds.append(self._elements("add", proto, family, self._timed(timed.values(), now)))
         if cmds:
             self.run_batch(cmds)
 
