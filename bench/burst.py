@@ -28,7 +28,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._lab import BACKENDS, BENCH_NET, filler, inner, pick, require_root, table
+from bench._lab import (
+    BACKENDS,
+    BENCH_NET,
+    filler,
+    inner,
+    pick,
+    require_root,
+    settle,
+    table,
+)
 from tests.lab import SERVER4, deployment, run
 
 
@@ -99,6 +108,7 @@ def main() -> int:
         with deployment(
             "nginx", backend=backend.backend, protect=backend.protect, extra=extra
         ) as d:
+            settle(d.site.root)
             lab = d.lab
             batch = "".join(
                 f"address add {ip}/{BENCH_NET.prefixlen} dev {lab.client_if}\n"

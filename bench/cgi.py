@@ -38,6 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._lab import cpu_reference, settle  # noqa: E402
 from tests.lab import SERVER6, deployment  # noqa: E402
 
 REPLY = "Status: 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n"
@@ -48,7 +49,7 @@ sys.stdout.write("{REPLY}")
 #: What our CGI imports on the openports path, as a plain script would import it.
 IMPORTS_ONLY = f"""import sys
 import webknock.cgi, webknock.config, webknock.throttle, webknock.keys, webknock.cgi_wait
-import webknock.protocol.v1, webknock.protocol.messages, webknock.spool, webknock.inotify
+import webknock.protocol.v1, webknock.protocol.messages, webknock.spool, webknock.doorbell
 sys.stdout.write("{REPLY}")
 """
 
@@ -206,6 +207,7 @@ def main() -> int:
         raise SystemExit("bench/cgi.py: run as root (it builds network namespaces)")
     deps = server_deps()
     with deployment("nginx", backend=args.backend, protect=args.backend == "nftables") as d:
+        settle(d.site.root)
         use_server_deps(d, deps)
         d.site.stop_daemon()  # restart it on the same dependencies as the CGI
         d.site.start_daemon(d.lab.server)
@@ -218,6 +220,7 @@ def main() -> int:
         grants = len(d.list_json())
     ms = {k: (percentile(v, 0.5) * 1e3, percentile(v, 0.9) * 1e3) for k, v in results.items()}
     print(f"CGI through nginx + fcgiwrap, {n} requests per kind, one at a time, {args.backend}")
+    print(f"host speed: {cpu_reference():.1f} ms for the reference loop (lower is faster)")
     print(f"{'kind':14} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
     for kind, (p50, p90) in ms.items():
         print(f"{kind:14} {p50:8.2f} {p90:8.2f} {statistics.mean(results[kind]) * 1e3:8.2f}")
@@ -227,6 +230,11 @@ def main() -> int:
     print(f"  getinfo / imports-only  {ms['getinfo'][0] / ms['imports-only'][0]:.2f}  (budget 1.2)")
     print(f"  open-new - getinfo      {ms['open-new'][0] - ms['getinfo'][0]:+.2f} ms  (budget 3)")
     print(f"  open-renew - getinfo    {ms['open-renew'][0] - ms['getinfo'][0]:+.2f} ms")
+    print("paired (median over rounds of the difference within a round, which cancels drift):")
+    for kind in ("open-new", "open-renew"):
+        paired = [a - b for a, b in zip(results[kind], results["getinfo"], strict=True)]
+        label = f"{kind} - getinfo"
+        print(f"  {label:24}{statistics.median(paired) * 1e3:+.2f} ms")
     return 0 if grants == n + 10 else 1
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._lab import settle  # noqa: E402
 from tests.lab import SERVER4, deployment  # noqa: E402
 from webknock.keys import format_keys  # noqa: E402
 
@@ -74,6 +75,7 @@ def main() -> int:
     args = parser.parse_args()
     runs = max(1, min(args.runs, 200))
     with deployment("nginx") as d, tempfile.TemporaryDirectory() as home:
+        settle(d.site.root)
         keys = Path(home) / "lab.keys"
         keys.write_text(format_keys(d.site.keys))
         os.chmod(keys, 0o600)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 from webknock import __version__, doorbell
 from webknock.config import ConfigError, ServerConfig, load
@@ -56,6 +57,13 @@ CHECK_BACKOFF = 5.0
 
 class AlreadyRunning(Exception):
     pass
+
+
+class Claimed(NamedTuple):
+    """A spool entry the daemon has taken out of the web user's reach (claimed/)."""
+
+    name: str
+    path: str
 
 
 def acquire_daemon_lock(cfg: ServerConfig) -> int:
@@ -110,24 +118,37 @@ class Daemon:
         self.stopping = False
         self.next_check = 0.0
         self.next_full_check = 0.0
+        self.rescan = True  # look for claimed/ leftovers (a crash) at start and every tick
+        self._requests = str(self.spool.requests)
+        self._claimed = str(self.spool.claimed)
+        self._results = str(self.spool.results)
+        self._waits = str(self.spool.waits)
 
     # -- spool --------------------------------------------------------------------------
 
-    def pending(self) -> list[os.DirEntry[str]]:
-        """Claim up to MAX_BATCH new requests (rename into claimed/) and list all claimed."""
-        with os.scandir(self.spool.requests) as it:
+    def pending(self) -> list[Claimed]:
+        """Claim up to MAX_BATCH new requests (rename into claimed/); return what is claimed:
+        those, or after a `rescan` everything in claimed/ (leftovers of a crash included)."""
+        with os.scandir(self._requests) as it:
             fresh = sorted(e.name for e in it if not e.name.startswith("."))
+        taken: list[Claimed] = []
         for name in fresh[:MAX_BATCH]:
+            target = os.path.join(self._claimed, name)
             try:
-                os.rename(self.spool.requests / name, self.spool.claimed / name)
+                os.rename(os.path.join(self._requests, name), target)
             except FileNotFoundError:
                 continue  # withdrawn by the CGI after its timeout
             except OSError as exc:  # e.g. a directory planted under a name already claimed
                 log.warning("cannot claim spool entry %r (%s); moving it aside", name, exc)
                 self._set_aside(self.spool.requests / name, name)
-        with os.scandir(self.spool.claimed) as it:
-            entries = [e for e in it if not e.name.startswith(".")]
-        entries.sort(key=lambda e: e.name)
+                continue
+            taken.append(Claimed(name, target))
+        if not self.rescan:
+            return taken
+        self.rescan = False
+        with os.scandir(self._claimed) as it:
+            entries = [Claimed(e.name, e.path) for e in it if not e.name.startswith(".")]
+        entries.sort()
         return entries[:MAX_BATCH]
 
     def write_result(self, request_id: str, outcome: Outcome) -> None:
@@ -137,15 +158,15 @@ class Daemon:
             )
         else:
             payload = result_payload(False, error=outcome.error, errorcode=outcome.errorcode)
-        path = self.spool.results / f"{request_id}{RESULT_SUFFIX}"
+        path = Path(self._results, f"{request_id}{RESULT_SUFFIX}")
         try:
             write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
         except OSError as exc:  # full or read-only spool: the CGI times out (504), never success
             log.error("cannot write result %s: %s", request_id, exc)
             return
-        doorbell.ring(os.path.join(self.spool.waits, request_id), self.web.uid)
+        doorbell.ring(os.path.join(self._waits, request_id), self.web.uid)
 
-    def reject(self, entry: os.DirEntry[str], reason: str) -> None:
+    def reject(self, entry: Claimed, reason: str) -> None:
         """Log, answer (when the name is a request id) and move the file aside."""
         log.warning("rejected spool file %r: %s", entry.name[:80], reason)
         self.engine.events.emit(
@@ -207,10 +228,10 @@ class Daemon:
             if len(claimed) < MAX_BATCH:
                 return handled
 
-    def _handle(self, entries: list[os.DirEntry[str]]) -> None:
+    def _handle(self, entries: list[Claimed]) -> None:
         """Validate, apply and answer one batch of claimed requests."""
         now = self.clock()
-        valid: list[tuple[os.DirEntry[str], GrantRequest]] = []
+        valid: list[tuple[Claimed, GrantRequest]] = []
         for entry in entries:
             try:
                 req = read_request(
@@ -338,8 +359,10 @@ class Daemon:
             self.next_full_check = now + FULL_CHECK
 
     def tick(self) -> None:
-        """Once a second: expire grants, prune the spool, check the firewall."""
+        """Once a second: expire grants, prune the spool, check the firewall, and have the
+        next drain look through claimed/ as well."""
         now = self.clock()
+        self.rescan = True
         try:
             self.engine.reap(now)
         except (FirewallError, StateError) as exc:

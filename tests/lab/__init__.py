@@ -280,10 +280,7 @@ class Site:
         instance: str = "webknock",
     ) -> None:
         require_root()
-        # /var/tmp, not /tmp: the spool and state live on the root file system as installed
-        # (/var/spool, /var/lib), and on some hosts (this project's VM) every file created
-        # below /tmp costs ~0.5 ms more, which would swamp what the benches measure.
-        self.root = Path(tempfile.mkdtemp(prefix="webknock-site-", dir="/var/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix="webknock-site-"))
         os.chmod(self.root, 0o755)
         self.python = self._make_venv()
         lib = self.root / "lib"
