@@ -53,6 +53,7 @@ def resolve(cfg: ServerConfig, path: str) -> Path:
         "results": cfg.spool.results,
         "requests": cfg.spool.requests,
         "seen": cfg.spool.seen,
+        "waits": cfg.spool.waits,
     }[path]
 
 
@@ -83,6 +84,7 @@ def symlink_state(cfg: ServerConfig) -> None:
         (chown("results", WEB.pw_uid), "error", "results"),
         (chmod("requests", 0o1733), "error", "requests"),
         (chown("seen", 0, 0), "warning", "seen"),
+        (chmod("waits", 0o1733), "error", "waits"),
     ],
 )
 def test_wrong_owner_or_mode_is_reported(
