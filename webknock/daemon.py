@@ -345,7 +345,8 @@ class Daemon:
         started = time.monotonic()
         try:
             why = self.engine.check(now, full=full)
-            if why:
+            cost = time.monotonic() - started  # of the check alone: a repair is no reason
+            if why:  # to look less often (the next damage would wait for it)
                 log.warning("firewall differs from the state file (%s): restoring", why)
                 live = self.engine.reconcile(self.clock())
                 log.warning("firewall restored: %d live grant(s)", live)
@@ -353,7 +354,6 @@ class Daemon:
             log.error("firewall check failed: %s (next try in %.0f s)", exc, CHECK_BACKOFF)
             self.next_check = now + CHECK_BACKOFF
             return
-        cost = time.monotonic() - started
         self.next_check = now + max(TICK, cost * CHECK_SHARE) - TICK / 10
         if full:
             self.next_full_check = now + FULL_CHECK

@@ -190,6 +190,27 @@ def test_failing_check_backs_off(tmp_path: Path, vector_keys: v1.Keys) -> None:
     assert d.next_check == now + daemon_mod.CHECK_BACKOFF
 
 
+def test_a_slow_repair_does_not_delay_the_next_check(
+    tmp_path: Path, vector_keys: v1.Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's own cost sets its cadence; a repair that took long (a big sync on a busy
+    host) must not make the daemon look less often for the next damage."""
+    d, _, fw = running_daemon(tmp_path, vector_keys)
+    d.engine.open([request(A)], time.time())
+    fw.held.clear()
+    reconcile = d.engine.reconcile
+
+    def slow_reconcile(now: float) -> int:
+        time.sleep(0.3)  # x CHECK_SHARE would be 3 s
+        return reconcile(now)
+
+    monkeypatch.setattr(d.engine, "reconcile", slow_reconcile)
+    now = time.time()
+    d.check_firewall(now)
+    assert fw.held, "repaired"
+    assert d.next_check <= now + daemon_mod.TICK
+
+
 def save(lines: list[str]) -> str:
     return "\n".join(["*filter", ":INPUT DROP [0:0]", *lines, "COMMIT"]) + "\n"
 

@@ -6,13 +6,17 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import REPO
+from webknock.config import SpoolPaths
 from webknock.spool import encode_request, write_request
 from webknock.spool_reader import SpoolError, parse_request, read_request
+from webknock.spooldirs import layout
 
 OFFERED = frozenset({("tcp", 22), ("tcp", 2222), ("udp", 51820)})
 RID = "0123456789abcdef0123456789abcdef"
@@ -159,3 +163,11 @@ def test_huge_file_refused(spool: Path) -> None:
     path.write_bytes(b" " * 100_000)
     with pytest.raises(SpoolError, match="exceeds"):
         read(path)
+
+
+def test_uninstall_knows_every_spool_directory(tmp_path: Path) -> None:
+    """install.sh removes the spool layout by name: it must name every directory."""
+    paths = SpoolPaths(tmp_path)
+    made = {p.name for p, *_ in layout(paths, 0) if p != paths.root}
+    loop = re.search(r"for sub in ([a-z ]+); do", (REPO / "install.sh").read_text())
+    assert loop is not None and set(loop[1].split()) == made
