@@ -97,7 +97,7 @@ def main() -> int:
         print(json.dumps(run_inner(json.loads(args.inner))))
         return 0
     require_root()
-    rows = [("backend", "grants", "sync s", "n", "p50 ms", "p99 ms", "p50/base", "failed")]
+    rows = [("backend", "grants", "sync s", "n", "p50 ms", "p99 ms", "p50/base", "failed", "host")]
     for backend in pick(args.backends):
         base = None
         with server(backend) as (lab, site):
@@ -128,10 +128,11 @@ def main() -> int:
                         f"{res['p99_ms']:.2f}",
                         f"{res['p50_ms'] / base:.2f}",
                         str(res["failed"]),
+                        f"{cpu_reference():.1f}",
                     )
                 )
                 print(table(rows), "\n", flush=True)
-    print(f"host speed: {cpu_reference():.1f} ms for the reference loop (lower is faster)")
+    print("host: the host's speed after the row, ms for a reference loop (lower is faster)")
     print("apply latency: request written into the spool -> the daemon rang, result read")
     print("(the kernel has the grant before that: the result follows the batch and the commit)")
     print(table(rows))
