@@ -11,7 +11,7 @@ field, or a malformed X-Forwarded-For from a trusted proxy; 403 undecodable or
 unverifiable packet, stale timestamp (X-Webknock-Error says by how much), replayed
 packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB;
 429 this address sent too many bad packets (throttle); 500 misconfiguration only
-(config, keys, REMOTE_ADDR); 503 the spool, replay cache or inotify is unavailable
+(config, keys, REMOTE_ADDR); 503 the spool, replay cache or doorbell is unavailable
 (full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
 did not answer in time (see cgi_wait for what that means for the grant).
 """
@@ -253,8 +253,8 @@ def main(*, detach: bool = True) -> int:
 
 def hang_up() -> None:
     """Give the web server its end of file now: the answer is complete, and what is left
-    (closing the inotify instance, the interpreter's shutdown) costs milliseconds that the
-    client need not wait for. stdout and stderr become /dev/null for the rest."""
+    (the interpreter's shutdown) costs milliseconds that the client need not wait for.
+    stdout and stderr become /dev/null for the rest."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
