@@ -25,8 +25,10 @@ WEB = pwd.getpwnam("www-data")
 def site(vector_keys: Keys) -> Iterator[ServerConfig]:
     """A correct installation in a fresh directory (root 0755, as /etc/webknock would be)."""
     base = Path(tempfile.mkdtemp(prefix="webknock-check-"))
-    yield load(install_correctly(base, vector_keys))
-    shutil.rmtree(base)
+    try:
+        yield load(install_correctly(base, vector_keys))
+    finally:  # also when the installation itself failed
+        shutil.rmtree(base)
 
 
 def test_correct_installation_is_clean(site: ServerConfig) -> None:

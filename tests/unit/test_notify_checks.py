@@ -24,10 +24,12 @@ WEB = pwd.getpwnam("www-data")
 def base(vector_keys: Keys) -> Iterator[Path]:
     """A correct installation with an audit log directory; [notify] is added per test."""
     base = Path(tempfile.mkdtemp(prefix="webknock-notify-check-"))
-    (base / "log").mkdir(mode=0o750)
-    install_correctly(base, vector_keys, audit_log=str(base / "log" / "i.jsonl"))
-    yield base
-    shutil.rmtree(base)
+    try:
+        (base / "log").mkdir(mode=0o750)
+        install_correctly(base, vector_keys, audit_log=str(base / "log" / "i.jsonl"))
+        yield base
+    finally:  # also when the installation itself failed
+        shutil.rmtree(base)
 
 
 def with_notify(base: Path, text: str) -> ServerConfig:
