@@ -307,13 +307,13 @@ class Daemon:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    mtime = st.st_mtime
-                    if now - mtime > limit and stat.S_ISDIR(st.st_mode):  # planted: not ours
+                    if now - st.st_mtime <= limit:
+                        if e.name.startswith(FAIL_PREFIX) and directory == self.spool.seen:
+                            counters.append((st.st_mtime, e.path))
+                    elif stat.S_ISDIR(st.st_mode):  # planted by the web user: not ours
                         self._set_aside(Path(e.path), e.name)
-                    elif now - mtime > limit:
+                    else:
                         self._unlink(Path(e.path))
-                    elif e.name.startswith(FAIL_PREFIX) and directory == self.spool.seen:
-                        counters.append((mtime, e.path))
             if len(counters) > MAX_THROTTLE_MARKS:
                 counters.sort()
                 log.warning(

@@ -2,7 +2,7 @@
 
 inotify_simple finds libc with ``ctypes.util.find_library("c")``, which runs
 ``ldconfig -p`` in a child process the first time an INotify is made: several
-milliseconds of every CGI request that waits for the daemon. On glibc systems
+milliseconds, and a process webknockd need not start. On glibc systems
 the library's soname is fixed, so we load it by that name into the module's own
 cache; where that fails (another libc) the library finds it its own way.
 """
