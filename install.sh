@@ -80,7 +80,8 @@ What it does (PREFIX is empty, or DIR with --root DIR):
     root:<web group> 0640 - an existing keys file is kept byte for byte
   * PREFIX/etc/webknock/INSTANCE.ini (0644): the instance config - an existing
     one is kept; every setting: PREFIX/opt/webknock/share/webknock.ini.example
-  * PREFIX/var/spool/webknock/INSTANCE (owners and modes as webknockd sets them),
+  * PREFIX/run/webknock/INSTANCE: the spool, on tmpfs (owners and modes as
+    webknockd sets them; webknockd makes it again after a reboot),
     PREFIX/var/lib/webknock (state, 0700), PREFIX/var/log/webknock
   * PREFIX/etc/cron.d/webknock: `webknockctl reap` every minute, one line per
     instance (fallback while webknockd is down)
@@ -313,7 +314,7 @@ set_paths() {
     MANIFESTS=$OPT/instances
     SBIN=$ROOT/usr/local/sbin
     ETC=$ROOT/etc/webknock
-    SPOOL_BASE=$ROOT/var/spool/webknock
+    SPOOL_BASE=$ROOT/run/webknock  # tmpfs: no disk journal on the path of a knock
     STATE_DIR=$ROOT/var/lib/webknock
     LOG_DIR=$ROOT/var/log/webknock
     RUN_DIR=$ROOT/run/webknock
@@ -741,7 +742,7 @@ cron_update() { # cron_update add|remove CONFIG
 prefixed() { # prefixed TEXT: the paths of the shipped unit below $ROOT
     local text=$1 p
     if [ -n "$ROOT" ]; then
-        for p in /usr/local/sbin/ /etc/webknock/ /var/spool/webknock /var/lib/webknock /var/log/webknock; do
+        for p in /usr/local/sbin/ /etc/webknock/ /var/spool/webknock /run/webknock /var/lib/webknock /var/log/webknock; do
             text=${text//"$p"/"$ROOT$p"}
         done
     fi

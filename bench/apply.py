@@ -46,13 +46,15 @@ from bench._lab import (
 def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str, Any]:
     """(Inside the server namespace.) For fresh addresses, one at a time: request written as
     the CGI writes it (its doorbell first) -> the daemon rings -> result read."""
-    from webknock import doorbell
     from webknock.config import load
     from webknock.spool import (
         RESULT_SUFFIX,
         encode_request,
+        install_bell,
         new_request_id,
         parse_result,
+        remove_bell,
+        wait_bell,
         write_request,
     )
 
@@ -66,15 +68,15 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
         rid = new_request_id()
         bell_path = str(cfg.spool.waits / rid)
         payload = encode_request(ip, [("tcp", 22)], 3600, time.time(), "bench")
-        bell = doorbell.install(bell_path)
+        bell = install_bell(bell_path)
         try:
             t0 = time.perf_counter()
             write_request(cfg.spool.requests, rid, payload)
-            doorbell.wait(bell, 10)
+            wait_bell(bell, 10)
             result = parse_result((cfg.spool.results / f"{rid}{RESULT_SUFFIX}").read_bytes())
             times.append(time.perf_counter() - t0)
         finally:
-            doorbell.remove(bell_path, bell)
+            remove_bell(bell_path, bell)
         failed += not result.get("ok")
     return {**percentiles(times), "failed": failed}
 

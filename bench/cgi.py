@@ -48,8 +48,8 @@ sys.stdout.write("{REPLY}")
 
 #: What our CGI imports on the openports path, as a plain script would import it.
 IMPORTS_ONLY = f"""import sys
-import webknock.cgi, webknock.config, webknock.throttle, webknock.keys, webknock.cgi_wait
-import webknock.protocol.v1, webknock.protocol.messages, webknock.spool, webknock.doorbell
+import webknock.cgi, webknock.config, webknock.throttle, webknock.keys, webknock.spool
+import webknock.protocol.v1, webknock.protocol.messages
 sys.stdout.write("{REPLY}")
 """
 

@@ -13,7 +13,7 @@ packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB
 429 this address sent too many bad packets (throttle); 500 misconfiguration only
 (config, keys, REMOTE_ADDR); 503 the spool, replay cache or doorbell is unavailable
 (full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
-did not answer in time (see cgi_wait for what that means for the grant).
+did not answer in time (see webknock.spool.submit_and_wait for what that means for the grant).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
         return v1.encode(keys, dumps(reply))
     time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
 
-    from webknock.cgi_wait import submit_and_wait
+    from webknock.spool import submit_and_wait
 
     try:
         outcome = submit_and_wait(

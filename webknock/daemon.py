@@ -23,14 +23,20 @@ from pathlib import Path
 from types import FrameType
 from typing import NamedTuple
 
-from webknock import __version__, doorbell
+from webknock import __version__
 from webknock.config import ConfigError, ServerConfig, load
 from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
 from webknock.fsutil import write_atomic
 from webknock.logsetup import setup_logging
-from webknock.spool import MAX_REQUEST_BYTES, REQUEST_SUFFIX, RESULT_SUFFIX, result_payload
+from webknock.spool import (
+    MAX_REQUEST_BYTES,
+    REQUEST_SUFFIX,
+    RESULT_SUFFIX,
+    result_payload,
+    ring_bell,
+)
 from webknock.spool_reader import GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
@@ -164,7 +170,7 @@ class Daemon:
         except OSError as exc:  # full or read-only spool: the CGI times out (504), never success
             log.error("cannot write result %s: %s", request_id, exc)
             return
-        doorbell.ring(os.path.join(self._waits, request_id), self.web.uid)
+        ring_bell(os.path.join(self._waits, request_id), self.web.uid)
 
     def reject(self, entry: Claimed, reason: str) -> None:
         """Log, answer (when the name is a request id) and move the file aside."""

@@ -209,7 +209,7 @@ def test_files_owners_and_modes(rooted: Rooted) -> None:
         600,
     )
     assert cfg.keys_file == r.path("/etc/webknock/webknock.keys")
-    assert cfg.spool_dir == r.path("/var/spool/webknock/webknock")
+    assert cfg.spool_dir == r.path("/run/webknock/webknock")
     assert cfg.state_file == r.path("/var/lib/webknock/webknock.db")
     assert (cfg.backend, cfg.protect, cfg.web_user) == ("auto", False, "www-data")
 
@@ -343,7 +343,7 @@ def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None
             "--init-groups",
             r.python,
             "-c",
-            "import webknock.cgi, webknock.cgi_wait, webknock.config, webknock.keys, "
+            "import webknock.cgi, webknock.config, webknock.keys, "
             "webknock.protocol.v1, webknock.spool, webknock.throttle",
         ]
     )
@@ -430,7 +430,7 @@ def test_second_instance_beside_the_first(rooted: Rooted) -> None:
             True,
             frozenset({2222}),
         )
-        assert cfg.spool_dir == r.path("/var/spool/webknock/office")
+        assert cfg.spool_dir == r.path("/run/webknock/office")
         assert (
             load_keys(cfg.keys_file).to_hex()
             != load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
@@ -448,7 +448,7 @@ def test_second_instance_beside_the_first(rooted: Rooted) -> None:
     finally:
         ok(sh([INSTALL, "uninstall", "--root", r.root, "--instance", "office", "--purge"]))
     assert not r.path("/etc/webknock/office.ini").exists()
-    assert not r.path("/var/spool/webknock/office").exists()
+    assert not r.path("/run/webknock/office").exists()
     assert r.path("/etc/webknock/webknock.keys").read_bytes() == keys_before
     assert r.python.exists(), "the first instance still needs the venv"
     jobs = [ln for ln in r.path("/etc/cron.d/webknock").read_text().splitlines() if ln[:1] == "*"]
@@ -463,7 +463,7 @@ def test_uninstall_then_purge_leaves_nothing(rooted: Rooted) -> None:
     assert files_below(r.root) == {"etc/webknock/webknock.ini", "etc/webknock/webknock.keys"}
     ok(sh([INSTALL, "uninstall", "--root", r.root, "--purge"]))
     assert files_below(r.root) == set()
-    for p in ("/opt/webknock", "/etc/webknock", "/var/spool/webknock", "/var/lib/webknock"):
+    for p in ("/opt/webknock", "/etc/webknock", "/run/webknock", "/var/lib/webknock"):
         assert not r.path(p).exists(), p
 
 

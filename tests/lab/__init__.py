@@ -267,6 +267,10 @@ def close_server_firewall(ns: Netns, backend: str = "iptables", delegate: bool =
     ns.run(["ip6tables-restore"], input=BASE_FIREWALL.format(extra=icmp6 + ports))
 
 
+#: Where a site's spool goes: a tmpfs, like /run on a production host.
+RUNTIME_TMPFS = "/dev/shm"
+
+
 class Site:
     """The repository's webknock deployed into a temp dir, as the installer lays it out."""
 
@@ -303,7 +307,11 @@ class Site:
         self.keys_file.write_text(format_keys(self.keys))
         shutil.chown(self.keys_file, "root", "www-data")
         os.chmod(self.keys_file, 0o640)
-        self.spool = self.root / "spool"
+        # On tmpfs, as install.sh puts it (/run/webknock): /dev/shm is tmpfs on every Debian
+        # host, where this one's /run may be on disk.
+        self.runtime = Path(tempfile.mkdtemp(prefix="webknock-run-", dir=RUNTIME_TMPFS))
+        os.chmod(self.runtime, 0o755)
+        self.spool = self.runtime / "spool"
         self.state = self.root / "state" / "grants.db"
         settings = {
             "instance": instance,
@@ -387,6 +395,7 @@ class Site:
     def close(self) -> None:
         self.stop_daemon()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 def _substitute(text: str, site: Site, replacements: dict[str, str]) -> str:

@@ -54,8 +54,8 @@ NEVER = {
 }
 #: Not before a request passed the cheap screen (method, length, shape of `data`).
 HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
-#: Only when a request is spooled.
-SPOOL = {"webknock.doorbell", "webknock.spool", "webknock.cgi_wait"}
+#: Only when a request is spooled, and nothing else (one module and the atomic write).
+SPOOL = {"webknock.spool", "webknock.fsutil"}
 
 
 @pytest.fixture
@@ -134,7 +134,11 @@ def test_openports_adds_only_the_spool(
     got = probe(tmp_path, instance, sealed(vector_keys, data))
     assert got["status"] == 504  # no daemon in this test: the whole wait path ran
     modules = top_level(got["modules"])
-    assert modules >= SPOOL
+    info = probe(
+        tmp_path, instance, sealed(vector_keys, messages.getinfo_request(int(time.time())))
+    )
+    assert info["status"] == 200
+    assert modules - top_level(info["modules"]) == SPOOL, "each import costs every knock"
     assert modules & NEVER == set()
     assert got["spawned"] == []
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
-from webknock import doorbell
+from webknock import spool
 from webknock.config import ServerConfig, load
 from webknock.daemon import TMP_TTL, Daemon
 from webknock.engine import GrantEngine
@@ -46,48 +46,48 @@ def bells(tmp_path: Path) -> Path:
 
 def test_install_wait_ring_remove(bells: Path) -> None:
     path = str(bells / "a")
-    fd = doorbell.install(path)
-    assert not doorbell.wait(fd, 0.01), "no ring yet: the wait times out"
-    assert doorbell.ring(path, os.getuid())
-    assert doorbell.wait(fd, 5)
-    doorbell.remove(path, fd)
+    fd = spool.install_bell(path)
+    assert not spool.wait_bell(fd, 0.01), "no ring yet: the wait times out"
+    assert spool.ring_bell(path, os.getuid())
+    assert spool.wait_bell(fd, 5)
+    spool.remove_bell(path, fd)
     assert os.listdir(bells) == []
-    assert not doorbell.ring(path, os.getuid()), "no bell any more"
+    assert not spool.ring_bell(path, os.getuid()), "no bell any more"
 
 
 def test_nobody_listening_never_blocks(bells: Path) -> None:
     path = str(bells / "gone")
     os.mkfifo(path, 0o600)  # a CGI that died after making its bell
     started = time.monotonic()
-    assert not doorbell.ring(path, os.getuid())  # ENXIO at once
+    assert not spool.ring_bell(path, os.getuid())  # ENXIO at once
     assert time.monotonic() - started < 0.5
 
 
 def test_a_full_pipe_does_not_block_either(bells: Path) -> None:
     path = str(bells / "full")
-    fd = doorbell.install(path)
-    while doorbell.ring(path, os.getuid()):  # bounded by the pipe's size (64 KiB)
+    fd = spool.install_bell(path)
+    while spool.ring_bell(path, os.getuid()):  # bounded by the pipe's size (64 KiB)
         pass
     assert readable(fd)
-    doorbell.remove(path, fd)
+    spool.remove_bell(path, fd)
 
 
 def test_root_writes_only_into_the_web_users_own_fifo(bells: Path, tmp_path: Path) -> None:
     target = tmp_path / "precious"
     target.write_bytes(b"keep")
     os.symlink(target, bells / "link")
-    assert not doorbell.ring(str(bells / "link"), WEB.pw_uid)
+    assert not spool.ring_bell(str(bells / "link"), WEB.pw_uid)
     (bells / "file").write_bytes(b"keep")
     os.chown(bells / "file", WEB.pw_uid, WEB.pw_gid)
-    assert not doorbell.ring(str(bells / "file"), WEB.pw_uid)
+    assert not spool.ring_bell(str(bells / "file"), WEB.pw_uid)
     assert (bells / "file").read_bytes() == b"keep" and target.read_bytes() == b"keep"
     (bells / "dir").mkdir()
-    assert not doorbell.ring(str(bells / "dir"), WEB.pw_uid)
+    assert not spool.ring_bell(str(bells / "dir"), WEB.pw_uid)
     theirs = str(bells / "roots")  # e.g. a hard link to some FIFO of root's
-    fd = doorbell.install(theirs)
-    assert not doorbell.ring(theirs, WEB.pw_uid)
+    fd = spool.install_bell(theirs)
+    assert not spool.ring_bell(theirs, WEB.pw_uid)
     assert os.read(fd, 16) == b"", "not the web user's FIFO: not a byte written"
-    doorbell.remove(theirs, fd)
+    spool.remove_bell(theirs, fd)
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def spool_with_bell(cfg: ServerConfig, ports: list[tuple[str, int]]) -> tuple[st
     """What the CGI does: its bell (owned by the web user), then the request."""
     rid = new_request_id()
     bell = str(cfg.spool.waits / rid)
-    fd = doorbell.install(bell)
+    fd = spool.install_bell(bell)
     os.chown(bell, WEB.pw_uid, WEB.pw_gid)
     payload = encode_request(parse_address("192.0.2.10"), ports, 60, time.time())
     (cfg.spool.requests / f"{rid}{REQUEST_SUFFIX}").write_bytes(payload)
@@ -124,7 +124,7 @@ def test_daemon_rings_after_the_result_is_written(daemon: tuple[Daemon, ServerCo
     for rid, fd in ((granted, fd_granted), (refused, fd_refused)):
         assert readable(fd), "rung"
         assert (cfg.spool.results / f"{rid}.json").exists(), "and the result was there first"
-        doorbell.remove(str(cfg.spool.waits / rid), fd)
+        spool.remove_bell(str(cfg.spool.waits / rid), fd)
 
 
 def test_prune_removes_bells_of_cgis_that_died(daemon: tuple[Daemon, ServerConfig]) -> None:

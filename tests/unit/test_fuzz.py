@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, cgi_wait, throttle
+from webknock import cgi, spool, throttle
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
 from webknock.spool_reader import SpoolError, parse_request, read_request
@@ -187,7 +187,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     def refuse(*args: Any, **kw: Any) -> None:
         raise SpoolWrite
 
-    monkeypatch.setattr(cgi_wait, "submit_and_wait", refuse)
+    monkeypatch.setattr(spool, "submit_and_wait", refuse)
     yield Site(cfg)
 
 

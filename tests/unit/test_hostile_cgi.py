@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, cgi_wait, doorbell, spool, throttle
+from webknock import cgi, spool, throttle
 from webknock.config import load
 from webknock.protocol import messages, transport, v1
 from webknock.spooldirs import prepare_spool
@@ -77,6 +77,10 @@ class Site:
         return transport.encode_field(v1.encode(keys or self.keys, messages.dumps(obj)))
 
 
+#: The real one: the `site` fixture replaces it with a tripwire.
+WRITE_REQUEST = spool.write_request
+
+
 @pytest.fixture
 def site(tmp_path: Path, vector_keys: v1.Keys, monkeypatch: pytest.MonkeyPatch) -> Site:
     config = write_instance(tmp_path, vector_keys, result_timeout="1", throttle_failures="1000")
@@ -87,7 +91,7 @@ def site(tmp_path: Path, vector_keys: v1.Keys, monkeypatch: pytest.MonkeyPatch) 
         s.spooled.append(args[2])
         raise AssertionError("hostile input reached the spool")
 
-    monkeypatch.setattr(cgi_wait, "write_request", no_spool_write)
+    monkeypatch.setattr(spool, "write_request", no_spool_write)
     return s
 
 
@@ -355,10 +359,10 @@ def test_spool_failure_is_503_never_success(
         raise error
 
     if target == "doorbell":  # installed before the request is written: nothing spooled
-        monkeypatch.setattr(cgi_wait, "write_request", spool.write_request)
-        monkeypatch.setattr(doorbell, "install", fail)
+        monkeypatch.setattr(spool, "write_request", WRITE_REQUEST)
+        monkeypatch.setattr(spool, "install_bell", fail)
     else:
-        monkeypatch.setattr(cgi_wait, target, fail)
+        monkeypatch.setattr(spool, target, fail)
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 503 and body == b"" and str(error.strerror) in log, log
     assert os.listdir(site.cfg.spool.requests) == []
@@ -369,7 +373,7 @@ def answering(site: Site, write: Any) -> Any:
     """A write_request that spools the request and then plays the daemon with `write`."""
 
     def write_request(requests: Path, request_id: str, payload: bytes) -> Path:
-        path = spool.write_request(requests, request_id, payload)
+        path = WRITE_REQUEST(requests, request_id, payload)
         path.unlink()  # claimed
         write(request_id)
         return path
@@ -387,9 +391,9 @@ def test_the_daemon_rings_and_the_cgi_answers_at_once(
         (site.cfg.spool.results / f"{request_id}{spool.RESULT_SUFFIX}").write_bytes(
             spool.result_payload(True, expires=now() + 60, ports=[["tcp", 22]])
         )
-        assert doorbell.ring(str(site.cfg.spool.waits / request_id), os.getuid())
+        assert spool.ring_bell(str(site.cfg.spool.waits / request_id), os.getuid())
 
-    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
+    monkeypatch.setattr(spool, "write_request", answering(site, daemon))
     started = time.monotonic()
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 200, log
@@ -403,9 +407,9 @@ def test_a_ring_without_a_result_is_failure_never_success(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def daemon(request_id: str) -> None:
-        assert doorbell.ring(str(site.cfg.spool.waits / request_id), os.getuid())
+        assert spool.ring_bell(str(site.cfg.spool.waits / request_id), os.getuid())
 
-    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
+    monkeypatch.setattr(spool, "write_request", answering(site, daemon))
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 200, log
     reply = json.loads(v1.decode(site.keys, body))
@@ -423,7 +427,7 @@ def test_a_result_without_a_ring_is_found_at_the_timeout(
             spool.result_payload(True, expires=now() + 60, ports=[["tcp", 22]])
         )
 
-    monkeypatch.setattr(cgi_wait, "write_request", answering(site, daemon))
+    monkeypatch.setattr(spool, "write_request", answering(site, daemon))
     status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
     assert status == 200, log
     assert json.loads(v1.decode(site.keys, body))["success"] is True
@@ -444,7 +448,7 @@ def test_replay_cache_unwritable_is_503(site: Site, monkeypatch: pytest.MonkeyPa
 
 def test_unreadable_result_is_failure_not_success(tmp_path: Path) -> None:
     (tmp_path / "r.json").mkdir()  # reading it fails with an OSError
-    assert cgi_wait._read_result(str(tmp_path / "r.json")) == {
+    assert spool._read_result(str(tmp_path / "r.json")) == {
         "ok": False,
         "error": "unreadable result",
         "errorcode": "INTERNAL",
