@@ -164,7 +164,7 @@ class Daemon:
             )
         else:
             payload = result_payload(False, error=outcome.error, errorcode=outcome.errorcode)
-        path = Path(self._results, f"{request_id}{RESULT_SUFFIX}")
+        path = os.path.join(self._results, f"{request_id}{RESULT_SUFFIX}")
         try:
             write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
         except OSError as exc:  # full or read-only spool: the CGI times out (504), never success

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def write_atomic(
-    path: Path,
+    path: str | Path,
     data: bytes,
     mode: int,
     *,
@@ -20,7 +20,9 @@ def write_atomic(
     The temp file is a dot-file beside the target (readers skip dot-files), created with
     O_EXCL and `mode`, owned by `uid`/`gid` when given, fsynced, then renamed into place.
     """
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # not `secrets`: CGI path
+    # String operations, not pathlib's: this is on the path of every knock, CGI and daemon.
+    head, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(head, f".{name}.{os.urandom(6).hex()}.tmp")  # not `secrets`: CGI path
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)  # umask must not weaken or widen what we asked for
@@ -43,7 +45,7 @@ def write_atomic(
         raise
 
 
-def _unlink_quiet(path: Path) -> None:
+def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

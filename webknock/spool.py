@@ -77,13 +77,13 @@ def encode_request(
     ).encode()
 
 
-def write_request(requests_dir: Path, request_id: str, payload: bytes) -> Path:
+def write_request(requests_dir: str | Path, request_id: str, payload: bytes) -> str:
     """Write the request atomically (dot temp file + rename) with mode 0640; return its path.
 
     Raises OSError (full disk, read-only spool) and then leaves nothing behind. Not fsynced:
     after a crash the CGI, which waits for the result, has answered 504 anyway.
     """
-    final = requests_dir / f"{request_id}{REQUEST_SUFFIX}"
+    final = os.path.join(requests_dir, f"{request_id}{REQUEST_SUFFIX}")
     write_atomic(final, payload, 0o640, fsync=False)
     return final
 

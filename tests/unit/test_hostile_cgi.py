@@ -372,9 +372,9 @@ def test_spool_failure_is_503_never_success(
 def answering(site: Site, write: Any) -> Any:
     """A write_request that spools the request and then plays the daemon with `write`."""
 
-    def write_request(requests: Path, request_id: str, payload: bytes) -> Path:
+    def write_request(requests: Path, request_id: str, payload: bytes) -> str:
         path = WRITE_REQUEST(requests, request_id, payload)
-        path.unlink()  # claimed
+        os.unlink(path)  # claimed
         write(request_id)
         return path
 

@@ -98,7 +98,7 @@ def read(path: Path) -> object:
 
 
 def test_write_request_is_atomic_with_mode(spool: Path) -> None:
-    path = write_request(spool, RID, good())
+    path = Path(write_request(spool, RID, good()))
     assert path.name == f"{RID}.req"
     assert oct(path.stat().st_mode & 0o777) == oct(0o640)
     assert not list(spool.glob(".*"))
