@@ -336,9 +336,11 @@ def test_ten_thousand_malformed_requests(site: Deployment) -> None:
                 "plan": PLAN,
                 "sources": [CLIENT4, CLIENT6, OTHER4, OTHER6],
                 "threads": 8,
-                "budget": 400,
+                # ~250 s on this 2-core VM when it runs fast, ~420 s when it runs slow (its
+                # speed changes 2x within minutes): bounded, with room for the slow case.
+                "budget": 900,
             },
-            wall=450,
+            wall=960,
         )
         time.sleep(1.5)  # a request spooled at the very end would be claimed by now
         spooled = watch.collect()
