@@ -52,6 +52,8 @@ MAX_UA = 200
 RING = b"\n"
 #: The daemon rang, but there is no result to read: a failure, never a success.
 NO_RESULT = {"ok": False, "error": "result missing", "errorcode": "INTERNAL"}
+#: A result that cannot be read or parsed: the request went in, so never a success.
+UNREADABLE = {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
 
 
 # -- the file formats ---------------------------------------------------------------------
@@ -158,13 +160,20 @@ def ring_bell(path: str, owner: int) -> bool:
 
 
 def _read_result(path: str) -> dict[str, Any] | None:
+    """The result at `path`, None when there is none yet (plain system calls: no file
+    object to build on the path of every knock)."""
     try:
-        with open(path, "rb") as fh:
-            return parse_result(fh.read(4096))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError:
+        return UNREADABLE
+    try:
+        return parse_result(os.read(fd, 4096))
     except (ValueError, OSError):  # the request went in: say it failed, never that it worked
-        return {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
+        return UNREADABLE
+    finally:
+        os.close(fd)
 
 
 def submit_and_wait(
