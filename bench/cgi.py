@@ -9,7 +9,7 @@ It builds the test lab (server and client network namespaces, nginx + fcgiwrap f
 shipped snippet, webknockd, nftables by default) on the server's dependencies alone, serves
 two baseline CGIs beside ours, and times requests sent one at a time from the client
 namespace, each on a fresh connection, in interleaved rounds (every kind once per round,
-rotating order, so drift of the host hits all kinds alike), for:
+in a seeded shuffled order, so drift of the host hits all kinds alike), for:
 
 * print-only    a Python CGI that only prints a reply (the floor of any Python CGI);
 * imports-only  a CGI that imports what ours imports for an openports, then prints;
@@ -56,7 +56,7 @@ sys.stdout.write("{REPLY}")
 
 #: Runs in the client namespace: sends the requests of one kind, prints seconds per request.
 CLIENT = r"""
-import http.client, json, sys, time
+import http.client, json, random, sys, time
 from webknock.protocol import messages, transport, v1
 
 spec = json.loads(sys.stdin.read())
@@ -85,13 +85,15 @@ def send(kind, src):
     conn.close()
     return [took, resp.status]
 
-# Interleaved rounds: every kind once per round, in a rotating order, so that drift of the
-# host (other load, CPU frequency) hits baselines and our CGI alike.
+# Interleaved rounds: every kind once per round, in a shuffled order, so that drift of the
+# host (other load, CPU frequency) hits baselines and our CGI alike, and every kind follows
+# every other equally often (what the previous request leaves running, a process's exit,
+# must not always weigh on the same kind).
 kinds = spec["kinds"]
+rng = random.Random(spec["seed"])
 out = {k: [] for k in kinds + ["open-renew"]}
-for i, src in enumerate(spec["sources"]):
-    shift = i % len(kinds)
-    for kind in kinds[shift:] + kinds[:shift]:
+for src in spec["sources"]:
+    for kind in rng.sample(kinds, len(kinds)):
         out[kind].append(send(kind, src))
         if kind == "open-new":
             out["open-renew"].append(send("open-renew", src))
@@ -133,6 +135,7 @@ def run_rounds(d: Any, sources: list[str]) -> dict[str, list[float]]:
         "server": SERVER6,
         "sources": sources,
         "kinds": ["print-only", "imports-only", "junk", "getinfo", "open-new"],
+        "seed": len(sources),
     }
     proc = d.lab.client.run(
         [str(d.site.python), "-c", CLIENT],

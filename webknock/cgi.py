@@ -230,7 +230,14 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
 
 def main(*, detach: bool = True) -> int:
     """CGI entry point: always exits 0 after writing exactly one response; `detach` (the
-    default, for the process the web server started) then hangs up stdout and stderr."""
+    default, for the process the web server started) then hangs up stdout and stderr and
+    ends the process at once.
+
+    Ending it with ``os._exit`` skips the interpreter's teardown (freeing every module,
+    pycryptodome's included: ~25 ms of CPU here), which no client waits for but which
+    would compete for the CPU with the next knock and with webknockd. Nothing is left to
+    flush by then: the answer and every log line are written, spool files and the
+    doorbell closed and removed."""
     out = sys.stdout.buffer
     try:
         body = handle(dict(os.environ), sys.stdin.buffer, time.time())
@@ -248,6 +255,7 @@ def main(*, detach: bool = True) -> int:
         warn(f"{status} not delivered: {exc}")
     if detach:
         hang_up()
+        os._exit(0)
     return 0
 
 
