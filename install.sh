@@ -314,10 +314,10 @@ set_paths() {
     MANIFESTS=$OPT/instances
     SBIN=$ROOT/usr/local/sbin
     ETC=$ROOT/etc/webknock
-    SPOOL_BASE=$ROOT/run/webknock  # tmpfs: no disk journal on the path of a knock
+    RUN_DIR=$ROOT/run/webknock  # pid files of directly started daemons
+    SPOOL_BASE=$RUN_DIR  # tmpfs: no disk journal on the path of a knock
     STATE_DIR=$ROOT/var/lib/webknock
     LOG_DIR=$ROOT/var/log/webknock
-    RUN_DIR=$ROOT/run/webknock
     CRON_FILE=$ROOT/etc/cron.d/webknock
     LOGROTATE=$ROOT/etc/logrotate.d/webknock
     UNIT=$ROOT/etc/systemd/system/webknockd@.service
@@ -1273,7 +1273,7 @@ remove_shared() {
     cron_update remove /nonexistent
     rm -f -- "$LOGROTATE"
     rm -rf --one-file-system -- "$OPT"
-    for f in "$SPOOL_BASE" "$STATE_DIR" "$LOG_DIR" "$RUN_DIR" "$ETC"; do
+    for f in "$SPOOL_BASE" "$STATE_DIR" "$LOG_DIR" "$ETC"; do  # SPOOL_BASE is RUN_DIR
         rmdir -- "$f" 2>/dev/null || true
     done
     for f in "$STATE_DIR" "$ETC" "$LOG_DIR"; do
