@@ -1175,7 +1175,8 @@ cmd_client() {
 remove_spool() { # remove_spool DIR: only the layout webknockd made, then the dir if empty
     local dir=$1 sub
     [[ $dir =~ $PATH_RE ]] && [ "$dir" != / ] && [ -d "$dir" ] || return 0
-    for sub in requests results claimed rejected seen waits; do
+    # results: made by versions that wrote results as files (webknock.spooldirs.RETIRED)
+    for sub in requests claimed rejected seen waits results; do
         rm -rf --one-file-system -- "${dir:?}/$sub"
     done
     rmdir -- "$dir" 2>/dev/null || warn "kept $dir: it holds files webknock did not make"

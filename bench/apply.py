@@ -9,13 +9,12 @@ Run as root from the repository (after `tests/run` made the venv), e.g.:
 For each backend (nftables, iptables+ipset, iptables linear) it builds a lab server,
 puts N live grants into the state file and the kernel, starts webknockd (which reconciles
 them), then writes one openports request at a time into the spool as the CGI does and
-times it until the daemon has rung the doorbell and its result is read (the spool round
-trip; the daemon answers only after the kernel batch and the state commit, so this bounds
+times it until the daemon's result is read from the doorbell (the spool round trip; the
+daemon answers only after the kernel batch and the state commit, so this bounds
 spool-to-kernel from above; watching the kernel with `nft monitor` instead would load the
 2 cores we measure on). Each request opens tcp/22 for a new address. It prints p50/p99 per
 N and the ratio of each p50 to the same backend's p50 at 0 grants (the baseline of the
-same run). Samples per N are bounded by --samples
-and by --budget seconds.
+same run). Samples per N are bounded by --samples and by --budget seconds.
 """
 
 from __future__ import annotations
@@ -45,14 +44,12 @@ from bench._lab import (
 
 def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str, Any]:
     """(Inside the server namespace.) For fresh addresses, one at a time: request written as
-    the CGI writes it (its doorbell first) -> the daemon rings -> result read."""
+    the CGI writes it (its doorbell first) -> the daemon's result read from the doorbell."""
     from webknock.config import load
     from webknock.spool import (
-        RESULT_SUFFIX,
         encode_request,
         install_bell,
         new_request_id,
-        parse_result,
         remove_bell,
         wait_bell,
         write_request,
@@ -72,12 +69,11 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
         try:
             t0 = time.perf_counter()
             write_request(cfg.spool.requests, rid, payload)
-            wait_bell(bell, 10)
-            result = parse_result((cfg.spool.results / f"{rid}{RESULT_SUFFIX}").read_bytes())
+            result = wait_bell(bell, 10)
             times.append(time.perf_counter() - t0)
         finally:
             remove_bell(bell_path, bell)
-        failed += not result.get("ok")
+        failed += not (result and result.get("ok"))
     return {**percentiles(times), "failed": failed}
 
 
@@ -135,7 +131,7 @@ def main() -> int:
                 )
                 print(table(rows), "\n", flush=True)
     print("host: the host's speed after the row, ms for a reference loop (lower is faster)")
-    print("apply latency: request written into the spool -> the daemon rang, result read")
+    print("apply latency: request written into the spool -> the daemon's result read")
     print("(the kernel has the grant before that: the result follows the batch and the commit)")
     print(table(rows))
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests import cgi_side
 from webknock.config import load
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
@@ -24,6 +25,13 @@ from webknock.state import StateStore
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 VECTORS_FILE = SHARED / "protocol" / "v1-vectors.json"
+
+
+@pytest.fixture(autouse=True)
+def close_bells() -> Iterator[None]:
+    """Doorbells a test opened in the CGI's place (tests/cgi_side.py) do not outlive it."""
+    yield
+    cgi_side.close_all()
 
 
 @pytest.fixture(autouse=True)

@@ -21,10 +21,12 @@ def _mode_problems(
     mode: int,
     what: str,
     optional: bool = False,
+    wider_is: str = "",
 ) -> list[Problem]:
     """Owner, group and mode of one path. Anything that lets a user other than root change
     what root reads or writes (wrong owner, a write bit wider than expected, a symlink) is
-    an error; a wrong group or a read bit too many is a warning."""
+    an error; a wrong group or a read bit too many is a warning, unless `wider_is` says
+    why any bit too many is an error."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -52,8 +54,9 @@ def _mode_problems(
     actual = stat.S_IMODE(st.st_mode)
     wider = actual & ~mode
     if wider:
-        level = "error" if wider & 0o022 else "warning"
-        who = "writable by others than root" if level == "error" else "readable by more users"
+        level = "error" if wider & 0o022 or wider_is else "warning"
+        who = "writable by others than root" if wider & 0o022 else "readable by more users"
+        who = wider_is or who
         out.append(
             (
                 level,
@@ -86,7 +89,15 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     problems += _mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
     devices: dict[int, list[str]] = {}
     for path, uid, gid, mode in layout(cfg.spool, web.gid):
-        problems += _mode_problems(path, uid=uid, gid=gid, mode=mode, what="spool directory")
+        problems += _mode_problems(
+            path,
+            uid=uid,
+            gid=gid,
+            mode=mode,
+            what="spool directory",
+            # the CGIs' doorbells are writable for "others": only this mode keeps them out
+            wider_is="others could answer a CGI" if path == cfg.spool.waits else "",
+        )
         try:
             devices.setdefault(os.lstat(path).st_dev, []).append(path.name)
         except OSError:

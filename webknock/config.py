@@ -44,10 +44,6 @@ class SpoolPaths:
         return self.root / "requests"
 
     @property
-    def results(self) -> Path:
-        return self.root / "results"
-
-    @property
     def claimed(self) -> Path:
         return self.root / "claimed"
 

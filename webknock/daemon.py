@@ -19,7 +19,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
 from typing import NamedTuple
@@ -29,14 +29,13 @@ from webknock.config import ConfigError, ServerConfig, load
 from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
-from webknock.fsutil import write_atomic
 from webknock.logsetup import setup_logging
 from webknock.spool import (
     MAX_REQUEST_BYTES,
+    MAX_RESULT_BYTES,
     REQUEST_SUFFIX,
-    RESULT_SUFFIX,
+    deliver,
     result_payload,
-    ring_bell,
 )
 from webknock.spool_reader import GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
@@ -46,7 +45,6 @@ from webknock.throttle import FAIL_PREFIX, REPLAY_PREFIX
 log = logging.getLogger("webknockd")
 
 MAX_BATCH = 5000
-RESULT_TTL = 120.0
 TMP_TTL = 60.0
 KEEP_REJECTED = 1000
 TICK = 1.0
@@ -128,16 +126,20 @@ class Daemon:
         self.rescan = True  # look for claimed/ leftovers (a crash) at start and every tick
         self._requests = str(self.spool.requests)
         self._claimed = str(self.spool.claimed)
-        self._results = str(self.spool.results)
         self._waits = str(self.spool.waits)
 
     # -- spool --------------------------------------------------------------------------
 
-    def pending(self) -> list[Claimed]:
+    def pending(self, names: Iterable[str] | None = None) -> list[Claimed]:
         """Claim up to MAX_BATCH new requests (rename into claimed/); return what is claimed:
-        those, or after a `rescan` everything in claimed/ (leftovers of a crash included)."""
-        with os.scandir(self._requests) as it:
-            fresh = sorted(e.name for e in it if not e.name.startswith("."))
+        those, or after a `rescan` everything in claimed/ (leftovers of a crash included).
+
+        `names` are what inotify reported arriving; without them requests/ is listed."""
+        if names is None:
+            with os.scandir(self._requests) as it:
+                fresh = sorted(e.name for e in it if not e.name.startswith("."))
+        else:
+            fresh = sorted({n for n in names if n and not n.startswith(".")})
         taken: list[Claimed] = []
         for name in fresh[:MAX_BATCH]:
             target = os.path.join(self._claimed, name)
@@ -158,20 +160,18 @@ class Daemon:
         entries.sort()
         return entries[:MAX_BATCH]
 
-    def write_result(self, request_id: str, outcome: Outcome) -> None:
+    def answer(self, request_id: str, outcome: Outcome) -> None:
+        """Hand the outcome to the CGI waiting on the request's doorbell, if one still does."""
         if outcome.ok:
             payload = result_payload(
                 True, expires=outcome.expires, ports=[list(p) for p in outcome.ports]
             )
+            if len(payload) > MAX_RESULT_BYTES:  # 256 ports fit; the CGI needs only the expiry
+                payload = result_payload(True, expires=outcome.expires)
         else:
             payload = result_payload(False, error=outcome.error, errorcode=outcome.errorcode)
-        path = os.path.join(self._results, f"{request_id}{RESULT_SUFFIX}")
-        try:
-            write_atomic(path, payload, 0o640, uid=0, gid=self.web.gid, fsync=False)
-        except OSError as exc:  # full or read-only spool: the CGI times out (504), never success
-            log.error("cannot write result %s: %s", request_id, exc)
-            return
-        ring_bell(os.path.join(self._waits, request_id), self.web.uid)
+        if not deliver(os.path.join(self._waits, request_id), self.allowed_uids, payload):
+            log.info("request %s: no CGI waits for its answer (ok=%s)", request_id, outcome.ok)
 
     def reject(self, entry: Claimed, reason: str) -> None:
         """Log, answer (when the name is a request id) and move the file aside."""
@@ -187,7 +187,7 @@ class Daemon:
         )
         stem = entry.name[: -len(REQUEST_SUFFIX)] if entry.name.endswith(REQUEST_SUFFIX) else ""
         if len(stem) == 32 and all(c in "0123456789abcdef" for c in stem):
-            self.write_result(
+            self.answer(
                 stem, Outcome(False, error="request refused by the server", errorcode="INVALID")
             )
         self._set_aside(Path(entry.path), entry.name)
@@ -215,16 +215,19 @@ class Daemon:
         except OSError as exc:
             log.error("cannot remove refused spool entry %r: %s", name[:80], exc)
 
-    def drain(self) -> int:
+    def drain(self, names: Iterable[str] | None = None) -> int:
         """Process everything pending as one batch; return how many requests were handled.
 
-        A batch of MAX_BATCH is followed by the next one at once. A smaller batch had all
-        there was: what arrives meanwhile wakes the loop again by its own event (and the
-        tick drains anyway), so the common case pays for one look at the spool, not two."""
+        With `names` (from inotify) the first batch is those requests, else requests/ is
+        listed. A batch of MAX_BATCH is followed by the next one at once, from a listing. A
+        smaller batch had all there was: what arrives meanwhile wakes the loop again by its
+        own event (and the tick drains anyway, from a listing: nothing lost with the event
+        queue's overflow), so the common case pays for no look at the spool at all."""
         handled = 0
         stuck: set[str] = set()  # names that could not be removed: never loop on them
         while True:
-            claimed = self.pending()
+            claimed = self.pending(names)
+            names = None
             entries = [e for e in claimed if e.name not in stuck]
             if not entries:
                 return handled
@@ -268,7 +271,7 @@ class Daemon:
                 for _, req in valid
             }
         for entry, req in valid:
-            self.write_result(req.id, outcomes[req.id])
+            self.answer(req.id, outcomes[req.id])
             self._unlink(Path(entry.path))
 
     # -- housekeeping --------------------------------------------------------------------
@@ -294,12 +297,11 @@ class Daemon:
         return max(replay, throttle)  # not ours: whatever the web user left there
 
     def prune(self) -> None:
-        """Drop old results, abandoned temp files and doorbells, old replay marks and
-        throttle counters, excess throttle counters and excess rejects."""
+        """Drop abandoned temp files and doorbells, old replay marks and throttle counters,
+        excess throttle counters and excess rejects."""
         now = self.clock()
         bell_ttl = 2 * self.cfg.result_timeout + TMP_TTL  # a CGI waits twice at most
         for directory, ttl in (
-            (self.spool.results, lambda _name: RESULT_TTL),
             (self.spool.requests, lambda name: TMP_TTL if name.startswith(".") else None),
             (self.spool.waits, lambda _name: bell_ttl),
             (self.spool.seen, self.seen_ttl),
@@ -404,17 +406,23 @@ class Daemon:
                     self._safely(self.tick)
                     next_tick = now + TICK
                 wait_ms = max(1, int((next_tick - self.clock()) * 1000))
-                if inotify.read(timeout=wait_ms):
-                    self._safely(self.drain)
+                events = inotify.read(timeout=wait_ms)
+                if events:
+                    names = (
+                        None  # the queue overflowed: list requests/
+                        if any(e.mask & flags.Q_OVERFLOW for e in events)
+                        else [e.name for e in events]
+                    )
+                    self._safely(self.drain, names)
         finally:
             inotify.close()
 
     @staticmethod
-    def _safely(step: Callable[[], object]) -> None:
+    def _safely(step: Callable[..., object], *args: object) -> None:
         """Run one step of the loop; a failing disk, state file or firewall is logged and
         retried on the next event or tick, never the end of the daemon."""
         try:
-            step()
+            step(*args)
         except (OSError, StateError, FirewallError) as exc:
             log.error("%s failed: %s", getattr(step, "__name__", "step"), exc)
             time.sleep(0.1)  # no hot loop on a persistent failure

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,6 @@ def layout(paths: SpoolPaths, gid: int) -> list[tuple[Path, int, int, int]]:
     return [
         (paths.root, 0, gid, 0o750),
         (paths.requests, 0, gid, 0o1730),
-        (paths.results, 0, gid, 0o750),
         (paths.claimed, 0, 0, 0o700),
         (paths.rejected, 0, 0, 0o700),
         (paths.seen, 0, gid, 0o1730),
@@ -43,9 +43,22 @@ def layout(paths: SpoolPaths, gid: int) -> list[tuple[Path, int, int, int]]:
     ]
 
 
+#: Directories earlier versions made and this one no longer uses (results/: the daemon
+#: now hands each result through the CGI's doorbell).
+RETIRED = ("results",)
+
+
 def prepare_spool(paths: SpoolPaths, gid: int) -> None:
-    """Create missing directories and fix owner/mode of existing ones (never follow links)."""
+    """Create missing directories and fix owner/mode of existing ones (never follow links);
+    remove the retired ones."""
     paths.root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for name in RETIRED:
+        try:
+            st = os.lstat(paths.root / name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(paths.root / name)  # fd-based: never follows a link planted inside
     for path, uid, group, mode in layout(paths, gid):
         try:
             os.mkdir(path, mode)

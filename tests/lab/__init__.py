@@ -269,6 +269,16 @@ def close_server_firewall(ns: Netns, backend: str = "iptables", delegate: bool =
 
 #: Where a site's spool goes: a tmpfs, like /run on a production host.
 RUNTIME_TMPFS = "/dev/shm"
+UNIT = REPO / "etc" / "systemd" / "webknockd@.service"
+
+
+def unit_bounding_set() -> str:
+    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set (e.g. -all,+net_admin)."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            caps = line.split("=", 1)[1].split()
+            return ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    raise LabError(f"{UNIT} has no CapabilityBoundingSet=")
 
 
 class Site:
@@ -366,7 +376,19 @@ class Site:
         return ns.run(argv, check=check, env=self.env())
 
     def start_daemon(self, ns: Netns) -> None:
-        argv = [str(self.python), "-m", "webknock.daemon", "--config", str(self.config), "-v"]
+        """Start webknockd with the systemd unit's capabilities and nothing more (as
+        install.sh starts it where systemd does not run)."""
+        argv = [
+            "setpriv",
+            "--no-new-privs",
+            f"--bounding-set={unit_bounding_set()}",
+            str(self.python),
+            "-m",
+            "webknock.daemon",
+            "--config",
+            str(self.config),
+            "-v",
+        ]
         offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
         self.daemon = ns.popen(argv, log=self.daemon_log, env=self.env())
         deadline = time.monotonic() + 15

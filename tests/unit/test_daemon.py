@@ -1,25 +1,24 @@
-"""webknockd's drain: valid files become one batch with results; bad files go aside."""
+"""webknockd's drain: valid files become one batch, each CGI gets its answer through its
+doorbell; bad files go aside."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
+from tests.cgi_side import open_bell, submit
 from tests.fakes import MemoryFirewall
 from webknock.config import ServerConfig, load
 from webknock.daemon import AlreadyRunning, Daemon, acquire_daemon_lock, daemon_running
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus
-from webknock.fsutil import write_atomic
-from webknock.grants import parse_address
-from webknock.spool import REQUEST_SUFFIX, encode_request, new_request_id
 from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateStore
 
@@ -38,29 +37,6 @@ def daemon(
     yield Daemon(cfg, engine, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), cfg, fw, events
 
 
-def spool_request(
-    cfg: ServerConfig,
-    ip: str = "192.0.2.10",
-    ports: list[tuple[str, int]] | None = None,
-    time_: int = 60,
-    received: float | None = None,
-) -> str:
-    rid = new_request_id()
-    data = encode_request(parse_address(ip), ports or [("tcp", 22)], time_, received or time.time())
-    # owned by the web user before it appears: a running daemon may claim it at once
-    path = cfg.spool.requests / f"{rid}{REQUEST_SUFFIX}"
-    write_atomic(path, data, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
-    return rid
-
-
-def result(cfg: ServerConfig, rid: str) -> dict[str, object]:
-    path = cfg.spool.results / f"{rid}.json"
-    st = path.stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, WEB.pw_gid, 0o640)
-    obj: dict[str, object] = json.loads(path.read_bytes())
-    return obj
-
-
 def test_spool_layout_modes(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
@@ -68,7 +44,6 @@ def test_spool_layout_modes(
     modes = {p.name: (p.stat().st_mode & 0o7777, p.stat().st_gid) for p in cfg.spool_dir.iterdir()}
     assert modes == {
         "requests": (0o1730, WEB.pw_gid),
-        "results": (0o750, WEB.pw_gid),
         "claimed": (0o700, 0),
         "rejected": (0o700, 0),
         "seen": (0o1730, WEB.pw_gid),
@@ -80,11 +55,18 @@ def test_drain_applies_one_batch_and_answers(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
     d, cfg, fw, events = daemon
-    r1 = spool_request(cfg)
-    r2 = spool_request(cfg, "2001:db8::10", [("tcp", 22), ("udp", 51820)])
+    r1 = submit(cfg)
+    r2 = submit(cfg, "2001:db8::10", [("tcp", 22), ("udp", 51820)])
+    assert r1.result() is None, "no answer before the drain"
     assert d.drain() == 2
     assert len(fw.batches) == 1 and len(fw.batches[0][0]) == 3
-    assert result(cfg, r1)["ok"] is True and result(cfg, r2)["ok"] is True
+    assert r1.result() == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
+    assert r2.result() == {
+        "v": 1,
+        "ok": True,
+        "expires": ANY,
+        "ports": [["tcp", 22], ["udp", 51820]],
+    }
     assert os.listdir(cfg.spool.requests) == [] and os.listdir(cfg.spool.claimed) == []
     assert [e.kind for e in events] == ["open", "open", "open"]
 
@@ -100,29 +82,36 @@ def test_answers_are_written_before_events_are_delivered(
         cfg.instance,
         StateStore(cfg.state_file),
         MemoryFirewall(),
-        EventBus(lambda _event: answered.append(bool(os.listdir(cfg.spool.results)))),
+        EventBus(lambda _event: answered.append(waiting.result() is not None)),
     )
     d = Daemon(cfg, engine, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
-    rid = spool_request(cfg)
+    waiting = submit(cfg)
     assert d.drain() == 1
-    assert result(cfg, rid)["ok"] is True
     assert answered == [True]
+    assert waiting.result() == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
 
 
 def test_invalid_files_are_moved_aside_never_applied(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
     d, cfg, fw, events = daemon
-    bad = spool_request(cfg, ports=[("tcp", 23)])  # not offered
+    bad = submit(cfg, ports=[("tcp", 23)])  # not offered
     (cfg.spool.requests / "junk").write_text("x")
+    linked = open_bell(cfg, "e" * 32)
     os.symlink("/etc/shadow", cfg.spool.requests / f"{'e' * 32}.req")
     os.mkfifo(cfg.spool.requests / f"{'f' * 32}.req")
-    good = spool_request(cfg)
+    good = submit(cfg)
     d.drain()
     assert fw.held and len(fw.held) == 1
-    assert result(cfg, bad)["errorcode"] == "INVALID"
-    assert result(cfg, "e" * 32)["ok"] is False
-    assert result(cfg, good)["ok"] is True
+    refused = {
+        "v": 1,
+        "ok": False,
+        "error": "request refused by the server",
+        "errorcode": "INVALID",
+    }
+    assert bad.result() == refused
+    assert linked.result() == refused
+    assert good.result() == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
     assert len(os.listdir(cfg.spool.rejected)) == 4
     assert os.listdir(cfg.spool.requests) == []
     assert sum(e.kind == "reject" for e in events) == 4
@@ -132,9 +121,15 @@ def test_stale_request_refused(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
     d, cfg, fw, _ = daemon
-    rid = spool_request(cfg, received=time.time() - 3600)
+    waiting = submit(cfg, received=time.time() - 3600)
     d.drain()
-    assert fw.held == {} and result(cfg, rid)["ok"] is False
+    assert fw.held == {}
+    assert waiting.result() == {
+        "v": 1,
+        "ok": False,
+        "error": "request refused by the server",
+        "errorcode": "INVALID",
+    }
 
 
 def test_firewall_failure_is_reported(
@@ -142,9 +137,9 @@ def test_firewall_failure_is_reported(
 ) -> None:
     d, cfg, fw, _ = daemon
     fw.fail_apply = fw.fail_sync = True
-    rid = spool_request(cfg)
+    waiting = submit(cfg)
     d.drain()
-    assert result(cfg, rid) == {
+    assert waiting.result() == {
         "v": 1,
         "ok": False,
         "error": "firewall failed to apply the rule",
@@ -157,48 +152,83 @@ def test_claimed_leftovers_processed_after_crash(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
     d, cfg, _, _ = daemon
-    rid = spool_request(cfg)
-    os.rename(cfg.spool.requests / f"{rid}.req", cfg.spool.claimed / f"{rid}.req")
+    waiting = submit(cfg)
+    os.rename(cfg.spool.requests / f"{waiting.rid}.req", cfg.spool.claimed / f"{waiting.rid}.req")
     d.drain()
-    assert result(cfg, rid)["ok"] is True
+    assert waiting.result() == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
 
 
-def test_prune_removes_old_results_and_temp_files(
+def test_drain_claims_the_names_inotify_reported(
+    daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
+) -> None:
+    """The names of the events are the batch; anything else waits for a listing (the
+    tick's), and names that are gone (withdrawn) or not requests cost nothing."""
+    d, cfg, fw, _ = daemon
+    d.drain()  # the start-up look at claimed/
+    named, unnamed = submit(cfg), submit(cfg, "192.0.2.11")
+    assert d.drain([f"{named.rid}.req", f"{'a' * 32}.req", ".tmp", ""]) == 1
+    assert named.result() is not None and unnamed.result() is None
+    assert d.drain() == 1
+    assert unnamed.result() is not None
+    assert len(fw.held) == 2
+
+
+def test_prune_removes_old_temp_files_and_marks(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
     d, cfg, _, _ = daemon
     old = time.time() - 1000
-    for path in (
-        cfg.spool.results / "x.json",
-        cfg.spool.requests / ".abc.tmp",
-        cfg.spool.seen / "r-00",
-    ):
+    for path in (cfg.spool.requests / ".abc.tmp", cfg.spool.seen / "r-00"):
         path.write_text("")
         os.utime(path, (old, old))
-    fresh = cfg.spool.results / "fresh.json"
-    fresh.write_text("")
+    (cfg.spool.requests / ".fresh.tmp").write_text("")
     d.prune()
-    assert os.listdir(cfg.spool.results) == ["fresh.json"]
-    assert os.listdir(cfg.spool.requests) == [] and os.listdir(cfg.spool.seen) == []
+    assert os.listdir(cfg.spool.requests) == [".fresh.tmp"] and os.listdir(cfg.spool.seen) == []
+
+
+def test_the_retired_results_directory_is_removed(instance_config: Path) -> None:
+    """Earlier versions wrote results as files in results/; the spool no longer has it."""
+    cfg = load(instance_config)
+    old = cfg.spool_dir / "results"
+    old.mkdir(parents=True)
+    (old / f"{'b' * 32}.json").write_text("{}")
+    prepare_spool(cfg.spool, WEB.pw_gid)
+    assert not old.exists()
+    assert sorted(os.listdir(cfg.spool_dir)) == [
+        "claimed",
+        "rejected",
+        "requests",
+        "seen",
+        "waits",
+    ]
 
 
 def test_run_loop_answers_immediately(
     daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
 ) -> None:
+    """The request's own inotify event wakes the loop and names the request to claim."""
     d, cfg, _, _ = daemon
+    drains: list[list[str] | None] = []
+    drain = d.drain
+
+    def spy(names: Iterable[str] | None = None) -> int:
+        drains.append(None if names is None else list(names))
+        return drain(names)
+
+    d.drain = spy  # type: ignore[method-assign]
     thread = threading.Thread(target=d.run)
     thread.start()
     try:
-        time.sleep(0.2)
-        rid = spool_request(cfg)
-        deadline = time.monotonic() + 5
-        while not (cfg.spool.results / f"{rid}.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert result(cfg, rid)["ok"] is True
+        wait_until = time.monotonic() + 5
+        while not drains and time.monotonic() < wait_until:  # the first tick's drain
+            time.sleep(0.01)
+        waiting = submit(cfg)
+        assert waiting.result(5) == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
     finally:
         d.stopping = True
         thread.join(5)
     assert not thread.is_alive()
+    assert [f"{waiting.rid}.req"] in drains, drains
 
 
 def test_one_daemon_per_instance(instance_config: Path) -> None:

@@ -52,7 +52,7 @@ def resolve(cfg: ServerConfig, path: str) -> Path:
         "state dir": cfg.state_file.parent,
         "lock": Path(f"{cfg.state_file}.lock"),
         "claimed": cfg.spool.claimed,
-        "results": cfg.spool.results,
+        "rejected": cfg.spool.rejected,
         "requests": cfg.spool.requests,
         "seen": cfg.spool.seen,
         "waits": cfg.spool.waits,
@@ -83,10 +83,11 @@ def symlink_state(cfg: ServerConfig) -> None:
         (chmod("lock", 0o666), "error", ".lock"),
         (symlink_state, "error", "is a symlink"),
         (chmod("claimed", 0o777), "error", "claimed"),
-        (chown("results", WEB.pw_uid), "error", "results"),
+        (chown("rejected", WEB.pw_uid), "error", "rejected"),
         (chmod("requests", 0o1733), "error", "requests"),
         (chown("seen", 0, 0), "warning", "seen"),
         (chmod("waits", 0o1733), "error", "waits"),
+        (chmod("waits", 0o1731), "error", "others could answer a CGI"),
     ],
 )
 def test_wrong_owner_or_mode_is_reported(

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.cgi_side import submit
 from tests.conftest import run_in_mount_namespace, write_instance
 from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner
 from webknock import daemon as daemon_mod
@@ -35,7 +36,7 @@ from webknock.events import EventBus
 from webknock.firewall.iptables import IptablesFirewall
 from webknock.grants import GrantKey, parse_address
 from webknock.protocol import messages, transport, v1
-from webknock.spool import encode_request, new_request_id, write_request
+from webknock.spool import new_request_id
 from webknock.spool_reader import GrantRequest
 from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateError, StateStore
@@ -118,12 +119,10 @@ def test_daemon_answers_state_failure_and_keeps_going(tmp_path: Path, vector_key
     cfg = load(write_instance(tmp_path, vector_keys))
     d, _ = memory_daemon(cfg)
     eng = d.engine
-    rid = new_request_id()
-    write_request(cfg.spool.requests, rid, encode_request(A, [("tcp", 22)], 60, time.time()))
+    waiting = submit(cfg, str(A))
     with commit_refused(eng):
         d.drain()
-    outcome = json.loads((cfg.spool.results / f"{rid}.json").read_bytes())
-    assert outcome == {
+    assert waiting.result() == {
         "v": 1,
         "ok": False,
         "error": "server state unavailable",
@@ -275,20 +274,17 @@ def test_daemon_loop_survives_failing_steps(
     thread.start()
     try:
         time.sleep(0.2)
-        first = new_request_id()
-        write_request(cfg.spool.requests, first, encode_request(A, [("tcp", 22)], 60, time.time()))
+        first = submit(cfg, str(A))
         time.sleep(0.5)
-        second = new_request_id()
-        write_request(cfg.spool.requests, second, encode_request(B, [("tcp", 22)], 60, time.time()))
-        deadline = time.monotonic() + 5
-        while not (cfg.spool.results / f"{second}.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        second = submit(cfg, str(B))
+        answer = second.result(5)
         time.sleep(1.2)
         assert thread.is_alive()
+        assert first.result(5) is not None, "its claimed request is answered after all"
     finally:
         d.stopping = True
         thread.join(5)
-    assert json.loads((cfg.spool.results / f"{second}.json").read_bytes())["ok"] is True
+    assert answer is not None and answer["ok"] is True
     assert "drain failed: [Errno 5] Input/output error" in caplog.text
     assert "pruning the spool failed" in caplog.text
 

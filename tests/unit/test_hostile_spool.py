@@ -17,9 +17,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.cgi_side import Waiting, open_bell
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
 from webknock import daemon as daemon_mod
@@ -54,15 +56,17 @@ def request_bytes(ip: str = "192.0.2.10") -> bytes:
     return encode_request(parse_address(ip), [("tcp", 22)], 60, time.time())
 
 
-def result(cfg: ServerConfig, rid: str) -> dict[str, object]:
-    obj: dict[str, object] = json.loads((cfg.spool.results / f"{rid}.json").read_bytes())
-    return obj
+def result(waiting: Waiting) -> dict[str, Any]:
+    """The daemon's answer to a request whose bell was open before the drain."""
+    answer = waiting.result()
+    assert answer is not None, f"no answer for {waiting.rid}"
+    return answer
 
 
-def as_web_user(code: str) -> dict[str, str]:
-    """Run Python as www-data; it prints a JSON object of what each attempt did."""
+def as_web_user(code: str, user: str = "www-data", group: str = "www-data") -> dict[str, str]:
+    """Run Python as `user`; it prints a JSON object of what each attempt did."""
     proc = subprocess.run(
-        ["setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups", sys.executable],
+        ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", sys.executable],
         input=code,
         capture_output=True,
         text=True,
@@ -75,8 +79,6 @@ def as_web_user(code: str) -> dict[str, str]:
 
 def test_web_user_can_only_drop_requests(setup: tuple[Daemon, ServerConfig]) -> None:
     d, cfg = setup
-    rid = new_request_id()
-    d.write_result(rid, Outcome(True, expires=1, ports=(("tcp", 22),)))
     d.engine.store.read().all()  # creates the state file
     code = f"""
 import json, os
@@ -87,9 +89,7 @@ tries = {{
     "write claimed": lambda: open(sp + "/claimed/x", "x").close(),
     "list claimed": lambda: os.listdir(sp + "/claimed"),
     "list rejected": lambda: os.listdir(sp + "/rejected"),
-    "forge result": lambda: open(sp + "/results/{"b" * 32}.json", "x").close(),
-    "replace result": lambda: os.rename(sp + "/results/{rid}.json", sp + "/results/z"),
-    "read result": lambda: open(sp + "/results/{rid}.json").read(),
+    "list bells": lambda: os.listdir(sp + "/waits"),
     "rename requests": lambda: os.rename(sp + "/requests", sp + "/r2"),
     "state": lambda: open({str(cfg.state_file)!r}, "a").close(),
 }}
@@ -108,12 +108,39 @@ print(json.dumps(out))
         "write claimed": "PermissionError",
         "list claimed": "PermissionError",
         "list rejected": "PermissionError",
-        "forge result": "PermissionError",
-        "replace result": "PermissionError",
-        "read result": "ok",
+        "list bells": "PermissionError",  # nor at the ids of the CGIs that wait
         "rename requests": "PermissionError",
         "state": "PermissionError",
     }
+
+
+def test_nobody_else_reaches_a_bell(setup: tuple[Daemon, ServerConfig]) -> None:
+    """A bell is writable for "others" (root without CAP_DAC_OVERRIDE must answer into it),
+    so the spool's own modes must keep every other user out of it."""
+    _, cfg = setup
+    waiting = open_bell(cfg)
+    code = f"""
+import json, os
+tries = {{
+    "answer": lambda: os.close(os.open({waiting.bell!r}, os.O_WRONLY | os.O_NONBLOCK)),
+    "spool": lambda: open({str(cfg.spool.requests / "x")!r}, "x").close(),
+    "list": lambda: os.listdir({str(cfg.spool_dir)!r}),
+}}
+out = {{}}
+for name, fn in tries.items():
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = exc.__class__.__name__
+print(json.dumps(out))
+"""
+    assert as_web_user(code, "nobody", "nogroup") == {
+        "answer": "PermissionError",
+        "spool": "PermissionError",
+        "list": "PermissionError",
+    }
+    assert waiting.result() is None, "not a byte written"
 
 
 def test_planted_objects_are_refused_and_the_daemon_survives(
@@ -150,14 +177,15 @@ def test_planted_objects_are_refused_and_the_daemon_survives(
     os.chown(req / f"{other}.req", 65534, 65534)
     good = new_request_id()
     write_request(req, good, request_bytes("192.0.2.77"))
+    bells = {rid: open_bell(cfg, rid) for rid in [*names.values(), deep, other, good]}
 
     with caplog.at_level(logging.WARNING, logger="webknockd"):
         d.drain()
     held = d.engine.firewall.listed()
     assert [str(k) for k in held] == ["192.0.2.77:tcp/22"]
-    assert result(cfg, good)["ok"] is True
+    assert result(bells[good])["ok"] is True
     for rid in [*names.values(), deep, other]:
-        assert result(cfg, rid)["errorcode"] == "INVALID", rid
+        assert result(bells[rid])["errorcode"] == "INVALID", rid
     assert os.listdir(req) == [".hidden"]  # dot files are temp files of the CGI
     assert os.listdir(cfg.spool.claimed) == []
     kept = os.listdir(cfg.spool.rejected)
@@ -184,8 +212,8 @@ def test_request_rewritten_after_claim_is_bounded(setup: tuple[Daemon, ServerCon
     """The web user keeps its fd after the claim: whatever it writes, root reads at most
     MAX_REQUEST_BYTES + 1 and validates exactly what it read."""
     d, cfg = setup
-    rid = new_request_id()
-    path = write_request(cfg.spool.requests, rid, request_bytes())
+    waiting = open_bell(cfg)
+    path = write_request(cfg.spool.requests, waiting.rid, request_bytes())
     fd = os.open(path, os.O_WRONLY)
     try:
         real_read = os.read
@@ -202,7 +230,7 @@ def test_request_rewritten_after_claim_is_bounded(setup: tuple[Daemon, ServerCon
             os.read = real_read
     finally:
         os.close(fd)
-    assert result(cfg, rid)["errorcode"] == "INVALID"
+    assert result(waiting)["errorcode"] == "INVALID"
     assert d.engine.firewall.listed() == []
 
 
@@ -281,19 +309,19 @@ def test_rejected_keeps_at_most_the_newest(
 def test_out_of_range_received_time_is_stale(setup: tuple[Daemon, ServerConfig]) -> None:
     d, cfg = setup
     for received in (time.time() + 3600, time.time() - 3600):
-        rid = new_request_id()
+        waiting = open_bell(cfg)
         data = encode_request(parse_address("192.0.2.10"), [("tcp", 22)], 60, received)
-        write_request(cfg.spool.requests, rid, data)
+        write_request(cfg.spool.requests, waiting.rid, data)
         d.drain()
-        assert result(cfg, rid)["ok"] is False
+        assert result(waiting)["ok"] is False
     for raw in (b"NaN", b"Infinity", b"1e999"):
-        rid = new_request_id()
+        waiting = open_bell(cfg)
         data = request_bytes().replace(b'"received":', b'"received":' + raw + b',"x":')
         obj = data.decode()
         obj = obj[: obj.index(',"x":')] + obj[obj.index(',"ua"') :]
-        write_request(cfg.spool.requests, rid, obj.encode())
+        write_request(cfg.spool.requests, waiting.rid, obj.encode())
         d.drain()
-        assert result(cfg, rid)["errorcode"] == "INVALID", raw
+        assert result(waiting)["errorcode"] == "INVALID", raw
     assert d.engine.firewall.listed() == []
 
 
