@@ -63,8 +63,22 @@ def result(waiting: Waiting) -> dict[str, Any]:
     return answer
 
 
-def as_web_user(code: str, user: str = "www-data", group: str = "www-data") -> dict[str, str]:
-    """Run Python as `user`; it prints a JSON object of what each attempt did."""
+TRY_EACH = """
+out = {}
+for name, fn in tries.items():
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = exc.__class__.__name__
+print(json.dumps(out))
+"""
+
+
+def attempts(tries: str, user: str = "www-data", group: str = "www-data") -> dict[str, str]:
+    """Run `tries` as `user` (code that defines `tries`, a dict of name -> callable; `os` is
+    imported), call each; return what each did ("ok" or the error's class)."""
+    code = f"import json, os\n{tries.strip()}\n{TRY_EACH}"
     proc = subprocess.run(
         ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", sys.executable],
         input=code,
@@ -80,8 +94,7 @@ def as_web_user(code: str, user: str = "www-data", group: str = "www-data") -> d
 def test_web_user_can_only_drop_requests(setup: tuple[Daemon, ServerConfig]) -> None:
     d, cfg = setup
     d.engine.store.read().all()  # creates the state file
-    code = f"""
-import json, os
+    tries = f"""
 sp = {str(cfg.spool_dir)!r}
 tries = {{
     "spool request": lambda: open(sp + "/requests/{"a" * 32}.req", "x").close(),
@@ -93,16 +106,8 @@ tries = {{
     "rename requests": lambda: os.rename(sp + "/requests", sp + "/r2"),
     "state": lambda: open({str(cfg.state_file)!r}, "a").close(),
 }}
-out = {{}}
-for name, fn in tries.items():
-    try:
-        fn()
-        out[name] = "ok"
-    except OSError as exc:
-        out[name] = exc.__class__.__name__
-print(json.dumps(out))
 """
-    assert as_web_user(code) == {
+    assert attempts(tries) == {
         "spool request": "ok",
         "read requests": "PermissionError",  # 1730: drop only, no peeking at others' requests
         "write claimed": "PermissionError",
@@ -119,23 +124,14 @@ def test_nobody_else_reaches_a_bell(setup: tuple[Daemon, ServerConfig]) -> None:
     so the spool's own modes must keep every other user out of it."""
     _, cfg = setup
     waiting = open_bell(cfg)
-    code = f"""
-import json, os
+    tries = f"""
 tries = {{
     "answer": lambda: os.close(os.open({waiting.bell!r}, os.O_WRONLY | os.O_NONBLOCK)),
     "spool": lambda: open({str(cfg.spool.requests / "x")!r}, "x").close(),
     "list": lambda: os.listdir({str(cfg.spool_dir)!r}),
 }}
-out = {{}}
-for name, fn in tries.items():
-    try:
-        fn()
-        out[name] = "ok"
-    except OSError as exc:
-        out[name] = exc.__class__.__name__
-print(json.dumps(out))
 """
-    assert as_web_user(code, "nobody", "nogroup") == {
+    assert attempts(tries, "nobody", "nogroup") == {
         "answer": "PermissionError",
         "spool": "PermissionError",
         "list": "PermissionError",
