@@ -119,12 +119,9 @@ def install_bell(path: str) -> int:
     Raises OSError (no ``waits/``, full disk, no descriptor left); then nothing is left.
     """
     os.mkfifo(path, 0o600)
+    fd = -1
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except BaseException:
-        remove_bell(path, -1)
-        raise
-    try:
         os.fchmod(fd, BELL_MODE)  # after the umask, which would take the o+w away
     except BaseException:
         remove_bell(path, fd)
