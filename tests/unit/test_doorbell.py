@@ -76,7 +76,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
         "import sys; from webknock import spool; "
         f"sys.exit(0 if spool.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {RESULT!r}) else 1)"
     )
-    caps = "-all,+net_admin,+net_raw,+chown,+dac_read_search"
+    caps = unit_bounding_set()
     subprocess.run(
         ["setpriv", "--no-new-privs", f"--bounding-set={caps}", sys.executable, "-c", code],
         check=True,
