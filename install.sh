@@ -275,19 +275,21 @@ write_file() { # write_file MODE DEST < content
     mv -f -- "$tmp" "$dest"
 }
 
-# install_shim SRC DEST PYTHON [CONFIG]: an entry point with its #! line set to PYTHON
-# (and, for CGI copies outside the snippet's reach, its config built in).
+# install_shim SRC DEST PYTHON [CONFIG]: an entry point with its #! line set to PYTHON,
+# the interpreter's flags kept (the CGI's -IS), and, for CGI copies outside the snippet's
+# reach, its config built in.
 install_shim() {
-    local src=$1 dest=$2 python=$3 config=${4:-}
-    [ "$(head -c2 -- "$src")" = '#!' ] || die "$src: expected a #! line"
+    local src=$1 dest=$2 python=$3 config=${4:-} first flags=
+    first=$(head -n1 -- "$src")
+    [ "${first:0:2}" = '#!' ] || die "$src: expected a #! line"
+    case $first in *' '*) flags=" ${first#* }" ;; esac
     {
-        printf '#!%s\n' "$python"
+        printf '#!%s%s\n' "$python" "$flags"
         if [ -n "$config" ]; then
             awk -v cfg="$config" '
                 NR == 1 { next }
-                /^from webknock\.cgi import main$/ {
-                    print "import os"
-                    print ""
+                /^import os$/ { has_os = 1 }
+                /^from webknock\.cgi import main/ && has_os {
                     printf "os.environ.setdefault(\"WEBKNOCK_CONFIG\", \"%s\")  # install.sh --cgi-dir\n", cfg
                     found = 1
                 }
@@ -300,7 +302,10 @@ install_shim() {
 }
 
 is_our_shim() { # is_our_shim FILE PYTHON: a file install_shim wrote for this venv
-    [ -f "$1" ] && [ ! -L "$1" ] && [ "$(head -n1 -- "$1")" = "#!$2" ]
+    local first
+    [ -f "$1" ] && [ ! -L "$1" ] || return 1
+    first=$(head -n1 -- "$1")
+    [ "$first" = "#!$2" ] || [ "${first#"#!$2 "}" != "$first" ]
 }
 
 # -- paths ---------------------------------------------------------------------------------

@@ -6,12 +6,15 @@ Run as root from the repository (after `tests/run` made the venv), e.g.:
     /var/tmp/webknock-venv/bin/python3 bench/cgi.py --requests 200
 
 It builds the test lab (server and client network namespaces, nginx + fcgiwrap from the
-shipped snippet, webknockd, nftables by default) on the server's dependencies alone, serves
-two baseline CGIs beside ours, and times requests sent one at a time from the client
-namespace, each on a fresh connection, in interleaved rounds (every kind once per round,
-in a seeded shuffled order, so drift of the host hits all kinds alike), for:
+shipped snippet, webknockd, nftables by default), serves three baseline CGIs beside ours,
+and times requests sent one at a time from the client namespace, each on a fresh
+connection, in interleaved rounds (every kind once per round, in a seeded shuffled order,
+so drift of the host hits all kinds alike), for:
 
-* print-only    a Python CGI that only prints a reply (the floor of any Python CGI);
+* print-only    a Python CGI that only prints a reply, started as ours (the floor of any
+                Python CGI: the interpreter line, its -IS, the venv's path);
+* print-site    the same started as Python starts by default (site: every .pth file of the
+                system's site-packages), for what -IS saves (no budget);
 * imports-only  a CGI that imports what ours imports for an openports, then prints;
 * junk          our CGI, a POST whose `data` is not base64 of 512-byte blocks;
 * getinfo       our CGI, a valid getinfo;
@@ -30,7 +33,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,13 +48,17 @@ REPLY = "Status: 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 3\\r\
 PRINT_ONLY = f"""import sys
 sys.stdout.write("{REPLY}")
 """
-
-#: What our CGI imports on the openports path, as a plain script would import it.
-IMPORTS_ONLY = f"""import sys
+#: The baseline CGIs' bodies by kind: print-only and print-site print a reply; imports-only
+#: imports what our CGI imports on the openports path, as a plain script would, and prints.
+BASELINES = {
+    "print-only": PRINT_ONLY,
+    "print-site": PRINT_ONLY,
+    "imports-only": f"""import sys
 import webknock.cgi, webknock.config, webknock.throttle, webknock.keys, webknock.spool
 import webknock.protocol.v1, webknock.protocol.messages
 sys.stdout.write("{REPLY}")
-"""
+""",
+}
 
 #: Runs in the client namespace: sends the requests of one kind, prints seconds per request.
 CLIENT = r"""
@@ -61,11 +67,11 @@ from webknock.protocol import messages, transport, v1
 
 spec = json.loads(sys.stdin.read())
 keys = v1.Keys.from_hex(spec["keys"])
-PATHS = {"print-only": "/bench-print", "imports-only": "/bench-imports"}
+PATHS = {k: "/bench-" + k for k in ("print-only", "print-site", "imports-only")}
 
 def body(kind, src):
     now = int(time.time())
-    if kind in ("print-only", "imports-only", "junk"):
+    if kind in PATHS or kind == "junk":
         return b"data=" + b"!" * 683
     if kind == "getinfo":
         data = messages.getinfo_request(now)  # with a nonce: not a replay within a second
@@ -102,6 +108,7 @@ print(json.dumps(out))
 
 EXPECTED_STATUS = {
     "print-only": 200,
+    "print-site": 200,
     "imports-only": 200,
     "junk": 403,
     "getinfo": 200,
@@ -129,7 +136,7 @@ def median_difference_interval(
 
 
 #: What a round sends, each once (open-new is followed by its open-renew).
-KINDS = ("print-only", "imports-only", "junk", "getinfo", "open-new")
+KINDS = ("print-only", "print-site", "imports-only", "junk", "getinfo", "open-new")
 
 
 def run_rounds(d: Any, sources: list[str], kinds: list[str]) -> dict[str, list[float]]:
@@ -157,60 +164,26 @@ def run_rounds(d: Any, sources: list[str], kinds: list[str]) -> dict[str, list[f
 
 def serve_baselines(d: Any) -> None:
     """The baseline CGIs beside ours, each at its own URL of the same nginx + fcgiwrap
-    (a copy of the shipped location block), then reload nginx."""
+    (a copy of the shipped location block), then reload nginx. They start as ours does:
+    its shim up to the import of webknock.cgi (interpreter line, flags, path), then their
+    own body; print-site starts as Python does by default (site, every .pth)."""
     snippet = (d.web.dir / "webknock.conf").read_text()
     ours = str(d.site.cgi)
+    start = d.site.cgi.read_text().split("from webknock.cgi import main")[0]
     blocks = []
-    for name, script in (("print", PRINT_ONLY), ("imports", IMPORTS_ONLY)):
-        cgi = d.site.cgi.with_name(f"bench-{name}.cgi")
-        cgi.write_text(f"#!{d.site.python}\n{script}")
+    for kind, script in BASELINES.items():
+        cgi = d.site.cgi.with_name(f"bench-{kind}.cgi")
+        head = f"#!{d.site.python}\n" if kind == "print-site" else start
+        cgi.write_text(head + script)
         os.chmod(cgi, 0o755)
         blocks.append(
-            snippet.replace("location = /webknock", f"location = /bench-{name}").replace(
+            snippet.replace("location = /webknock", f"location = /bench-{kind}").replace(
                 ours, str(cgi)
             )
         )
     (d.web.dir / "webknock.conf").write_text(snippet + "\n".join(blocks))
     d.lab.server.run(["nginx", "-c", str(d.web.dir / "nginx.conf"), "-s", "reload"])
     time.sleep(1.0)  # old workers finish, new ones serve the added locations
-
-
-def server_deps() -> Path:
-    """The server's pinned dependencies alone (as install.sh puts them in /opt/webknock),
-    without the test tools and the client's `requests`: every .pth and package on the
-    CGI's path costs each request, so the lab must not carry more than production."""
-    target = Path("/var/tmp/webknock-bench-server-deps")
-    pins = [
-        line.split("#")[0].strip()
-        for line in (REPO / "requirements.txt").read_text().splitlines()
-        if line.split("#")[0].strip() and not line.startswith("requests")
-    ]
-    stamp = target / ".pins"
-    if not stamp.exists() or stamp.read_text() != "\n".join(pins):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "--upgrade",
-                "--target",
-                str(target),
-                *pins,
-            ],
-            check=True,
-        )
-        stamp.write_text("\n".join(pins))
-    os.chmod(target, 0o755)
-    return target
-
-
-def use_server_deps(d: Any, deps: Path) -> None:
-    """Point the lab site's venv at the server-only dependencies."""
-    pth = next((d.site.python.parent.parent / "lib").glob("python3*/site-packages"))
-    (pth / "webknock-lab.pth").write_text(f"{d.site.root / 'lib'}\n{deps}\n")
 
 
 def main() -> int:
@@ -236,12 +209,8 @@ def main() -> int:
     n = max(10, min(args.requests, 2000))
     if os.geteuid() != 0:
         raise SystemExit("bench/cgi.py: run as root (it builds network namespaces)")
-    deps = server_deps()
     with deployment("nginx", backend=args.backend, protect=args.backend == "nftables") as d:
         settle(d.site.root)
-        use_server_deps(d, deps)
-        d.site.stop_daemon()  # restart it on the same dependencies as the CGI
-        d.site.start_daemon(d.lab.server)
         serve_baselines(d)
         sources = [f"2001:db8::2:{i:x}" for i in range(1, n + 11)]
         batch = "".join(f"addr add {a}/64 dev {d.lab.client_if} nodad\n" for a in sources)
@@ -260,6 +229,9 @@ def main() -> int:
     print("ratios (p50):")
     if {"junk", "print-only"} <= ms.keys():
         print(f"  junk / print-only       {ms['junk'][0] / ms['print-only'][0]:.2f}  (budget 1.3)")
+    if {"print-site", "print-only"} <= ms.keys():
+        saved = ms["print-site"][0] - ms["print-only"][0]
+        print(f"  print-site - print-only {saved:+.2f} ms  (what starting with -IS saves)")
     if "imports-only" in ms:
         ratio = ms["getinfo"][0] / ms["imports-only"][0]
         print(f"  getinfo / imports-only  {ratio:.2f}  (budget 1.2)")

@@ -196,9 +196,12 @@ def test_files_owners_and_modes(rooted: Rooted) -> None:
     assert mode_of(r.path("/var/lib/webknock")) == (0o700, "root", "root")
     for p in ("/opt/webknock", "/opt/webknock/venv", "/opt/webknock/cgi-bin"):
         assert mode_of(r.path(p)) == (0o755, "root", "root"), p
-    for p in ("/opt/webknock/cgi-bin/webknock.cgi", "/usr/local/sbin/webknockd"):
+    for p, flags in (
+        ("/opt/webknock/cgi-bin/webknock.cgi", " -IS"),
+        ("/usr/local/sbin/webknockd", ""),
+    ):
         assert mode_of(r.path(p)) == (0o755, "root", "root"), p
-        assert r.path(p).read_text().splitlines()[0] == f"#!{r.python}", p
+        assert r.path(p).read_text().splitlines()[0] == f"#!{r.python}{flags}", p
     assert r.path("/usr/local/sbin/webknockctl").read_text().startswith(f"#!{r.python}\n")
 
     cfg = load(r.config)
@@ -256,7 +259,7 @@ def test_cron_unit_snippet_and_cgi_copy(rooted: Rooted) -> None:
     copy = r.path("/usr/lib/cgi-bin/webknock.cgi")
     assert mode_of(copy) == (0o755, "root", "root")
     text = copy.read_text()
-    assert text.startswith(f"#!{r.python}\n")
+    assert text.startswith(f"#!{r.python} -IS\n")
     assert f'os.environ.setdefault("WEBKNOCK_CONFIG", "{r.config}")' in text
 
 
@@ -299,7 +302,9 @@ def test_check_config_passes(rooted: Rooted) -> None:
         ), proc
 
 
-def cgi_getinfo(cgi: Path, config: Path | None, keys: v1.Keys) -> tuple[str, dict[str, object]]:
+def cgi_getinfo(
+    cgi: Path, config: Path | None, keys: v1.Keys, extra_env: dict[str, str] | None = None
+) -> tuple[str, dict[str, object]]:
     """POST a getinfo through the installed CGI as www-data; return (status line, reply)."""
     body = (
         b"data="
@@ -316,6 +321,7 @@ def cgi_getinfo(cgi: Path, config: Path | None, keys: v1.Keys) -> tuple[str, dic
     }
     if config:
         env["WEBKNOCK_CONFIG"] = str(config)
+    env.update(extra_env or {})
     proc = subprocess.run(
         ["setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups", str(cgi)],
         input=body,
@@ -330,6 +336,33 @@ def cgi_getinfo(cgi: Path, config: Path | None, keys: v1.Keys) -> tuple[str, dic
         return status + " " + proc.stderr.decode(errors="replace"), {}
     reply: dict[str, object] = json.loads(v1.decode(keys, payload))
     return status, reply
+
+
+def test_installed_cgi_starts_isolated(rooted: Rooted) -> None:
+    """The CGI starts with -IS: its venv's packages reach it, no .pth file and no PYTHONPATH
+    do (here each would end the process before it answers)."""
+    r = rooted
+    site_packages = next(r.path("/opt/webknock/venv/lib").glob("python3*/site-packages"))
+    assert (site_packages / "webknock" / "cgi.py").is_file()
+    planted = site_packages / "zz-webknock-test.pth"
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:  # the web user can read it
+        os.chmod(tmp, 0o755)
+        fake = Path(tmp, "webknock")
+        fake.mkdir(mode=0o755)
+        (fake / "__init__.py").write_text("import os; os._exit(4)\n")
+        os.chmod(fake / "__init__.py", 0o644)
+        planted.write_text("import os; os._exit(3)\n")
+        try:
+            status, reply = cgi_getinfo(
+                r.path("/opt/webknock/cgi-bin/webknock.cgi"),
+                r.config,
+                load_keys(r.path("/etc/webknock/webknock.keys")),
+                {"PYTHONPATH": tmp},
+            )
+        finally:
+            planted.unlink()
+    assert status == "Status: 200 OK", status
+    assert reply["ip"] == CLIENT4
 
 
 def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None:

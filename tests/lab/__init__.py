@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,6 +98,43 @@ def shared_venv() -> Path:
     if not (venv / "bin" / "python3").exists():
         raise LabError(f"{venv} missing: run tests/run (it builds the venv) first")
     return venv
+
+
+def server_requirements() -> list[str]:
+    """The distributions the server needs (requirements.txt without the client's)."""
+    names = []
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        name = re.split(r"[=<>!~\[; ]", spec, maxsplit=1)[0]
+        if name and name != "requests":
+            names.append(name)
+    return names
+
+
+def installed_files(site_packages: Path, distributions: Sequence[str]) -> list[str]:
+    """The top-level names in `site_packages` that make up `distributions` (their packages,
+    modules and .dist-info), from each one's RECORD."""
+    wanted = {re.sub(r"[-_.]+", "_", d).lower() for d in distributions}
+    found: dict[str, list[str]] = {}
+    for info in site_packages.glob("*.dist-info"):
+        dist = re.sub(
+            r"[-_.]+", "_", info.name.removesuffix(".dist-info").rsplit("-", 1)[0]
+        ).lower()
+        if dist in wanted:
+            rows = (info / "RECORD").read_text().splitlines()
+            tops = {row.split(",", 1)[0].split("/", 1)[0] for row in rows if row}
+            found[dist] = sorted(t for t in tops if t and not t.startswith(".."))
+    if missing := wanted - found.keys():
+        raise LabError(f"{site_packages}: {sorted(missing)} not installed (run tests/run)")
+    return sorted({t for tops in found.values() for t in tops if t != "__pycache__"})
+
+
+def shim_for(source: Path, python: Path) -> str:
+    """An entry point as install.sh writes it: `source` with `python` as its interpreter,
+    the interpreter's flags kept."""
+    first, rest = source.read_text().split("\n", 1)
+    flags = first.partition(" ")[2]
+    return f"#!{python}{' ' + flags if flags else ''}\n{rest}"
 
 
 def require_root() -> None:
@@ -296,16 +334,13 @@ class Site:
         require_root()
         self.root = Path(tempfile.mkdtemp(prefix="webknock-site-"))
         os.chmod(self.root, 0o755)
-        self.python = self._make_venv()
-        lib = self.root / "lib"
-        shutil.copytree(
-            REPO / "webknock", lib / "webknock", ignore=shutil.ignore_patterns("__pycache__")
-        )
-        run([str(self.python), "-m", "compileall", "-q", str(lib)])
+        self.python, self.site_packages = self._make_venv()
+        ours = self.site_packages / "webknock"
+        shutil.copytree(REPO / "webknock", ours, ignore=shutil.ignore_patterns("__pycache__"))
+        run([str(self.python), "-m", "compileall", "-q", str(ours)])
         self.cgi = self.root / "cgi-bin" / "webknock.cgi"
         self.cgi.parent.mkdir(mode=0o755)
-        shim = (REPO / "cgi-bin" / "webknock.cgi").read_text().splitlines(keepends=True)
-        self.cgi.write_text(f"#!{self.python}\n" + "".join(shim[1:]))
+        self.cgi.write_text(shim_for(REPO / "cgi-bin" / "webknock.cgi", self.python))
         os.chmod(self.cgi, 0o755)
         self.etc = self.root / "etc"
         self.etc.mkdir(mode=0o755)
@@ -349,8 +384,14 @@ class Site:
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
 
-    def _make_venv(self) -> Path:
-        """A venv from /usr/bin/python3 whose site-packages see the shared deps and our lib."""
+    def _make_venv(self) -> tuple[Path, Path]:
+        """A venv from /usr/bin/python3 laid out as install.sh makes it; its python and its
+        site-packages.
+
+        The site-packages holds webknock (the caller copies it) and the server's
+        dependencies (links into the shared venv): all the CGI sees, as it starts without
+        site (-IS). A .pth adds the shared venv's test tools behind them for the daemon,
+        webknockctl and the client, which start with site."""
         venv = self.root / "venv"
         run(
             ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)]
@@ -360,8 +401,10 @@ class Site:
         ours = sorted((venv / "lib").glob("python3*/site-packages"))
         if not site_dirs or not ours:
             raise LabError("cannot find site-packages of the venvs")
-        (ours[0] / "webknock-lab.pth").write_text(f"{self.root / 'lib'}\n{site_dirs[0]}\n")
-        return venv / "bin" / "python3"
+        for name in installed_files(site_dirs[0], server_requirements()):
+            (ours[0] / name).symlink_to(site_dirs[0] / name)
+        (ours[0] / "webknock-lab.pth").write_text(f"{site_dirs[0]}\n")
+        return venv / "bin" / "python3", ours[0]
 
     def env(self) -> dict[str, str]:
         env = {
