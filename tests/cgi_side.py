@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webknock import spool
+from webknock.addresses import parse_address
 from webknock.config import ServerConfig
 from webknock.fsutil import write_atomic
-from webknock.grants import parse_address
 
 WEB = pwd.getpwnam("www-data")
 

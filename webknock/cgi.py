@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # not `from typing import ...`: typing costs ~10 ms per r
 if TYPE_CHECKING:
     from ipaddress import IPv4Network, IPv6Network
 
-    from webknock.grants import Address
+    from webknock.addresses import Address
 
     Network = IPv4Network | IPv6Network
 
@@ -112,7 +112,7 @@ def read_packet(environ: dict[str, str], stdin: object) -> bytes:
 
 def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Address:
     """REMOTE_ADDR, or the last untrusted X-Forwarded-For hop when the peer is a trusted proxy."""
-    from webknock.grants import parse_address
+    from webknock.addresses import parse_address
 
     try:
         addr = parse_address(environ.get("REMOTE_ADDR", ""))

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from webknock import __version__
+from webknock.addresses import grantable, parse_address
 from webknock.config import ConfigError, ServerConfig, load
 from webknock.engine import GrantEngine
 from webknock.firewall import FirewallError
-from webknock.grants import Grant, grantable, parse_address
+from webknock.grants import Grant
 from webknock.logsetup import setup_logging
 from webknock.state import STATE_FILE_SUFFIXES, StateError, StateStore
 

@@ -245,7 +245,7 @@ class Daemon:
         for entry in entries:
             try:
                 req = read_request(
-                    Path(entry.path),
+                    entry.path,
                     allowed_uids=self.allowed_uids,
                     offered=self.offered,
                     max_time=self.cfg.max_time,
@@ -272,12 +272,12 @@ class Daemon:
             }
         for entry, req in valid:
             self.answer(req.id, outcomes[req.id])
-            self._unlink(Path(entry.path))
+            self._unlink(entry.path)
 
     # -- housekeeping --------------------------------------------------------------------
 
     @staticmethod
-    def _unlink(path: Path) -> None:
+    def _unlink(path: str | Path) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -322,7 +322,7 @@ class Daemon:
                     elif stat.S_ISDIR(st.st_mode):  # planted by the web user: not ours
                         self._set_aside(Path(e.path), e.name)
                     else:
-                        self._unlink(Path(e.path))
+                        self._unlink(e.path)
             if len(counters) > MAX_THROTTLE_MARKS:
                 counters.sort()
                 log.warning(
@@ -332,7 +332,7 @@ class Daemon:
                     len(counters) - MAX_THROTTLE_MARKS,
                 )
                 for _, path in counters[: len(counters) - MAX_THROTTLE_MARKS]:
-                    self._unlink(Path(path))
+                    self._unlink(path)
         rejected: list[tuple[float, str]] = []
         with os.scandir(self.spool.rejected) as it:
             for e in it:
@@ -342,7 +342,7 @@ class Daemon:
                     continue
         rejected.sort()
         for _, path in rejected[:-KEEP_REJECTED]:
-            self._unlink(Path(path))
+            self._unlink(path)
 
     def check_firewall(self, now: float) -> None:
         """Repair a firewall changed behind our back (flushed, reloaded, hook deleted).

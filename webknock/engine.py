@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from webknock.addresses import Address
 from webknock.events import Event, EventBus
 from webknock.firewall import Firewall, FirewallError
-from webknock.grants import Address, Entry, Grant, GrantKey
+from webknock.grants import Entry, Grant, GrantKey
 from webknock.spool_reader import GrantRequest
 from webknock.state import StateError, StateStore, StateTx
 

@@ -1,31 +1,13 @@
-"""Records shared by the daemon, the state file and the firewall backends."""
+"""Records shared by the daemon, the state file and the firewall backends (addresses are
+:mod:`webknock.addresses`)."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from webknock.addresses import Address
+
 PROTOS = ("tcp", "udp")
-
-
-def parse_address(text: str) -> Address:
-    """Parse a client address; IPv4-mapped IPv6 (``::ffff:192.0.2.1``) becomes IPv4."""
-    addr = ipaddress.ip_address(text.strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def grantable(addr: Address) -> str | None:
-    """Why `addr` may not be granted, or None if it may."""
-    if addr.is_unspecified:
-        return "unspecified address"
-    if addr.is_multicast:
-        return "multicast address"
-    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
-        return "broadcast address"
-    return None
 
 
 @dataclass(frozen=True)

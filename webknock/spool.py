@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from webknock.addresses import Address
     from webknock.config import ServerConfig
-    from webknock.grants import Address
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_SUFFIX = ".req"

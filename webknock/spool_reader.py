@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from webknock.grants import Address, grantable, parse_address
+from webknock.addresses import Address, grantable, parse_address
 from webknock.spool import MAX_REQUEST_BYTES, MAX_UA, REQUEST_SUFFIX
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
@@ -95,10 +95,14 @@ def parse_request(
 
 
 def read_request(
-    path: Path, *, allowed_uids: frozenset[int], offered: frozenset[tuple[str, int]], max_time: int
+    path: str | Path,
+    *,
+    allowed_uids: frozenset[int],
+    offered: frozenset[tuple[str, int]],
+    max_time: int,
 ) -> GrantRequest:
     """Open and validate one spool file as untrusted input (raises SpoolError)."""
-    name = path.name
+    name = os.path.basename(path)
     if not name.endswith(REQUEST_SUFFIX) or not REQUEST_ID.fullmatch(name[: -len(REQUEST_SUFFIX)]):
         raise SpoolError(f"bad file name {name[:80]!r}")
     try:

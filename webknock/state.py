@@ -24,7 +24,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from webknock.grants import Grant, GrantKey, parse_address
+from webknock.addresses import parse_address
+from webknock.grants import Grant, GrantKey
 from webknock.instancelock import InstanceLock
 
 SCHEMA = """

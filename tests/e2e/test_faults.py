@@ -32,8 +32,8 @@ from tests.lab import (
     deployment,
     wait_for,
 )
+from webknock.addresses import parse_address
 from webknock.config import load
-from webknock.grants import parse_address
 
 GRANT = re.compile(
     r"-A WEBKNOCK-GRANTS -s (\S+)/(?:32|128) -p (tcp|udp) -m (?:tcp|udp) --dport (\d+) -j ACCEPT"

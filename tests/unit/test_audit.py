@@ -21,12 +21,12 @@ import pytest
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
 from webknock import ctl
+from webknock.addresses import parse_address
 from webknock.audit import AuditSink, parse_when, record, trail_files
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus
-from webknock.grants import parse_address
 from webknock.protocol.v1 import Keys
 from webknock.spool import encode_request, new_request_id, write_request
 from webknock.spooldirs import WebIdentity, prepare_spool

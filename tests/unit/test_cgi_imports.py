@@ -47,6 +47,7 @@ NEVER = {
     "sqlite3",
     "filelock",
     "webknock.spool_reader",
+    "webknock.grants",  # records of the daemon's (dataclasses, ~1 ms each to build)
     "webknock.state",
     "webknock.engine",
     "inotify_simple",  # the CGI waits on its doorbell, which needs no library

@@ -29,12 +29,13 @@ from tests.cgi_side import submit
 from tests.conftest import run_in_mount_namespace, write_instance
 from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner
 from webknock import daemon as daemon_mod
+from webknock.addresses import parse_address
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
 from webknock.engine import GrantEngine, Outcome, census
 from webknock.events import EventBus
 from webknock.firewall.iptables import IptablesFirewall
-from webknock.grants import GrantKey, parse_address
+from webknock.grants import GrantKey
 from webknock.protocol import messages, transport, v1
 from webknock.spool import new_request_id
 from webknock.spool_reader import GrantRequest

@@ -25,11 +25,11 @@ from tests.cgi_side import Waiting, open_bell
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
 from webknock import daemon as daemon_mod
+from webknock.addresses import parse_address
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
 from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus
-from webknock.grants import parse_address
 from webknock.protocol.v1 import Keys
 from webknock.spool import MAX_REQUEST_BYTES, encode_request, new_request_id, write_request
 from webknock.spool_reader import GrantRequest

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from webknock.addresses import parse_address
 from webknock.client.cache import Cache, ServerInfo
 from webknock.client.errors import Refused, ServerFailed
 from webknock.client.profile import Port, Profile, format_ports
-from webknock.grants import parse_address
 from webknock.protocol import messages, v1
 
 log = logging.getLogger(__name__)

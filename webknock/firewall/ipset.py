@@ -19,9 +19,10 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable, Sequence
 
+from webknock.addresses import parse_address
 from webknock.firewall.base import FirewallError, Runner, run_command
 from webknock.firewall.iptables import IptablesFirewall, Rule
-from webknock.grants import Entry, GrantKey, parse_address
+from webknock.grants import Entry, GrantKey
 
 IPSET = "ipset"
 FAMILY = {4: "inet", 6: "inet6"}

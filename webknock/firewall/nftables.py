@@ -37,8 +37,9 @@ import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Protocol
 
+from webknock.addresses import parse_address
 from webknock.firewall.base import Firewall, FirewallError, FirewallSettings, Runner, run_command
-from webknock.grants import PROTOS, Entry, GrantKey, parse_address
+from webknock.grants import PROTOS, Entry, GrantKey
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from webknock.grants import Address, parse_address
+from webknock.addresses import Address, parse_address
 
 MAX_PORTS = 256
 
