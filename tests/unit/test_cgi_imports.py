@@ -55,8 +55,8 @@ NEVER = {
 }
 #: Not before a request passed the cheap screen (method, length, shape of `data`).
 HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
-#: Only when a request is spooled, and nothing else (one module and the atomic write).
-SPOOL = {"webknock.spool", "webknock.fsutil"}
+#: Only when a request is spooled, and nothing else: one module.
+SPOOL = {"webknock.spool"}
 
 
 @pytest.fixture
