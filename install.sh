@@ -607,8 +607,11 @@ build_venv() {
     (
         cd "$src/.." || exit 1
         "$python" -I -m pip uninstall -q -y webknock >/dev/null 2>&1 || true
+        # --ignore-installed: every pinned dependency goes into the venv itself, even where a
+        # Debian package of the same version would satisfy pip; the CGI (-IS) sees only the
+        # venv's site-packages.
         "$python" -I -m pip install -q --disable-pip-version-check --no-warn-script-location \
-            -c "$SRC/requirements.txt" "./webknock$extra"
+            --ignore-installed -c "$SRC/requirements.txt" "./webknock$extra"
     ) || die "pip could not install webknock into $dir (see above; PyPI must be reachable)"
     # Byte-compile everything now: the web user can never write __pycache__ here.
     "$python" -I -m compileall -q -j 0 "$dir/lib" >/dev/null \
