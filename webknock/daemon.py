@@ -37,7 +37,7 @@ from webknock.spool import (
     deliver,
     result_payload,
 )
-from webknock.spool_reader import GrantRequest, SpoolError, read_request
+from webknock.spool_reader import REQUEST_ID, GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
 from webknock.throttle import FAIL_PREFIX, REPLAY_PREFIX
@@ -186,7 +186,7 @@ class Daemon:
             )
         )
         stem = entry.name[: -len(REQUEST_SUFFIX)] if entry.name.endswith(REQUEST_SUFFIX) else ""
-        if len(stem) == 32 and all(c in "0123456789abcdef" for c in stem):
+        if REQUEST_ID.fullmatch(stem):
             self.answer(
                 stem, Outcome(False, error="request refused by the server", errorcode="INVALID")
             )
