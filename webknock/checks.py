@@ -55,8 +55,8 @@ def _mode_problems(
     wider = actual & ~mode
     if wider:
         level = "error" if wider & 0o022 or wider_is else "warning"
-        who = "writable by others than root" if wider & 0o022 else "readable by more users"
-        who = wider_is or who
+        writable = "writable by others than root" if wider & 0o022 else "readable by more users"
+        who = wider_is or writable
         out.append(
             (
                 level,
