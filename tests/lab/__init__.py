@@ -122,11 +122,11 @@ def installed_files(site_packages: Path, distributions: Sequence[str]) -> list[s
         ).lower()
         if dist in wanted:
             rows = (info / "RECORD").read_text().splitlines()
-            tops = {row.split(",", 1)[0].split("/", 1)[0] for row in rows if row}
-            found[dist] = sorted(t for t in tops if t and not t.startswith(".."))
+            tops = {row.split(",", 1)[0].split("/", 1)[0] for row in rows}
+            found[dist] = [t for t in tops if t not in ("", "__pycache__") and t[:2] != ".."]
     if missing := wanted - found.keys():
         raise LabError(f"{site_packages}: {sorted(missing)} not installed (run tests/run)")
-    return sorted({t for tops in found.values() for t in tops if t != "__pycache__"})
+    return sorted({t for tops in found.values() for t in tops})
 
 
 def shim_for(source: Path, python: Path) -> str:
