@@ -169,7 +169,9 @@ def serve_baselines(d: Any) -> None:
     own body; print-site starts as Python does by default (site, every .pth)."""
     snippet = (d.web.dir / "webknock.conf").read_text()
     ours = str(d.site.cgi)
-    start = d.site.cgi.read_text().split("from webknock.cgi import main")[0]
+    start, found, _ = d.site.cgi.read_text().partition("from webknock.cgi import main")
+    if not found:
+        raise SystemExit(f"{d.site.cgi}: no import of webknock.cgi to start the baselines from")
     blocks = []
     for kind, script in BASELINES.items():
         cgi = d.site.cgi.with_name(f"bench-{kind}.cgi")
