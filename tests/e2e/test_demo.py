@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from tests.lab import REPO, shared_venv
+from tests.lab import REPO, delete_namespace, shared_venv
 
 pytestmark = pytest.mark.e2e
 
@@ -77,9 +77,9 @@ def test_interrupted_demo_cleans_up(sig: signal.Signals) -> None:
     )
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
+    lines: list[str] = []
     try:
         assert proc.stdout is not None
-        lines: list[str] = []
         for line in proc.stdout:  # until the knock opened the port: lab, daemon, grant all live
             lines.append(line)
             if re.match(r"^\s*3\. connect .* open", line):
@@ -94,6 +94,10 @@ def test_interrupted_demo_cleans_up(sig: signal.Signals) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        if proc.returncode == -signal.SIGKILL:  # killed here: the demo cleaned up nothing
+            for name in NAMESPACE.findall("".join(lines)):
+                if name in namespaces():
+                    delete_namespace(name)
     out = "".join(lines) + rest
     assert proc.returncode == 128 + sig, out
     assert f"demo interrupted ({sig.name})" in out, out

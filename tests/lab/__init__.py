@@ -174,19 +174,28 @@ class Netns:
                 out.close()  # type: ignore[union-attr]
 
     def pids(self) -> list[int]:
-        out = run(["ip", "netns", "pids", self.name], check=False).stdout
-        return [int(p) for p in out.split() if p.isdigit()]
+        return namespace_pids(self.name)
 
     def delete(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.pids()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 3
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.05)
-        run(["ip", "netns", "del", self.name], check=False)
+        delete_namespace(self.name)
+
+
+def namespace_pids(name: str) -> list[int]:
+    out = run(["ip", "netns", "pids", name], check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def delete_namespace(name: str) -> None:
+    """Kill every process in the namespace `name` (TERM, then KILL), then delete it; also
+    for a namespace whose owner died without cleaning up."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in namespace_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while namespace_pids(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    run(["ip", "netns", "del", name], check=False)
 
 
 class Lab:
