@@ -56,16 +56,27 @@ class StepFailed(Exception):
     """A step did not behave as the demo says it should."""
 
 
-_stopping = False
+#: The signal that asked the demo to stop, once one did.
+_signalled: int | None = None
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
-    global _stopping
-    if _stopping:  # already unwinding: let the cleanup finish
+    global _signalled
+    if _signalled is not None:  # already unwinding: let the cleanup finish
         print(f"\n(signal {signum} ignored: still cleaning up)", file=sys.stderr, flush=True)
         return
-    _stopping = True
+    _signalled = signum
     raise Interrupted(signum)
+
+
+def check_signalled() -> None:
+    """Raise the Interrupted a signal asked for, if its own raise was lost.
+
+    The handler raises wherever the main thread is, and Python only prints an exception
+    raised while a finalizer (``__del__``, a weakref callback) runs: the demo would go on
+    with every later signal ignored. Each step and every wait checks here."""
+    if _signalled is not None:
+        raise Interrupted(_signalled)
 
 
 def install_signal_handlers() -> None:
@@ -108,6 +119,7 @@ class Demo:
         self.client_dir.mkdir(mode=0o700, exist_ok=True)
 
     def step(self, text: str) -> None:
+        check_signalled()
         self.n += 1
         print(f"{self.n:2d}. {text}", end="", flush=True)
 
@@ -204,6 +216,7 @@ class Demo:
         self.step(f"wait for the grant to expire at {clock(expires)} (webknockd removes it) ... ")
         deadline = expires + 15
         while time.time() < deadline:
+            check_signalled()
             if time.time() >= expires and not self.all_grants():
                 print(f"removed at {clock(time.time())}", flush=True)
                 return
