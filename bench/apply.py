@@ -46,12 +46,12 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
     """(Inside the server namespace.) For fresh addresses, one at a time: request written as
     the CGI writes it (its doorbell first) -> the daemon's result read from the doorbell."""
     from webknock.config import load
+    from webknock.doorbell import wait_bell
     from webknock.spool import (
         encode_request,
         install_bell,
         new_request_id,
         remove_bell,
-        wait_bell,
         write_request,
     )
 

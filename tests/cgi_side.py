@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from webknock import spool
+from webknock import doorbell, spool
 from webknock.addresses import parse_address
 from webknock.config import ServerConfig
 from webknock.fsutil import write_atomic
@@ -32,7 +32,7 @@ class Waiting:
     def result(self, seconds: float = 0.001) -> dict[str, Any] | None:
         """The daemon's answer (kept once read), None when none came within `seconds`."""
         if self.answer is None:
-            self.answer = spool.wait_bell(self.fd, seconds)
+            self.answer = doorbell.wait_bell(self.fd, seconds)
         return self.answer
 
     def close(self) -> None:

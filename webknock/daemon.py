@@ -26,17 +26,12 @@ from typing import NamedTuple
 
 from webknock import __version__
 from webknock.config import ConfigError, ServerConfig, load
+from webknock.doorbell import MAX_RESULT_BYTES, deliver, result_payload
 from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
 from webknock.logsetup import setup_logging
-from webknock.spool import (
-    MAX_REQUEST_BYTES,
-    MAX_RESULT_BYTES,
-    REQUEST_SUFFIX,
-    deliver,
-    result_payload,
-)
+from webknock.spool import MAX_REQUEST_BYTES, REQUEST_SUFFIX
 from webknock.spool_reader import REQUEST_ID, GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore

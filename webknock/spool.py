@@ -8,34 +8,21 @@ Layout under ``spool_dir`` (on tmpfs, e.g. ``/run/webknock/<instance>``)::
     rejected/  root:root     0700  invalid requests moved aside for the admin
     seen/      root:WEBGROUP 1730  replay cache, one empty file per accepted packet MAC
     waits/     root:WEBGROUP 1730  CGI's doorbell ``<id>`` (a FIFO), through which the daemon
-                                   hands it the result
+                                   hands it the result (:mod:`webknock.doorbell`)
 
-This module is the format of both messages, the doorbell, and the CGI's side of it
-(:func:`submit_and_wait`). It is on the path of every openports, so it is one module
-that imports nothing the CGI does not already have (each import costs the CGI about
-0.1-0.3 ms). A request file is untrusted input to root: :mod:`webknock.spool_reader`
-checks the file itself (regular, not a link, one link, owner, size) before its content.
-
-The doorbell: the CGI makes the FIFO and opens its read end *before* it spools the
-request, then sleeps in poll(2) until the daemon opens the write end, writes the result
-in one write(2) and closes it, or until its timeout. Nothing can be missed (the bell
-exists before the request does), the result arrives whole (a write of at most PIPE_BUF
-bytes into a pipe is atomic), and waiting costs a few system calls and no library (an
-inotify binding takes milliseconds to load, as long as the daemon takes to answer); no
-result file is written, renamed, read and pruned. Root touches the web user's FIFO with
-care: it opens it non-blocking (no reader: ENXIO at once), without following a link, and
-writes only into a FIFO of one name that the web user (or root) made; anything else
-planted under the name is left alone (and pruned). The FIFO is the web user's own (see
-BELL_MODE): its processes could write into it, as they could answer the client in the
-CGI's place; what root applies never depends on it.
+This module is the request's way in: its format, the CGI's doorbell, and the CGI's side
+(:func:`submit_and_wait`). It is what an openports adds to the CGI before its request is
+on its way, so it imports nothing the CGI does not already have (each import costs the
+CGI about 0.1-0.3 ms); the way back, :mod:`webknock.doorbell`, is imported once the
+request is written, while webknockd works on it. A request file is untrusted input to
+root: :mod:`webknock.spool_reader` checks the file itself (regular, not a link, one link,
+owner, size) before its content.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
-import stat
 
 TYPE_CHECKING = False  # not `from typing import ...`: this is on the CGI's path
 if TYPE_CHECKING:
@@ -48,17 +35,11 @@ if TYPE_CHECKING:
 MAX_REQUEST_BYTES = 8192
 REQUEST_SUFFIX = ".req"
 MAX_UA = 200
-#: A result is written into the doorbell in one write(2), which only this size keeps whole.
-MAX_RESULT_BYTES = select.PIPE_BUF
 #: The doorbell's mode: the web user's, and writable by "others" for root alone. webknockd
 #: runs without CAP_DAC_OVERRIDE (the unit's bounding set), so root may write only where
 #: the mode lets anyone; and nobody but root and the web group can reach the bell: the
 #: spool is 0750 root:WEBGROUP and waits/ 1730.
 BELL_MODE = 0o602
-#: The bell's write end was opened and closed with nothing written: never a success.
-NO_RESULT = {"ok": False, "error": "result missing", "errorcode": "INTERNAL"}
-#: A result that cannot be read or parsed: the request went in, so never a success.
-UNREADABLE = {"ok": False, "error": "unreadable result", "errorcode": "INTERNAL"}
 
 
 # -- the file formats ---------------------------------------------------------------------
@@ -114,19 +95,6 @@ def write_request(requests_dir: str | Path, request_id: str, payload: bytes) -> 
     return final
 
 
-def result_payload(ok: bool, **fields: Any) -> bytes:
-    return json.dumps({"v": 1, "ok": ok, **fields}, separators=(",", ":")).encode()
-
-
-def parse_result(data: bytes) -> dict[str, Any]:
-    """Read a result the daemon wrote into a doorbell (checked for shape: the web user's
-    processes can write there too)."""
-    obj = json.loads(data)
-    if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("ok"), bool):
-        raise ValueError("malformed result")
-    return obj
-
-
 # -- the doorbell -------------------------------------------------------------------------
 
 
@@ -146,25 +114,6 @@ def install_bell(path: str) -> int:
     return fd
 
 
-def wait_bell(fd: int, seconds: float) -> dict[str, Any] | None:
-    """(CGI) Sleep until the daemon answers through the bell or `seconds` pass; return its
-    result, None on timeout."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    if not poller.poll(max(1, int(seconds * 1000))):
-        return None
-    try:
-        data = os.read(fd, MAX_RESULT_BYTES + 1)
-    except OSError:  # the request went in: say it failed, never that it worked
-        return UNREADABLE
-    if not data:  # opened and closed, nothing written
-        return NO_RESULT
-    try:
-        return parse_result(data)
-    except (ValueError, RecursionError):  # UnicodeDecodeError included; "[[[[..."
-        return UNREADABLE
-
-
 def remove_bell(path: str, fd: int) -> None:
     """(CGI) Close and delete the bell; never fails."""
     if fd >= 0:
@@ -173,31 +122,6 @@ def remove_bell(path: str, fd: int) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def deliver(path: str, owners: frozenset[int], payload: bytes) -> bool:
-    """(daemon, root) Write `payload` (a result) into the bell at `path` if a CGI still waits
-    there; True if it was delivered.
-
-    Never blocks, never follows a link, writes only into a FIFO with one name that a uid of
-    `owners` made (the web user's, or root's as the CGI's requests may be), and only a
-    payload that one write(2) keeps whole (at most MAX_RESULT_BYTES).
-    """
-    if len(payload) > MAX_RESULT_BYTES:
-        raise ValueError(f"a result of {len(payload)} bytes does not fit a doorbell")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:  # ENOENT no bell, ENXIO nobody listens any more, ELOOP a link
-        return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISFIFO(st.st_mode) or st.st_uid not in owners or st.st_nlink != 1:
-            return False  # e.g. a hard link to some FIFO of root's: not a byte into it
-        return os.write(fd, payload) == len(payload)
-    except OSError:  # EAGAIN: the pipe is full (not by us), EPIPE: the reader just left
-        return False
-    finally:
-        os.close(fd)
 
 
 # -- the CGI's side -----------------------------------------------------------------------
@@ -229,6 +153,9 @@ def submit_and_wait(
         write_request(
             spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
         )
+        # Only now: webknockd works on the request while this module loads (~0.3 ms).
+        from webknock.doorbell import wait_bell
+
         result = wait_bell(bell, cfg.result_timeout)
         if result is not None:
             return result

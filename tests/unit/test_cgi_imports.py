@@ -24,8 +24,13 @@ from webknock.spooldirs import prepare_spool
 PROBE = """
 import os, sys
 spawned = []
+order = []  # our modules' imports and the renames, in the order they happened
 def hook(event, args):
-    if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.system"):
+    if event == "import" and args[0].startswith("webknock."):
+        order.append("import " + args[0])
+    elif event == "os.rename":
+        order.append("rename " + os.path.basename(args[1]))
+    elif event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.system"):
         import traceback
         spawned.append(event + ": " + "".join(traceback.format_stack(limit=12)))
 sys.addaudithook(hook)
@@ -34,7 +39,7 @@ main(detach=False)  # the web server's CGI ends in main(); the probe reports aft
 modules = sorted(sys.modules)
 import json
 with open(os.environ["PROBE_REPORT"], "w") as fh:
-    json.dump({"modules": modules, "spawned": spawned}, fh)
+    json.dump({"modules": modules, "spawned": spawned, "order": order}, fh)
 """
 
 #: Never on any CGI path: the client's HTTP library, CLI parsing, logging setup, and the
@@ -55,8 +60,8 @@ NEVER = {
 }
 #: Not before a request passed the cheap screen (method, length, shape of `data`).
 HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
-#: Only when a request is spooled, and nothing else: one module.
-SPOOL = {"webknock.spool"}
+#: Only when a request is spooled, and nothing else: the way in, and the way back.
+SPOOL = {"webknock.spool", "webknock.doorbell"}
 
 
 @pytest.fixture
@@ -142,6 +147,23 @@ def test_openports_adds_only_the_spool(
     assert modules - top_level(info["modules"]) == SPOOL, "each import costs every knock"
     assert modules & NEVER == set()
     assert got["spawned"] == []
+
+
+def test_the_way_back_loads_while_the_daemon_works(
+    tmp_path: Path, instance: Path, vector_keys: v1.Keys
+) -> None:
+    """Before its request is written the CGI loads the spool's way in and nothing more;
+    the doorbell's module loads after, while webknockd works on the request."""
+    data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
+    got = probe(tmp_path, instance, sealed(vector_keys, data))
+    assert got["status"] == 504
+    order = got["order"]
+    written = [i for i, e in enumerate(order) if e.startswith("rename ") and e.endswith(".req")]
+    assert len(written) == 1, order
+    assert (
+        order.index("import webknock.spool") < written[0] < order.index("import webknock.doorbell")
+    ), order
+    assert order[-1] == "import webknock.doorbell", "nothing else loads on the way back"
 
 
 def test_installed_layout_is_byte_compiled(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tests.cgi_side import submit
 from tests.conftest import REPO, write_instance
 from tests.fakes import MemoryFirewall
 from tests.lab import unit_bounding_set
-from webknock import spool
+from webknock import doorbell, spool
 from webknock.config import ServerConfig, load
 from webknock.daemon import TMP_TTL, Daemon
 from webknock.engine import GrantEngine
@@ -50,19 +50,24 @@ def bells(tmp_path: Path) -> Path:
     return directory
 
 
-RESULT = spool.result_payload(True, expires=1234.5, ports=[["tcp", 22]])
+RESULT = doorbell.result_payload(True, expires=1234.5, ports=[["tcp", 22]])
 
 
 def test_install_wait_deliver_remove(bells: Path) -> None:
     path = str(bells / "a")
     fd = spool.install_bell(path)
     assert os.stat(path).st_mode & 0o7777 == spool.BELL_MODE, "whatever the umask"
-    assert spool.wait_bell(fd, 0.01) is None, "no answer yet: the wait times out"
-    assert spool.deliver(path, ME, RESULT)
-    assert spool.wait_bell(fd, 5) == {"v": 1, "ok": True, "expires": 1234.5, "ports": [["tcp", 22]]}
+    assert doorbell.wait_bell(fd, 0.01) is None, "no answer yet: the wait times out"
+    assert doorbell.deliver(path, ME, RESULT)
+    assert doorbell.wait_bell(fd, 5) == {
+        "v": 1,
+        "ok": True,
+        "expires": 1234.5,
+        "ports": [["tcp", 22]],
+    }
     spool.remove_bell(path, fd)
     assert os.listdir(bells) == []
-    assert not spool.deliver(path, ME, RESULT), "no bell any more"
+    assert not doorbell.deliver(path, ME, RESULT), "no bell any more"
 
 
 def test_root_without_dac_override_can_answer(bells: Path) -> None:
@@ -73,8 +78,8 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
     os.chown(path, WEB.pw_uid, WEB.pw_gid)
     os.chmod(bells, 0o1730)
     code = (
-        "import sys; from webknock import spool; "
-        f"sys.exit(0 if spool.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {RESULT!r}) else 1)"
+        "import sys; from webknock import doorbell; "
+        f"sys.exit(0 if doorbell.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {RESULT!r}) else 1)"
     )
     caps = unit_bounding_set()
     subprocess.run(
@@ -82,7 +87,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
         check=True,
         cwd=REPO,
     )
-    assert spool.wait_bell(fd, 5) == json.loads(RESULT)
+    assert doorbell.wait_bell(fd, 5) == json.loads(RESULT)
     spool.remove_bell(path, fd)
 
 
@@ -93,11 +98,11 @@ def test_the_bounding_set_of_that_test_is_the_units() -> None:
 @pytest.mark.parametrize(
     ("written", "seen"),
     [
-        (b"", spool.NO_RESULT),  # opened and closed: no answer is no success
-        (b"yes", spool.UNREADABLE),
-        (b'{"v": 1, "ok": "yes"}', spool.UNREADABLE),
-        (b"\xff\xfe", spool.UNREADABLE),
-        (b"[" * 4000, spool.UNREADABLE),
+        (b"", doorbell.NO_RESULT),  # opened and closed: no answer is no success
+        (b"yes", doorbell.UNREADABLE),
+        (b'{"v": 1, "ok": "yes"}', doorbell.UNREADABLE),
+        (b"\xff\xfe", doorbell.UNREADABLE),
+        (b"[" * 4000, doorbell.UNREADABLE),
     ],
 )
 def test_a_bad_answer_is_never_a_success(bells: Path, written: bytes, seen: object) -> None:
@@ -106,7 +111,7 @@ def test_a_bad_answer_is_never_a_success(bells: Path, written: bytes, seen: obje
     writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     os.write(writer, written)
     os.close(writer)
-    assert spool.wait_bell(fd, 5) == seen
+    assert doorbell.wait_bell(fd, 5) == seen
     spool.remove_bell(path, fd)
 
 
@@ -114,7 +119,7 @@ def test_a_result_too_big_for_one_write_is_refused(bells: Path) -> None:
     path = str(bells / "d")
     fd = spool.install_bell(path)
     with pytest.raises(ValueError, match="does not fit"):
-        spool.deliver(path, ME, b" " * (spool.MAX_RESULT_BYTES + 1))
+        doorbell.deliver(path, ME, b" " * (doorbell.MAX_RESULT_BYTES + 1))
     spool.remove_bell(path, fd)
 
 
@@ -122,14 +127,14 @@ def test_nobody_listening_never_blocks(bells: Path) -> None:
     path = str(bells / "gone")
     os.mkfifo(path, 0o600)  # a CGI that died after making its bell
     started = time.monotonic()
-    assert not spool.deliver(path, ME, RESULT)  # ENXIO at once
+    assert not doorbell.deliver(path, ME, RESULT)  # ENXIO at once
     assert time.monotonic() - started < 0.5
 
 
 def test_a_full_pipe_does_not_block_either(bells: Path) -> None:
     path = str(bells / "full")
     fd = spool.install_bell(path)
-    while spool.deliver(path, ME, RESULT):  # bounded by the pipe's size (64 KiB)
+    while doorbell.deliver(path, ME, RESULT):  # bounded by the pipe's size (64 KiB)
         pass
     assert readable(fd)
     spool.remove_bell(path, fd)
@@ -139,21 +144,21 @@ def test_root_writes_only_into_the_web_users_own_fifo(bells: Path, tmp_path: Pat
     target = tmp_path / "precious"
     target.write_bytes(b"keep")
     os.symlink(target, bells / "link")
-    assert not spool.deliver(str(bells / "link"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "link"), THEIRS, RESULT)
     (bells / "file").write_bytes(b"keep")
     os.chown(bells / "file", WEB.pw_uid, WEB.pw_gid)
-    assert not spool.deliver(str(bells / "file"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "file"), THEIRS, RESULT)
     assert (bells / "file").read_bytes() == b"keep" and target.read_bytes() == b"keep"
     (bells / "dir").mkdir()
-    assert not spool.deliver(str(bells / "dir"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "dir"), THEIRS, RESULT)
     roots = str(tmp_path / "initctl")  # some FIFO of root's, and a hard link to it
     fd = spool.install_bell(roots)
     os.link(roots, bells / "hardlink")
-    assert not spool.deliver(str(bells / "hardlink"), frozenset({0}), RESULT)
+    assert not doorbell.deliver(str(bells / "hardlink"), frozenset({0}), RESULT)
     assert os.read(fd, 16) == b"", "a FIFO of two names: not a byte written"
     mine = str(bells / "mine")
     fd_mine = spool.install_bell(mine)  # root's own, one name: a CGI running as root
-    assert not spool.deliver(mine, THEIRS, RESULT), "not the given owner's"
+    assert not doorbell.deliver(mine, THEIRS, RESULT), "not the given owner's"
     assert os.read(fd_mine, 16) == b""
     spool.remove_bell(roots, fd)
     spool.remove_bell(mine, fd_mine)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, spool, throttle
+from webknock import cgi, doorbell, spool, throttle
 from webknock.config import load
 from webknock.protocol import messages, transport, v1
 from webknock.spooldirs import prepare_spool
@@ -385,7 +385,7 @@ def answering(site: Site, write: Any) -> Any:
 def answer(site: Site, request_id: str, payload: bytes) -> None:
     """Answer as webknockd does (the CGI runs as root here: its bell is root's)."""
     bell = str(site.cfg.spool.waits / request_id)
-    assert spool.deliver(bell, frozenset({os.getuid()}), payload)
+    assert doorbell.deliver(bell, frozenset({os.getuid()}), payload)
 
 
 def test_the_daemon_answers_and_the_cgi_replies_at_once(
@@ -395,7 +395,7 @@ def test_the_daemon_answers_and_the_cgi_replies_at_once(
     missed; the CGI wakes on the answer, not after result_timeout (1 s here)."""
 
     def daemon(request_id: str) -> None:
-        answer(site, request_id, spool.result_payload(True, expires=now() + 60))
+        answer(site, request_id, doorbell.result_payload(True, expires=now() + 60))
 
     monkeypatch.setattr(spool, "write_request", answering(site, daemon))
     started = time.monotonic()
@@ -428,7 +428,7 @@ def test_a_claimed_request_gets_a_second_wait(site: Site, monkeypatch: pytest.Mo
         late = threading.Timer(
             site.cfg.result_timeout + 0.3,
             answer,
-            (site, request_id, spool.result_payload(True, expires=now() + 60)),
+            (site, request_id, doorbell.result_payload(True, expires=now() + 60)),
         )
         late.start()
         threads.append(late)
