@@ -16,7 +16,13 @@ import pytest
 from tests.cgi_side import open_bell, submit
 from tests.fakes import MemoryFirewall
 from webknock.config import ServerConfig, load
-from webknock.daemon import AlreadyRunning, Daemon, acquire_daemon_lock, daemon_running
+from webknock.daemon import (
+    PRUNE_EVERY,
+    AlreadyRunning,
+    Daemon,
+    acquire_daemon_lock,
+    daemon_running,
+)
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus
 from webknock.spooldirs import WebIdentity, prepare_spool
@@ -184,6 +190,31 @@ def test_prune_removes_old_temp_files_and_marks(
     (cfg.spool.requests / ".fresh.tmp").write_text("")
     d.prune()
     assert os.listdir(cfg.spool.requests) == [".fresh.tmp"] and os.listdir(cfg.spool.seen) == []
+
+
+def test_tick_prunes_the_spool_every_prune_every_seconds(
+    daemon: tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]],
+) -> None:
+    """Pruning walks every replay mark: the tick does it every PRUNE_EVERY, not every second."""
+    d, cfg, _, _ = daemon
+    clock = [time.time()]
+    d.clock = lambda: clock[0]
+
+    def old_mark(name: str) -> None:
+        path = cfg.spool.seen / name
+        path.write_text("")
+        os.utime(path, (clock[0] - 1000, clock[0] - 1000))
+
+    old_mark("r-01")
+    d.tick()
+    assert os.listdir(cfg.spool.seen) == [], "the first tick prunes"
+    old_mark("r-02")
+    clock[0] += PRUNE_EVERY - 1
+    d.tick()
+    assert os.listdir(cfg.spool.seen) == ["r-02"], "not again within PRUNE_EVERY"
+    clock[0] += 1
+    d.tick()
+    assert os.listdir(cfg.spool.seen) == []
 
 
 def test_the_retired_results_directory_is_removed(instance_config: Path) -> None:
