@@ -9,7 +9,8 @@ It builds the test lab (server and client network namespaces, nginx + fcgiwrap f
 shipped snippet, webknockd, nftables by default), serves three baseline CGIs beside ours,
 and times requests sent one at a time from the client namespace, each on a fresh
 connection, in interleaved rounds (every kind once per round, in a seeded shuffled order,
-so drift of the host hits all kinds alike), for:
+so drift of the host hits all kinds alike), for the kinds below. The baselines start as
+ours does and end as ours does (answer, flush, os._exit: no interpreter teardown):
 
 * print-only    a Python CGI that only prints a reply, started as ours (the floor of any
                 Python CGI: the interpreter line, its -IS, the venv's path);

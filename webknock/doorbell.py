@@ -53,7 +53,7 @@ def parse_result(data: bytes) -> dict[str, Any]:
     return obj
 
 
-# -- the two ends ------------------------------------------------------------------------
+# -- the two ends -------------------------------------------------------------------------
 
 
 def wait_bell(fd: int, seconds: float) -> dict[str, Any] | None:
