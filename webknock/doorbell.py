@@ -15,7 +15,8 @@ processes could write into it, as they could answer the client in the CGI's plac
 what root applies never depends on it.
 
 The CGI imports this module only once its request is written, so it loads while the
-daemon works: it imports nothing the CGI does not already have.
+daemon works; it imports nothing the CGI does not already have but `select`, which is
+built into the interpreter.
 """
 
 from __future__ import annotations
