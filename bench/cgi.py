@@ -63,7 +63,7 @@ BASELINES = {
     "print-only": PRINT_ONLY,
     "print-site": PRINT_ONLY,
     "imports-only": f"""import sys
-import webknock.cgi, webknock.config, webknock.throttle, webknock.keys, webknock.spool
+import webknock.cgi, webknock.config, webknock.keys, webknock.spool
 import webknock.doorbell
 import webknock.protocol.v1, webknock.protocol.messages
 sys.stdout.write("{REPLY}")

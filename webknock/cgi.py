@@ -13,7 +13,7 @@ packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB
 429 this address sent too many bad packets (throttle); 500 misconfiguration only
 (config, keys, REMOTE_ADDR); 503 the spool, replay cache or doorbell is unavailable
 (full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
-did not answer in time (see webknock.spool.submit_and_wait for what that means for the grant).
+did not answer in time (see webknock.spool.Submitted.result for what that means for the grant).
 """
 
 from __future__ import annotations
@@ -145,9 +145,9 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
         raise Reply(500, f"configuration: {exc}") from None
     peer = client_address(environ, cfg.trusted_proxies)
 
-    from webknock import throttle
+    from webknock import spool
 
-    guard = throttle.Throttle(cfg.spool.seen, cfg.throttle_failures, cfg.throttle_window)
+    guard = spool.Throttle(cfg.spool.seen, cfg.throttle_failures, cfg.throttle_window)
     if guard.blocked(peer, now):  # before keys and AES are loaded: a throttled flood is cheap
         raise Reply(429, "too many bad packets; throttled")
 
@@ -170,7 +170,7 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
     except (ValueError, ArithmeticError, RecursionError) as exc:  # sealed, values unexpected
         raise Reply(403, f"request: {type(exc).__name__}") from None
     try:
-        fresh = throttle.first_use(cfg.spool.seen, mac)
+        fresh = spool.first_use(cfg.spool.seen, mac)
     except OSError as exc:  # accepting it unrecorded would allow a replay
         raise Reply(503, f"replay cache {cfg.spool.seen}: {exc.strerror}") from None
     if not fresh:
@@ -192,7 +192,8 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
             f"packet ip {request.ip} is not the peer address {peer}",
             note="address mismatch: the server sees another address",
         )
-    ports = [p for p in request.ports if p in cfg.offered()]
+    offered = cfg.offered()
+    ports = [p for p in request.ports if p in offered]
     if not ports:
         reply = {
             "success": False,
@@ -202,19 +203,15 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
         return v1.encode(keys, dumps(reply))
     time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
 
-    from webknock.spool import submit_and_wait
-
     try:
-        outcome = submit_and_wait(
-            cfg,
-            peer,
-            ports,
-            time_granted,
-            now,
-            environ.get("HTTP_USER_AGENT", ""),
+        submitted = spool.submit(
+            cfg, peer, ports, time_granted, now, environ.get("HTTP_USER_AGENT", "")
         )
     except OSError as exc:  # full or read-only spool, no descriptor left: never success
         raise Reply(503, f"spool unavailable: {exc}") from None
+    with submitted:
+        sealer = v1.Sealer(keys)  # while webknockd works on the request
+        outcome = submitted.result(cfg.result_timeout)
     if outcome is None:
         raise Reply(504, "webknockd did not answer in time")
     if outcome.get("ok"):
@@ -225,7 +222,7 @@ def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
             "error": str(outcome.get("error", "refused")),
             "errorcode": str(outcome.get("errorcode", "ERROR")),
         }
-    return v1.encode(keys, dumps(reply))
+    return sealer.seal(dumps(reply))
 
 
 def main(*, detach: bool = True) -> int:

@@ -31,11 +31,10 @@ from webknock.engine import GrantEngine, Outcome
 from webknock.events import Event, EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
 from webknock.logsetup import setup_logging
-from webknock.spool import MAX_REQUEST_BYTES, REQUEST_SUFFIX
+from webknock.spool import FAIL_PREFIX, MAX_REQUEST_BYTES, REPLAY_PREFIX, REQUEST_SUFFIX
 from webknock.spool_reader import REQUEST_ID, GrantRequest, SpoolError, read_request
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
-from webknock.throttle import FAIL_PREFIX, REPLAY_PREFIX
 
 log = logging.getLogger("webknockd")
 

@@ -377,7 +377,7 @@ def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None
             r.python,
             "-c",
             "import webknock.cgi, webknock.config, webknock.keys, "
-            "webknock.protocol.v1, webknock.spool, webknock.doorbell, webknock.throttle",
+            "webknock.protocol.v1, webknock.spool, webknock.doorbell",
         ]
     )
     ok(proc)

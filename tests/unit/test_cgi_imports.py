@@ -24,10 +24,12 @@ from webknock.spooldirs import prepare_spool
 PROBE = """
 import os, sys
 spawned = []
-order = []  # our modules' imports and the renames, in the order they happened
+order = []  # our modules' imports, the replay mark and the renames, in their order
 def hook(event, args):
     if event == "import" and args[0].startswith("webknock."):
         order.append("import " + args[0])
+    elif event == "open" and isinstance(args[0], str) and "/seen/r-" in args[0]:
+        order.append("mark")
     elif event == "os.rename":
         order.append("rename " + os.path.basename(args[1]))
     elif event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.system"):
@@ -59,9 +61,17 @@ NEVER = {
     "termios",
 }
 #: Not before a request passed the cheap screen (method, length, shape of `data`).
-HEAVY = {"Crypto", "configparser", "webknock.config", "webknock.keys", "json", "hmac"}
-#: Only when a request is spooled, and nothing else: the way in, and the way back.
-SPOOL = {"webknock.spool", "webknock.doorbell"}
+HEAVY = {
+    "Crypto",
+    "configparser",
+    "webknock.config",
+    "webknock.keys",
+    "webknock.spool",  # replay marks and throttle counters
+    "json",
+    "hmac",
+}
+#: Only when a request is spooled, and nothing else: the way back.
+SPOOL = {"webknock.doorbell"}
 
 
 @pytest.fixture
@@ -122,18 +132,18 @@ def test_junk_is_refused_before_config_or_crypto(
     assert got["spawned"] == []
 
 
-def test_getinfo_loads_crypto_but_not_the_spool(
+def test_getinfo_loads_crypto_but_not_the_way_back(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
     got = probe(tmp_path, instance, sealed(vector_keys, messages.getinfo_request(int(time.time()))))
     assert got["status"] == 200
     modules = top_level(got["modules"])
-    assert {"Crypto", "webknock.config", "webknock.keys"} <= modules
+    assert {"Crypto", "webknock.config", "webknock.keys", "webknock.spool"} <= modules
     assert modules & (NEVER | SPOOL) == set()
     assert got["spawned"] == [], "pycryptodome's loader must not run `file` per request"
 
 
-def test_openports_adds_only_the_spool(
+def test_openports_adds_only_the_way_back(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
     data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
@@ -152,18 +162,19 @@ def test_openports_adds_only_the_spool(
 def test_the_way_back_loads_while_the_daemon_works(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
-    """Before its request is written the CGI loads the spool's way in and nothing more;
-    the doorbell's module loads after, while webknockd works on the request."""
+    """Between the replay mark and its request the CGI loads nothing (the request's way in
+    is the module that made the mark); the doorbell's module loads after the request is
+    written, while webknockd works on it."""
     data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
     got = probe(tmp_path, instance, sealed(vector_keys, data))
     assert got["status"] == 504
     order = got["order"]
     written = [i for i, e in enumerate(order) if e.startswith("rename ") and e.endswith(".req")]
-    assert len(written) == 1, order
-    assert (
-        order.index("import webknock.spool") < written[0] < order.index("import webknock.doorbell")
-    ), order
-    assert order[-1] == "import webknock.doorbell", "nothing else loads on the way back"
+    assert len(written) == 1 and order.count("mark") == 1, order
+    mark = order.index("mark")
+    assert order.index("import webknock.spool") < mark < written[0], order
+    assert order[mark + 1 : written[0]] == [], "no module loads between the mark and the request"
+    assert order[written[0] + 1 :] == ["import webknock.doorbell"], "the way back, nothing else"
 
 
 def test_installed_layout_is_byte_compiled(tmp_path: Path) -> None:

@@ -48,6 +48,24 @@ def test_480_byte_data_fits_one_block(vector_keys: v1.Keys) -> None:
     assert len(v1.encode(vector_keys, b"x" * 481)) == 1024
 
 
+@pytest.mark.parametrize("size", [0, 1, 479, 480, 481, 992, 993, v1.MAX_DATA])
+def test_a_prepared_sealer_seals_what_encode_would(vector_keys: v1.Keys, size: int) -> None:
+    data = b"y" * size
+    packet = v1.Sealer(vector_keys).seal(data)
+    assert len(packet) == len(v1.encode(vector_keys, data))
+    assert v1.decode(vector_keys, packet) == data
+
+
+def test_a_sealer_seals_one_packet(vector_keys: v1.Keys) -> None:
+    sealer = v1.Sealer(vector_keys)
+    with pytest.raises(v1.PacketError):
+        sealer.seal(b"z" * (v1.MAX_DATA + 1))
+    packet = sealer.seal(b"{}")  # a refused size used nothing up
+    assert v1.decode(vector_keys, packet) == b"{}"
+    with pytest.raises(RuntimeError):  # its CBC state moved on: a second seal would not decode
+        sealer.seal(b"{}")
+
+
 def test_encoding_is_randomised(vector_keys: v1.Keys) -> None:
     assert v1.encode(vector_keys, b"{}") != v1.encode(vector_keys, b"{}")
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, spool, throttle
+from webknock import cgi, spool
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
 from webknock.spool_reader import SpoolError, parse_request, read_request
@@ -124,7 +124,7 @@ def check_forwarded(remote: str, forwarded: str) -> None:
         assert reply.status in (400, 500)
         return
     assert "%" not in str(addr)
-    name = throttle._fail_name(addr)
+    name = spool._fail_name(addr)
     assert len(name) <= 41 and set(name[2:]) <= set("0123456789abcdef._")
 
 
@@ -187,7 +187,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     def refuse(*args: Any, **kw: Any) -> None:
         raise SpoolWrite
 
-    monkeypatch.setattr(spool, "submit_and_wait", refuse)
+    monkeypatch.setattr(spool, "submit", refuse)
     yield Site(cfg)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, write_instance
-from webknock import cgi, doorbell, spool, throttle
+from webknock import cgi, doorbell, spool
 from webknock.config import load
 from webknock.protocol import messages, transport, v1
 from webknock.spooldirs import prepare_spool
@@ -295,7 +295,7 @@ def test_throttle_file_names_are_bounded_and_safe(addr: str) -> None:
         ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(addr)
     except ValueError:
         pytest.skip("not an address Python accepts")
-    name = throttle._fail_name(ip)
+    name = spool._fail_name(ip)
     assert name.startswith("f-") and len(name) <= 2 + 39
     assert set(name[2:]) <= set("0123456789abcdef._")
 
@@ -306,7 +306,7 @@ def test_throttle_ignores_planted_files(tmp_path: Path) -> None:
     os.mkfifo(seen / "f-192.0.2.1")
     (seen / "f-192.0.2.2").mkdir()
     os.symlink("/etc/passwd", seen / "f-192.0.2.3")
-    guard = throttle.Throttle(seen, 1, 60)
+    guard = spool.Throttle(seen, 1, 60)
     size = os.path.getsize("/etc/passwd")
     for last in (1, 2, 3):
         addr = ipaddress.IPv4Address(f"192.0.2.{last}")
@@ -420,6 +420,28 @@ def test_a_bell_closed_without_an_answer_is_failure_never_success(
     assert reply == {"success": False, "error": "result missing", "errorcode": "INTERNAL"}
 
 
+def test_a_request_that_cannot_be_withdrawn_is_504_never_success(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer, and the request cannot be taken back (say, EACCES): it may still be
+    applied, so the client hears 504, and the CGI does not wait on."""
+    unlink = os.unlink
+
+    def stuck(path: Any, *args: Any, **kw: Any) -> None:
+        if str(path).endswith(spool.REQUEST_SUFFIX):
+            raise PermissionError(13, "Permission denied")
+        unlink(path, *args, **kw)
+
+    monkeypatch.setattr(spool, "write_request", WRITE_REQUEST)
+    monkeypatch.setattr(os, "unlink", stuck)
+    started = time.monotonic()
+    status, _, body, log = site.call(monkeypatch, site.sealed(openports()))
+    assert status == 504 and body == b"", log
+    assert time.monotonic() - started < site.cfg.result_timeout + 0.8, "one wait, not two"
+    assert len(os.listdir(site.cfg.spool.requests)) == 1  # still there for webknockd
+    assert os.listdir(site.cfg.spool.waits) == []
+
+
 def test_a_claimed_request_gets_a_second_wait(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon claimed the request and answers after the first result_timeout: the CGI
     cannot withdraw it any more, so it waits once more and reports the truth."""
@@ -446,7 +468,7 @@ def test_replay_cache_unwritable_is_503(site: Site, monkeypatch: pytest.MonkeyPa
     def full(*args: Any, **kw: Any) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(throttle, "first_use", full)
+    monkeypatch.setattr(spool, "first_use", full)
     status, _, _, log = site.call(monkeypatch, site.sealed({"api": "getinfo", "ver": 1, "ts": 0}))
     assert status == 403, "stale first: nothing to record"
     status, _, _, log = site.call(

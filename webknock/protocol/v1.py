@@ -83,15 +83,37 @@ def _rotl1(data: bytes) -> bytes:
     return data[1:] + data[:1]
 
 
+#: Random bytes one seal takes at most: R4, R4' and a pad of up to BLOCK - 1.
+_RANDOM = 8 + BLOCK - 1
+
+
+class Sealer:
+    """The sealing of one packet, made ready before its data is known: the HMAC, both
+    ciphers and the random bytes. The CGI makes its reply's while webknockd works on the
+    request, so that only the cheap part remains once the answer is in."""
+
+    def __init__(self, keys: Keys) -> None:
+        self._mac = hmac.new(keys.sign, digestmod=hashlib.sha1)
+        self._inner = AES.new(keys.key1, AES.MODE_CBC, iv=keys.iv1)
+        self._outer = AES.new(keys.key2, AES.MODE_CBC, iv=keys.iv2)
+        self._random: bytes | None = os.urandom(_RANDOM)
+
+    def seal(self, data: bytes) -> bytes:
+        """Seal `data` (UTF-8 JSON) into a packet; once only (CBC ciphers carry state)."""
+        if self._random is None:
+            raise RuntimeError("a Sealer seals one packet")
+        if len(data) > MAX_DATA:
+            raise PacketError(f"data of {len(data)} bytes exceeds {MAX_DATA}")
+        rand, self._random = self._random, None
+        self._mac.update(data)
+        block = rand[:4] + struct.pack(">I", len(data)) + data + self._mac.digest() + rand[4:8]
+        block += rand[8 : 8 + (-len(block) % BLOCK)]
+        return self._outer.encrypt(_rotr1(self._inner.encrypt(block)))
+
+
 def encode(keys: Keys, data: bytes) -> bytes:
     """Seal `data` (UTF-8 JSON) into a packet."""
-    if len(data) > MAX_DATA:
-        raise PacketError(f"data of {len(data)} bytes exceeds {MAX_DATA}")
-    mac = hmac.new(keys.sign, data, hashlib.sha1).digest()
-    block = os.urandom(4) + struct.pack(">I", len(data)) + data + mac + os.urandom(4)
-    block += os.urandom(-len(block) % BLOCK)
-    inner = AES.new(keys.key1, AES.MODE_CBC, iv=keys.iv1).encrypt(block)
-    return AES.new(keys.key2, AES.MODE_CBC, iv=keys.iv2).encrypt(_rotr1(inner))
+    return Sealer(keys).seal(data)
 
 
 def decode_with_mac(keys: Keys, packet: bytes) -> tuple[bytes, bytes]:
