@@ -16,7 +16,7 @@ counters of every packet it opens, and for an openports the request and its door
 (0.1-0.3 ms each, per request) and an openports should add no module before its request
 is on its way: this one is already loaded for the replay mark. The way back,
 :mod:`webknock.doorbell`, is loaded once the request is written, while webknockd works on
-it. It imports nothing the CGI does not already have. A request file is untrusted input
+it. It imports nothing the CGI does not already have by then. A request file is untrusted input
 to root: :mod:`webknock.spool_reader` checks the file itself (regular, not a link, one
 link, owner, size) before its content.
 
@@ -38,7 +38,6 @@ throttle_window + 5 s, and keeps at most MAX_THROTTLE_MARKS counters (oldest go 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import stat
 
@@ -131,6 +130,8 @@ def new_request_id() -> str:
 def encode_request(
     ip: Address, ports: list[tuple[str, int]], time: int, received: float, user_agent: str = ""
 ) -> bytes:
+    import json  # loaded by then on the CGI's path; a throttled request (429) never needs it
+
     return json.dumps(
         {
             "v": 1,

@@ -132,6 +132,21 @@ def test_junk_is_refused_before_config_or_crypto(
     assert got["spawned"] == []
 
 
+def test_a_throttled_address_is_refused_before_keys_crypto_or_json(
+    tmp_path: Path, instance: Path
+) -> None:
+    cfg = load(instance)
+    counter = cfg.spool.seen / "f-192.0.2.10"  # the peer's count of bad packets: at the limit
+    with open(counter, "wb") as fh:
+        fh.truncate(cfg.throttle_failures)
+    got = probe(tmp_path, instance, b"data=" + b"A" * 684)  # 512 bytes: passes the screen
+    assert got["status"] == 429
+    loaded = top_level(got["modules"])
+    assert loaded & {"Crypto", "json", "hmac", "webknock.keys", "webknock.doorbell"} == set()
+    assert "webknock.spool" in loaded  # where the counter is read
+    assert got["spawned"] == []
+
+
 def test_getinfo_loads_crypto_but_not_the_way_back(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
