@@ -80,7 +80,7 @@ def test_the_mode_goes_off_when_the_probe_raises() -> None:
 
 def test_a_batch_while_the_refresh_holds_the_context_goes_through_a_spare() -> None:
     release = threading.Event()
-    primary, spares = FakeLib("primary", block=release), []
+    primary, spares = FakeLib("primary", block=release), list[FakeLib]()
     warm = binding(primary, spares)
     warm.refresh_soon()
     assert primary.entered.wait(5), "the refresh started in the background"
