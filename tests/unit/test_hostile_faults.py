@@ -201,7 +201,7 @@ def test_a_slow_repair_does_not_delay_the_next_check(
     reconcile = d.engine.reconcile
 
     def slow_reconcile(now: float) -> int:
-        time.sleep(0.3)  # x CHECK_SHARE would be 3 s
+        time.sleep(0.3)  # x CHECK_SHARE: many seconds without a look
         return reconcile(now)
 
     monkeypatch.setattr(d.engine, "reconcile", slow_reconcile)
