@@ -409,7 +409,6 @@ class Daemon:
                     self._safely(self.drain)
                     self._safely(self.tick)
                     next_tick = now + TICK
-                    self.engine.firewall.idle()
                 wait_ms = max(1, int((next_tick - self.clock()) * 1000))
                 events = inotify.read(timeout=wait_ms)
                 if events:
@@ -419,7 +418,6 @@ class Daemon:
                         else [e.name for e in events]
                     )
                     self._safely(self.drain, names)
-                    self.engine.firewall.idle()  # everything answered: ready the next batch
         finally:
             inotify.close()
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
 from tests.lab import (
     CLIENT4,
     CLIENT6,
@@ -33,7 +32,6 @@ from tests.lab import (
     Site,
     close_server_firewall,
     deployment,
-    shared_venv,
     wait_until,
 )
 
@@ -306,45 +304,3 @@ def test_teardown_removes_only_ours_and_auto_prefers_nftables() -> None:
         finally:
             for site in sites:
                 site.close()
-
-
-#: In the server namespace: batches around a refresh of libnftables's cache, one while it
-#: runs in the background; prints what the kernel holds.
-CACHE_REFRESH = r"""
-import ipaddress, time
-from webknock.firewall.base import FirewallSettings
-from webknock.firewall.nftables import NftablesFirewall, load_binding
-from webknock.firewall.nftcache import WarmBinding
-from webknock.grants import Entry, GrantKey
-
-fw = NftablesFirewall(FirewallSettings("cachetest", "WK", frozenset({22}), frozenset()))
-assert isinstance(fw.lib, WarmBinding), fw.lib
-fw.ensure()
-now = time.time()
-keys = [GrantKey(ipaddress.ip_address(a), "tcp", 22) for a in ("192.0.2.10", "2001:db8::10", "2001:db8::11")]
-fw.apply([Entry(keys[0], now + 60)], now=now)
-assert fw.lib.refresh(), "the probe's dry run failed"
-fw.apply([Entry(keys[1], now + 60)], now=now)  # right after a refresh: applied for real
-fw.idle()  # a refresh in the background, and meanwhile (or after) one more batch
-fw.apply([Entry(keys[2], now + 60)], now=now)
-time.sleep(0.5)
-# a dry run applies nothing: a probe that only adds (ours also deletes) leaves no element
-elem = {"family": "inet", "table": fw.table, "name": "tcp6", "elem": [{"concat": ["2001:db8::99", 22]}]}
-assert WarmBinding(load_binding(), load_binding, {"nftables": [{"add": {"element": elem}}]}).refresh()
-print(" ".join(sorted(str(k) for k in fw.listed())))
-fw.teardown()
-"""
-
-
-def test_libnftables_cache_refresh_applies_nothing_and_batches_still_apply() -> None:
-    """The dry run that refreshes the cache leaves the kernel as it was (an element it adds
-    would list as a grant), and every batch before, after and during it goes in for real."""
-    with Lab("c") as lab:
-        python = str(shared_venv() / "bin" / "python3")
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)}
-        proc = lab.server.run([python, "-c", CACHE_REFRESH], env=env)
-        assert proc.stdout.split() == [
-            "192.0.2.10:tcp/22",
-            "[2001:db8::10]:tcp/22",
-            "[2001:db8::11]:tcp/22",
-        ], proc.stdout + proc.stderr

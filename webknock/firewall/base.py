@@ -102,10 +102,6 @@ class Firewall(ABC):
     def teardown(self) -> None:
         """Remove every object of ours (and only ours) from the kernel."""
 
-    def idle(self) -> None:  # noqa: B027 (a hook: most backends have nothing to prepare)
-        """webknockd has answered what it had and waits: prepare the next batch, without
-        delaying it (default: nothing to prepare)."""
-
     def describe(self) -> str:
         """One line for logs and `webknockctl status`."""
         return self.name

@@ -21,9 +21,7 @@ element someone else put there keeps that element's timeout on an older kernel; 
 reaper still deletes it when our grant ends.)
 
 Batches go through libnftables in-process (Debian's python3-nftables) as JSON; without
-the binding the same JSON is fed to ``nft -j -f -`` through the injected runner. Once
-webknockd has answered a batch, the context's cache is refreshed in the background for
-the next one (:mod:`webknock.firewall.nftcache`).
+the binding the same JSON is fed to ``nft -j -f -`` through the injected runner.
 
 Note for admins: an ``accept`` here ends only this chain. Every base chain on the input
 hook is evaluated, and a packet must be accepted by all of them; a drop in another table
@@ -41,7 +39,6 @@ from typing import Any, Final, Protocol
 
 from webknock.addresses import parse_address
 from webknock.firewall.base import Firewall, FirewallError, FirewallSettings, Runner, run_command
-from webknock.firewall.nftcache import WarmBinding
 from webknock.grants import PROTOS, Entry, GrantKey
 
 log = logging.getLogger(__name__)
@@ -69,28 +66,16 @@ class _Auto:
 AUTO: Final = _Auto()
 
 
-def load_binding() -> Any:
-    """A libnftables context (``nftables.Nftables``), or None when python3-nftables is
-    missing."""
+def load_binding() -> NftLib | None:
+    """A libnftables context, or None when python3-nftables is missing."""
     try:
         import nftables  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
     nft = nftables.Nftables()
     nft.set_json_output(True)
-    return nft
-
-
-def warm_binding(table: str) -> WarmBinding | None:
-    """A libnftables context whose cache is refreshed while the daemon is idle (see
-    :mod:`webknock.firewall.nftcache`), or None when python3-nftables is missing."""
-    primary = load_binding()
-    if primary is None:
-        return None
-    never = [{"concat": ["::", 1]}]  # the unspecified address: never granted
-    elem = {"family": FAMILY, "table": table, "name": set_name("tcp", 6), "elem": never}
-    probe = {"nftables": [{"add": {"element": elem}}, {"delete": {"element": elem}}]}
-    return WarmBinding(primary, load_binding, probe)
+    lib: NftLib = nft
+    return lib
 
 
 def table_name(instance: str) -> str:
@@ -134,8 +119,8 @@ class NftablesFirewall(Firewall):
         lib: NftLib | _Auto | None = AUTO,
     ) -> None:
         super().__init__(settings, runner)
+        self.lib = load_binding() if isinstance(lib, _Auto) else lib
         self.table = table_name(settings.instance)
-        self.lib: NftLib | None = warm_binding(self.table) if isinstance(lib, _Auto) else lib
 
     @classmethod
     def unusable(cls, runner: Runner = run_command) -> str | None:
@@ -339,10 +324,6 @@ class NftablesFirewall(Firewall):
         tables = [i.get("table", {}) for i in out.get("nftables", []) if isinstance(i, dict)]
         if any(t.get("family") == FAMILY and t.get("name") == self.table for t in tables):
             self.run_batch([{"delete": {"table": {"family": FAMILY, "name": self.table}}}])
-
-    def idle(self) -> None:
-        if isinstance(self.lib, WarmBinding):
-            self.lib.refresh_soon()
 
     def describe(self) -> str:
         via = "libnftables" if self.lib is not None else "nft -j"
