@@ -15,10 +15,10 @@ counters of every packet it opens, and for an openports the request and its door
 (:func:`submit`). It is one module because the CGI pays for each module it loads
 (0.1-0.3 ms each, per request) and an openports should add no module before its request
 is on its way: this one is already loaded for the replay mark. The way back,
-:mod:`webknock.doorbell`, is loaded once the request is written, while webknockd works on
-it. It imports nothing the CGI does not already have by then. A request file is untrusted input
-to root: :mod:`webknock.spool_reader` checks the file itself (regular, not a link, one
-link, owner, size) before its content.
+:mod:`webknock.doorbell`, is loaded once the request is written, while webknockd works
+on it. It imports nothing the CGI does not already have by then. A request file is
+untrusted input to root: :mod:`webknock.spool_reader` checks the file itself (regular,
+not a link, one link, owner, size) before its content.
 
 Replay marks and counters, in ``seen/``:
 
