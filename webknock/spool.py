@@ -214,9 +214,8 @@ class Submitted:
     on the request meanwhile); used as a context manager it removes the doorbell at the end.
     """
 
-    def __init__(self, requests_dir: str, request_id: str, bell_path: str, bell: int) -> None:
-        self.request_path = os.path.join(requests_dir, f"{request_id}{REQUEST_SUFFIX}")
-        self.bell_path, self.bell = bell_path, bell
+    def __init__(self, request_path: str, bell_path: str, bell: int) -> None:
+        self.request_path, self.bell_path, self.bell = request_path, bell_path, bell
 
     def result(self, seconds: float) -> dict[str, Any] | None:
         """The daemon's result, or None when it did not come within `seconds`.
@@ -273,10 +272,10 @@ def submit(
     bell_path = os.path.join(spool.waits, request_id)
     bell = install_bell(bell_path)
     try:
-        write_request(
+        request_path = write_request(
             spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
         )
     except BaseException:
         remove_bell(bell_path, bell)
         raise
-    return Submitted(str(spool.requests), request_id, bell_path, bell)
+    return Submitted(request_path, bell_path, bell)
