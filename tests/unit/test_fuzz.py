@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO, write_instance
+from tests.conftest import REPO, VECTORS_FILE, write_instance
 from webknock import cgi, spool
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
@@ -40,9 +40,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-KEYS = v1.Keys.from_hex(
-    json.loads((REPO.parent / "shared/protocol/v1-vectors.json").read_text())["keys"]
-)
+KEYS = v1.Keys.from_hex(json.loads(VECTORS_FILE.read_text())["keys"])
 OFFERED = frozenset({("tcp", 22), ("tcp", 2222), ("udp", 51820)})
 WEB = pwd.getpwnam("www-data")
 #: What the CGI may answer input that is not a valid, fresh, first-use request.

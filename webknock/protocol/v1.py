@@ -1,4 +1,4 @@
-"""Packet codec of protocol v1 (see shared/protocol/v1.md).
+"""Packet codec of protocol v1 (see docs/protocol-v1.md).
 
 block  = R4 || u32be(len(data)) || data || HMAC-SHA1(sign, data) || R4'  (+ random pad to 512)
 packet = AES256-CBC(key2, iv2, rotr1(AES256-CBC(key1, iv1, block)))
