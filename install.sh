@@ -77,7 +77,8 @@ What it does (PREFIX is empty, or DIR with --root DIR):
   * PREFIX/opt/webknock/cgi-bin/webknock.cgi, PREFIX/usr/local/sbin/webknockd and
     webknockctl: entry points running the venv's python
   * PREFIX/etc/webknock/INSTANCE.keys: fresh keys from the OS CSPRNG,
-    root:<web group> 0640 - an existing keys file is kept byte for byte
+    root:root 0600 (only webknockd reads them) - an existing keys file is kept
+    byte for byte, and an older 0640 root:<web group> one is tightened
   * PREFIX/etc/webknock/INSTANCE.ini (0644): the instance config - an existing
     one is kept; every setting: PREFIX/opt/webknock/share/webknock.ini.example
   * PREFIX/run/webknock/INSTANCE: the spool, on tmpfs (owners and modes as
@@ -382,8 +383,11 @@ PY_SPOOL='
 import sys
 from pathlib import Path
 from webknock.config import SpoolPaths
-from webknock.spooldirs import prepare_spool
-prepare_spool(SpoolPaths(Path(sys.argv[1])), int(sys.argv[2]))
+from webknock.spooldirs import mount_spool, prepare_spool
+paths, gid = SpoolPaths(Path(sys.argv[1])), int(sys.argv[2])
+if sys.argv[3] == "mount" and not mount_spool(paths, gid):
+    print(f"warning: {paths.root} is not on a tmpfs of its own", file=sys.stderr)
+prepare_spool(paths, gid)
 '
 
 PY_DAEMON_PID='
@@ -620,22 +624,29 @@ build_venv() {
 
 write_keys() {
     if [ -e "$KEYS" ]; then
-        chown root:"$WEB_GROUP" -- "$KEYS"
-        chmod 0640 -- "$KEYS"
         pyrun "$PY" "$PY_CHECKKEYS" "$KEYS" \
             || die "$KEYS exists but is not a usable keys file; fix or move it away, then re-run"
-        KEYS_STATUS="kept (owner root:$WEB_GROUP, mode 0640)"
+        local was
+        was=$(stat -c '%a %U:%G' -- "$KEYS")
+        # Only webknockd (root) reads the keys: take away the web group and any bit beyond
+        # 0600, never add one (an admin's 0400 stays 0400).
+        chown root:root -- "$KEYS"
+        chmod go-rwx -- "$KEYS"
+        if [ "$was" != "$(stat -c '%a %U:%G' -- "$KEYS")" ]; then
+            KEYS_STATUS="kept, tightened from $was to $(stat -c '%a %U:%G' -- "$KEYS"): only webknockd reads them now"
+        else
+            KEYS_STATUS="kept (owner root:root, mode $(stat -c '%a' -- "$KEYS"))"
+        fi
         return
     fi
     local tmp
     tmp=$(mktemp "$ETC/.keys.XXXXXX")
     chmod 0600 "$tmp"
     pyrun "$PY" "$PY_GENKEYS" >"$tmp"
-    chown root:"$WEB_GROUP" -- "$tmp"
-    chmod 0640 -- "$tmp"
+    chown root:root -- "$tmp"
     mv -n -- "$tmp" "$KEYS"
     [ ! -e "$tmp" ] || { rm -f -- "$tmp"; die "$KEYS appeared while writing it; re-run"; }
-    KEYS_STATUS="new, from the OS random generator (owner root:$WEB_GROUP, mode 0640)"
+    KEYS_STATUS="new, from the OS random generator (owner root:root, mode 0600)"
 }
 
 write_config() {
@@ -1044,7 +1055,9 @@ cmd_server() {
     say "    $CONFIG: $CONFIG_STATUS"
 
     step "spool ${CFG[spool_dir]} (group $WEB_GROUP), state ${CFG[state_file]}"
-    pyrun "$PY" "$PY_SPOOL" "${CFG[spool_dir]}" "$(id -g -- "$WEB_USER")"
+    # Its own bounded tmpfs only on this host's real /run, not under --root.
+    pyrun "$PY" "$PY_SPOOL" "${CFG[spool_dir]}" "$(id -g -- "$WEB_USER")" \
+        "$([ -z "$ROOT" ] && echo mount || echo nomount)"
 
     if [ -n "$CGI_COPY" ]; then
         step "CGI copy $CGI_COPY"
@@ -1187,6 +1200,10 @@ remove_spool() { # remove_spool DIR: only the layout webknockd made, then the di
     for sub in requests claimed rejected seen waits results; do
         rm -rf --one-file-system -- "${dir:?}/$sub"
     done
+    # Its own tmpfs (webknockctl prepare-spool): unmount it, once emptied above.
+    if mountpoint -q -- "$dir" 2>/dev/null; then
+        umount -l -- "$dir" || warn "cannot unmount the spool's tmpfs $dir"
+    fi
     rmdir -- "$dir" 2>/dev/null || warn "kept $dir: it holds files webknock did not make"
 }
 

@@ -1,5 +1,5 @@
 """The CGI's part of the spool, for tests that play it: the doorbell first (owned by the web
-user, as the CGI's is), then the request; the daemon's answer read from the bell."""
+user, as the CGI's is), then the request frame; the daemon's answer read from the bell."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import os
 import pwd
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from webknock import doorbell, spool
-from webknock.addresses import parse_address
 from webknock.config import ServerConfig
 from webknock.fsutil import write_atomic
+from webknock.protocol import messages, v1
 
 WEB = pwd.getpwnam("www-data")
 
@@ -27,10 +26,11 @@ class Waiting:
     rid: str
     bell: str
     fd: int
-    answer: dict[str, Any] | None = field(default=None, init=False)
+    answer: tuple[int, str, bytes] | None = field(default=None, init=False)
 
-    def result(self, seconds: float = 0.001) -> dict[str, Any] | None:
-        """The daemon's answer (kept once read), None when none came within `seconds`."""
+    def result(self, seconds: float = 0.001) -> tuple[int, str, bytes] | None:
+        """The daemon's answer (status, note, body), kept once read; None when none came
+        within `seconds`."""
         if self.answer is None:
             self.answer = doorbell.wait_bell(self.fd, seconds)
         return self.answer
@@ -52,25 +52,68 @@ def open_bell(cfg: ServerConfig, rid: str | None = None) -> Waiting:
     return waiting
 
 
-def submit(
-    cfg: ServerConfig,
+def openports_packet(
+    keys: v1.Keys,
     ip: str = "192.0.2.10",
     ports: list[tuple[str, int]] | None = None,
     time_: int = 60,
-    received: float | None = None,
+    ts: float | None = None,
+) -> bytes:
+    """A v1 openports packet sealed with `keys`, as a client sends it."""
+    data = messages.openports_request(
+        ip, ports or [("tcp", 22)], time_, int(time.time() if ts is None else ts)
+    )
+    return v1.encode(keys, data)
+
+
+def getinfo_packet(keys: v1.Keys, ts: float | None = None) -> bytes:
+    return v1.encode(keys, messages.getinfo_request(int(time.time() if ts is None else ts)))
+
+
+def frame(
+    packet: bytes,
+    remote: str = "192.0.2.10",
     *,
+    protocol: str = "v1",
+    forwarded: str = "",
+    agent: str = "test-agent",
+) -> bytes:
+    """The spool frame a CGI writes for `packet` received from `remote`."""
+    return spool.encode_request(protocol, remote, forwarded, agent, packet)
+
+
+def submit(
+    cfg: ServerConfig,
+    keys: v1.Keys | None = None,
+    ip: str = "192.0.2.10",
+    ports: list[tuple[str, int]] | None = None,
+    time_: int = 60,
+    *,
+    remote: str | None = None,
     payload: bytes | None = None,
 ) -> Waiting:
     """Spool a request as the CGI does: its bell, then the file (owned by the web user before
-    it appears, as a running daemon may claim it at once)."""
+    it appears, as a running daemon may claim it at once). Without `payload`, an openports
+    for `ip` sealed with `keys`, relayed from `remote` (default: `ip`)."""
     waiting = open_bell(cfg)
     if payload is None:
-        payload = spool.encode_request(
-            parse_address(ip), ports or [("tcp", 22)], time_, received or time.time()
-        )
+        if keys is None:
+            raise ValueError("submit needs keys or a payload")
+        payload = frame(openports_packet(keys, ip, ports, time_), remote or ip)
     path = cfg.spool.requests / f"{waiting.rid}{spool.REQUEST_SUFFIX}"
     write_atomic(path, payload, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
     return waiting
+
+
+def reply(keys: v1.Keys, answer: tuple[int, str, bytes] | None) -> dict[str, object]:
+    """The JSON reply inside a 200 answer, opened with `keys`."""
+    assert answer is not None, "no answer"
+    status, note, body = answer
+    assert status == 200, f"status {status} {note!r}"
+    import json
+
+    obj: dict[str, object] = json.loads(v1.decode(keys, body))
+    return obj
 
 
 def close_all() -> None:

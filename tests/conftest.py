@@ -23,8 +23,8 @@ from webknock.spooldirs import prepare_spool
 from webknock.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-VECTORS_FILE = SHARED / "protocol" / "v1-vectors.json"
+VECTORS_FILE = REPO / "tests" / "vectors" / "v1.json"
+V2_VECTORS_FILE = REPO / "tests" / "vectors" / "v2.json"
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +47,23 @@ def isolated_logging() -> Iterator[None]:
         lg.propagate = propagate
 
 
+def _load_vectors(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        pytest.fail(f"{path} missing from the checkout (protocol vectors, see docs/protocol-*.md)")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
-    if not VECTORS_FILE.exists():
-        pytest.fail(f"{VECTORS_FILE} missing: the shared protocol vectors must sit beside the repo")
-    data: dict[str, Any] = json.loads(VECTORS_FILE.read_text())
-    return data
+    """Protocol v1 vectors (docs/protocol-v1.md)."""
+    return _load_vectors(VECTORS_FILE)
+
+
+@pytest.fixture(scope="session")
+def v2_vectors() -> dict[str, Any]:
+    """Protocol v2 vectors (docs/protocol-v2.md)."""
+    return _load_vectors(V2_VECTORS_FILE)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +75,7 @@ def write_instance(base: Path, keys: Keys, **overrides: str) -> Path:
     """Write keys + config for one instance under `base`; return the config path."""
     keys_file = base / "keys.ini"
     keys_file.write_text(format_keys(keys))
-    os.chmod(keys_file, 0o640)
+    os.chmod(keys_file, 0o600)
     settings = {
         "tcp_ports": "22, 2222",
         "udp_ports": "51820",

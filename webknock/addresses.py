@@ -1,15 +1,12 @@
-"""Client addresses: parsing what a client, a proxy or the spool names, and which may be granted.
-
-On every CGI request (the peer, the packet's `ip`): it imports nothing but ipaddress,
-while the grant records (:mod:`webknock.grants`) are dataclasses, each costing a process
-about a millisecond to build.
-"""
+"""Client addresses: parsing what a client, a proxy or the spool names, which may be
+granted, and the prefix an address is counted under (throttle, grant limits)."""
 
 from __future__ import annotations
 
 import ipaddress
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_address(text: str) -> Address:
@@ -29,3 +26,42 @@ def grantable(addr: Address) -> str | None:
     if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
         return "broadcast address"
     return None
+
+
+#: Addresses are counted per prefix: an IPv4 address alone, an IPv6 /64 (one site or
+#: device, whose privacy addresses change within it).
+PREFIX_LENGTH = {4: 32, 6: 64}
+
+
+def prefix_of(addr: Address) -> str:
+    """The prefix `addr` is counted under, as text (``192.0.2.10/32``, ``2001:db8::/64``)."""
+    cls = ipaddress.IPv4Network if addr.version == 4 else ipaddress.IPv6Network
+    return str(cls((addr.packed, PREFIX_LENGTH[addr.version]), strict=False))
+
+
+class AddressError(ValueError):
+    """The client address cannot be told; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def client_address(remote: str, forwarded: str, trusted: tuple[Network, ...]) -> Address:
+    """REMOTE_ADDR, or the last untrusted X-Forwarded-For hop when the peer is a trusted
+    proxy. Raises AddressError: 500 for an unusable REMOTE_ADDR (the web server's fault),
+    400 for a malformed X-Forwarded-For from a trusted proxy."""
+    try:
+        addr = parse_address(remote)
+    except ValueError:
+        raise AddressError(500, f"REMOTE_ADDR {remote[:60]!r} unusable") from None
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()] if trusted else []
+    while hops and any(addr in net for net in trusted):
+        try:
+            hop = hops.pop()
+            if "%" in hop:  # an IPv6 scope means nothing off this host
+                raise ValueError(hop)
+            addr = parse_address(hop)
+        except ValueError:
+            raise AddressError(400, "malformed X-Forwarded-For from a trusted proxy") from None
+    return addr

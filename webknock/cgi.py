@@ -1,64 +1,46 @@
 """webknock.cgi: the CGI program the web server runs for every knock (as the web user).
 
-Order of work is chosen for cost: method, length and the shape of the `data`
-field are checked before anything heavy is imported, so junk costs about as
-much as starting Python. Only a well-formed packet loads config, keys and AES.
-Nothing from Python ever reaches the client: failures are bare HTTP statuses,
-details go to stderr (the web server's error log), one line each, with the peer.
+It frames and relays; it holds no secret and decides nothing. It checks what can be
+checked without a key (method, length, the form field and its Base64, the packet's
+magic and length), writes the raw packet with REMOTE_ADDR, X-Forwarded-For and
+User-Agent into the spool, rings its doorbell and returns what webknockd answers: the
+HTTP status, the X-Webknock-Error note and the sealed reply, byte for byte. It imports
+no crypto and no config parser: a knock costs little more than starting Python.
 
-Statuses: 200 a reply packet; 400 not a POST, no usable Content-Length, no `data`
-field, or a malformed X-Forwarded-For from a trusted proxy; 403 undecodable or
-unverifiable packet, stale timestamp (X-Webknock-Error says by how much), replayed
-packet, `ip` not the peer; 405 wrong `ver` or unknown `api`; 413 body over 8 KiB;
-429 this address sent too many bad packets (throttle); 500 misconfiguration only
-(config, keys, REMOTE_ADDR); 503 the spool, replay cache or doorbell is unavailable
-(full or read-only disk, too many CGIs at once) and nothing was applied; 504 webknockd
-did not answer in time (see webknock.spool.Submitted.result for what that means for the grant).
+Statuses of its own: 400 not a POST, no usable Content-Length, no packet field; 403 a
+field that is not a packet (Base64, magic, length); 413 body over 8 KiB; 500 a config
+the CGI cannot read; 503 the spool is unavailable (full, read-only, too many CGIs at
+once) and nothing was applied; 504 webknockd did not answer in time (see
+:meth:`webknock.spool.Submitted.answer` for what that means for the grant). Every other
+status is webknockd's. Nothing from Python ever reaches the client: details go to
+stderr (the web server's error log), one line each, with the peer.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 
-TYPE_CHECKING = False  # not `from typing import ...`: typing costs ~10 ms per request
-if TYPE_CHECKING:
-    from ipaddress import IPv4Network, IPv6Network
-
-    from webknock.addresses import Address
-
-    Network = IPv4Network | IPv6Network
+from webknock.doorbell import STATUSES
 
 MAX_BODY = 8192
-STATUS = {
-    200: "200 OK",
-    400: "400 Bad Request",
-    403: "403 Forbidden",
-    405: "405 Method Not Allowed",
-    413: "413 Content Too Large",
-    429: "429 Too Many Requests",
-    500: "500 Internal Server Error",
-    503: "503 Service Unavailable",
-    504: "504 Gateway Timeout",
-}
 
 
 class Reply(Exception):
-    """Stop handling and answer with this status (and an optional body/header)."""
+    """Stop handling and answer with this status."""
 
-    def __init__(self, status: int, why: str = "", body: bytes = b"", note: str = "") -> None:
+    def __init__(self, status: int, why: str = "") -> None:
         super().__init__(why)
-        self.status, self.why, self.body, self.note = status, why, body, note
+        self.status, self.why = status, why
 
 
 def respond(out: object, status: int, body: bytes = b"", note: str = "") -> None:
     """Write a CGI response (Status header, then body)."""
     ctype = "application/octet-stream" if status == 200 else "text/plain"
-    head = f"Status: {STATUS[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+    head = f"Status: {STATUSES[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
     head += "Cache-Control: no-store\r\n"
     if note:
-        head += f"X-Webknock-Error: {note.replace('±', '+/-')}\r\n"
+        head += f"X-Webknock-Error: {note}\r\n"
     out.write(head.encode("ascii", "replace") + b"\r\n" + body)  # type: ignore[attr-defined]
     out.flush()  # type: ignore[attr-defined]
 
@@ -73,22 +55,23 @@ def warn(msg: str) -> None:
     sys.stderr.flush()
 
 
-def form_field(body: bytes, name: bytes) -> bytes | None:
-    """The value of `name` in an x-www-form-urlencoded body (first occurrence)."""
+def packet_field(body: bytes) -> tuple[str, bytes] | None:
+    """The first packet field (``data`` or ``v2``) of an x-www-form-urlencoded body: its
+    name and value."""
     for part in body.split(b"&"):
         key, sep, value = part.partition(b"=")
-        if sep and key == name:
+        if sep and key in (b"data", b"v2"):
             if b"%" in value or b"+" in value:
                 from urllib.parse import unquote_to_bytes
 
                 value = unquote_to_bytes(value.replace(b"+", b" "))
-            return value
+            return key.decode(), value
     return None
 
 
-def read_packet(environ: dict[str, str], stdin: object) -> bytes:
-    """Cheap checks in order: method, length, field, encoding. Returns the packet bytes."""
-    from webknock.protocol.transport import TransportError, decode_field
+def read_packet(environ: dict[str, str], stdin: object) -> tuple[str, bytes]:
+    """Cheap checks in order: method, length, field, encoding. Returns (field, packet)."""
+    from webknock.protocol.transport import TransportError, decode_field, decode_v2_field
 
     if environ.get("REQUEST_METHOD", "") != "POST":
         raise Reply(400, f"method {environ.get('REQUEST_METHOD', '')[:10]!r} is not POST")
@@ -101,153 +84,59 @@ def read_packet(environ: dict[str, str], stdin: object) -> bytes:
     if length > MAX_BODY:
         raise Reply(413, f"body of {length} bytes exceeds {MAX_BODY}")
     body = stdin.read(length) if length else b""  # type: ignore[attr-defined]
-    value = form_field(body, b"data")
-    if value is None:
-        raise Reply(400, "no data field")
+    found = packet_field(body)
+    if found is None:
+        raise Reply(400, "no data or v2 field")
+    name, value = found
     try:
-        return decode_field(value)
+        return name, (decode_field(value) if name == "data" else decode_v2_field(value))
     except TransportError as exc:
         raise Reply(403, str(exc)) from None
 
 
-def client_address(environ: dict[str, str], trusted: tuple[Network, ...]) -> Address:
-    """REMOTE_ADDR, or the last untrusted X-Forwarded-For hop when the peer is a trusted proxy."""
-    from webknock.addresses import parse_address
+def handle(environ: dict[str, str]) -> tuple[int, str, bytes]:
+    """Relay one request; return (status, note, body) or raise Reply."""
+    name, packet = read_packet(environ, sys.stdin.buffer)
 
+    from webknock import cgiconf, spool
+
+    config = environ.get(cgiconf.ENV_CONFIG) or cgiconf.DEFAULT_CONFIG
     try:
-        addr = parse_address(environ.get("REMOTE_ADDR", ""))
-    except ValueError:
-        raise Reply(500, f"REMOTE_ADDR {environ.get('REMOTE_ADDR', '')[:60]!r} unusable") from None
-    if not trusted:
-        return addr
-    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    while hops and any(addr in net for net in trusted):
-        try:
-            hop = hops.pop()
-            if "%" in hop:  # an IPv6 scope means nothing off this host
-                raise ValueError(hop)
-            addr = parse_address(hop)
-        except ValueError:
-            raise Reply(400, "malformed X-Forwarded-For from a trusted proxy") from None
-    return addr
-
-
-def handle(environ: dict[str, str], stdin: object, now: float) -> bytes:
-    """Handle one request; return the reply packet or raise Reply."""
-    packet = read_packet(environ, stdin)
-
-    from webknock.config import ConfigError, load
-
-    try:
-        cfg = load(environ.get("WEBKNOCK_CONFIG") or None)
-    except ConfigError as exc:
+        spool_dir, timeout = cgiconf.read_cgi_settings(config)
+    except cgiconf.CgiConfigError as exc:
         raise Reply(500, f"configuration: {exc}") from None
-    peer = client_address(environ, cfg.trusted_proxies)
-
-    from webknock import spool
-
-    guard = spool.Throttle(cfg.spool.seen, cfg.throttle_failures, cfg.throttle_window)
-    if guard.blocked(peer, now):  # before keys and AES are loaded: a throttled flood is cheap
-        raise Reply(429, "too many bad packets; throttled")
-
-    from webknock.keys import KeysError, load_keys
-    from webknock.protocol import v1
-    from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
-
+    frame = spool.encode_request(
+        spool.FIELDS[name],
+        environ.get("REMOTE_ADDR", ""),
+        environ.get("HTTP_X_FORWARDED_FOR", ""),
+        environ.get("HTTP_USER_AGENT", ""),
+        packet,
+    )
     try:
-        keys = load_keys(cfg.keys_file)
-    except KeysError as exc:
-        raise Reply(500, f"configuration: {exc}") from None
-    try:
-        data, mac = v1.decode_with_mac(keys, packet)
-        request = parse_request(data, now, cfg.ts_window)
-    except v1.PacketError as exc:
-        guard.failed(peer, now)
-        raise Reply(403, f"packet: {exc.reason}") from None
-    except RequestError as exc:
-        raise Reply(exc.status, exc.reason, note=exc.header) from None
-    except (ValueError, ArithmeticError, RecursionError) as exc:  # sealed, values unexpected
-        raise Reply(403, f"request: {type(exc).__name__}") from None
-    try:
-        fresh = spool.first_use(cfg.spool.seen, mac)
-    except OSError as exc:  # accepting it unrecorded would allow a replay
-        raise Reply(503, f"replay cache {cfg.spool.seen}: {exc.strerror}") from None
-    if not fresh:
-        guard.failed(peer, now)
-        raise Reply(403, "replayed packet")
-
-    if isinstance(request, GetInfo):
-        reply = {
-            "success": True,
-            "tcp": sorted(cfg.tcp_ports),
-            "udp": sorted(cfg.udp_ports),
-            "maxtime": cfg.max_time,
-            "ip": str(peer),
-        }
-        return v1.encode(keys, dumps(reply))
-    if request.ip != peer:
-        raise Reply(
-            403,
-            f"packet ip {request.ip} is not the peer address {peer}",
-            note="address mismatch: the server sees another address",
-        )
-    offered = cfg.offered()
-    ports = [p for p in request.ports if p in offered]
-    if not ports:
-        reply = {
-            "success": False,
-            "error": "none of the requested ports is offered",
-            "errorcode": "NOPORTS",
-        }
-        return v1.encode(keys, dumps(reply))
-    time_granted = min(max(request.time, 1), cfg.max_time) if request.time > 0 else cfg.max_time
-
-    try:
-        submitted = spool.submit(
-            cfg, peer, ports, time_granted, now, environ.get("HTTP_USER_AGENT", "")
-        )
+        submitted = spool.submit(spool_dir, frame)
     except OSError as exc:  # full or read-only spool, no descriptor left: never success
         raise Reply(503, f"spool unavailable: {exc}") from None
     with submitted:
-        sealer = v1.Sealer(keys)  # while webknockd works on the request
-        outcome = submitted.result(cfg.result_timeout)
-    if outcome is None:
+        answer = submitted.answer(timeout)
+    if answer is None:
         raise Reply(504, "webknockd did not answer in time")
-    if outcome.get("ok"):
-        reply = {"success": True, "expires": int(outcome["expires"])}
-    else:
-        reply = {
-            "success": False,
-            "error": str(outcome.get("error", "refused")),
-            "errorcode": str(outcome.get("errorcode", "ERROR")),
-        }
-    return sealer.seal(dumps(reply))
+    return answer
 
 
 def main(*, detach: bool = True) -> int:
     """CGI entry point: always exits 0 after writing exactly one response; `detach` (the
     default, for the process the web server started) then hangs up stdout and stderr and
-    ends the process at once.
-
-    Ending it with ``os._exit`` skips the interpreter's teardown (freeing every module,
-    pycryptodome's included: ~25 ms of CPU here), which no client waits for but which
-    would compete for the CPU with the next knock and with webknockd. Nothing is left to
-    flush by then: the answer and every log line are written, spool files and the
-    doorbell closed and removed."""
-    out = sys.stdout.buffer
+    ends the process at once (no interpreter teardown for the next knock to compete with)."""
     try:
-        body = handle(dict(os.environ), sys.stdin.buffer, time.time())
+        status, note, body = handle(dict(os.environ))
     except Reply as reply:
         warn(f"{reply.status}: {reply.why}")
-        status, body, note = reply.status, reply.body, reply.note
+        status, note, body = reply.status, "", b""
     except Exception as exc:  # never a traceback to the client
         warn(f"500: internal error: {type(exc).__name__}: {exc}")
-        status, body, note = 500, b"", ""
-    else:
-        status, note = 200, ""
+        status, note, body = 500, "", b""
     try:
-        respond(out, status, body, note)
+        respond(sys.stdout.buffer, status, body, note)
     except OSError as exc:  # the client or web server went away
         warn(f"{status} not delivered: {exc}")
     if detach:
@@ -257,9 +146,8 @@ def main(*, detach: bool = True) -> int:
 
 
 def hang_up() -> None:
-    """Give the web server its end of file now: the answer is complete, and what is left
-    (the interpreter's shutdown) costs milliseconds that the client need not wait for.
-    stdout and stderr become /dev/null for the rest."""
+    """Give the web server its end of file now: the answer is complete. stdout and stderr
+    become /dev/null for the rest."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

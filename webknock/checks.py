@@ -85,7 +85,14 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
         load_keys(cfg.keys_file)
     except KeysError as exc:
         problems.append(("error", str(exc)))
-    problems += _mode_problems(cfg.keys_file, uid=0, gid=web.gid, mode=0o640, what="keys file")
+    problems += _mode_problems(
+        cfg.keys_file,
+        uid=0,
+        gid=None,
+        mode=0o600,
+        what="keys file",
+        wider_is="whoever can read the keys can open the firewall; only webknockd needs them",
+    )
     problems += _mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
     devices: dict[int, list[str]] = {}
     for path, uid, gid, mode in layout(cfg.spool, web.gid):
@@ -102,6 +109,14 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
             devices.setdefault(os.lstat(path).st_dev, []).append(path.name)
         except OSError:
             pass
+    if os.path.isdir(cfg.spool.root) and not os.path.ismount(cfg.spool.root):
+        problems.append(
+            (
+                "warning",
+                f"spool {cfg.spool.root} is not its own size-bounded tmpfs: the web user can "
+                f"fill the file system it is on; run: webknockctl prepare-spool",
+            )
+        )
     if len(devices) > 1:  # the daemon claims and answers by rename(2)
         problems.append(
             (

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from webknock import ini
+from webknock.cgiconf import DEFAULT_RESULT_TIMEOUT
+from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
 
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
 ENV_CONFIG = "WEBKNOCK_CONFIG"
@@ -33,31 +35,27 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SpoolPaths:
-    """The spool of one instance; the web user and root never share a writable directory
-    except ``requests``, ``waits`` (doorbells) and ``seen`` (replay cache), all three
+    """The spool of one instance (layout: :mod:`webknock.spool`); the web user and root
+    never share a writable directory except ``requests`` and ``waits`` (doorbells), both
     sticky and root-owned."""
 
     root: Path
 
     @property
     def requests(self) -> Path:
-        return self.root / "requests"
+        return self.root / REQUESTS_DIR
 
     @property
     def claimed(self) -> Path:
-        return self.root / "claimed"
+        return self.root / CLAIMED_DIR
 
     @property
     def rejected(self) -> Path:
-        return self.root / "rejected"
-
-    @property
-    def seen(self) -> Path:
-        return self.root / "seen"
+        return self.root / REJECTED_DIR
 
     @property
     def waits(self) -> Path:
-        return self.root / "waits"
+        return self.root / WAITS_DIR
 
 
 @dataclass(frozen=True)
@@ -77,11 +75,13 @@ class ServerConfig:
     chain: str = "WEBKNOCK"
     protect: bool = False
     ipset: str = "auto"
-    result_timeout: float = 5.0
+    result_timeout: float = DEFAULT_RESULT_TIMEOUT
     ts_window: int = 15
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     throttle_failures: int = 20
     throttle_window: int = 60
+    max_grants: int = 10000
+    max_grants_per_prefix: int = 256
     audit_log: Path | None = None
     extra: dict[str, dict[str, str]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -230,6 +230,8 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         "trusted_proxies",
         "throttle_failures",
         "throttle_window",
+        "max_grants",
+        "max_grants_per_prefix",
         "audit_log",
     }
     unknown = sorted(set(sec.values) - known)
@@ -258,11 +260,13 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         chain=sec.get("chain", _pattern(_CHAIN, "an iptables chain name (max 21)"), default_chain),
         protect=sec.get("protect", parse_bool, False),
         ipset=sec.get("ipset", _choice(("auto", "yes", "no")), "auto"),
-        result_timeout=sec.get("result_timeout", _positive_float, 5.0),
+        result_timeout=sec.get("result_timeout", _positive_float, DEFAULT_RESULT_TIMEOUT),
         ts_window=sec.get("ts_window", _positive_int, 15),
         trusted_proxies=sec.get("trusted_proxies", _networks, ()),
         throttle_failures=sec.get("throttle_failures", _positive_int, 20),
         throttle_window=sec.get("throttle_window", _positive_int, 60),
+        max_grants=sec.get("max_grants", _positive_int, 10000),
+        max_grants_per_prefix=sec.get("max_grants_per_prefix", _positive_int, 256),
         audit_log=sec.optional("audit_log", _abs_path),
         extra={s: dict(parser.items(s)) for s in parser.sections() if s != "server"},
     )

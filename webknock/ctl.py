@@ -93,8 +93,8 @@ def cmd_revoke(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_grant(cfg: ServerConfig, args: argparse.Namespace) -> int:
+    from webknock.grants import GrantRequest
     from webknock.spool import new_request_id
-    from webknock.spool_reader import GrantRequest
 
     ports = [(args.proto, args.port)] if args.port else sorted(cfg.offered())
     unknown = [p for p in ports if p not in cfg.offered()]
@@ -103,7 +103,7 @@ def cmd_grant(cfg: ServerConfig, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     seconds = min(args.time or cfg.max_time, cfg.max_time)
     now = time.time()
-    req = GrantRequest(new_request_id(), args.ip, tuple(ports), seconds, now, "webknockctl")
+    req = GrantRequest(new_request_id(), args.ip, tuple(ports), seconds, source="admin")
     outcome = _engine(cfg).open([req], now)[req.id]
     if not outcome.ok:
         print(f"grant failed: {outcome.error}", file=sys.stderr)
@@ -140,6 +140,18 @@ def cmd_teardown(cfg: ServerConfig, args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
     print(f"removed the firewall objects of instance {cfg.instance}")
+    return EXIT_OK
+
+
+def cmd_prepare_spool(cfg: ServerConfig, args: argparse.Namespace) -> int:
+    from webknock.spooldirs import mount_spool, prepare_spool, web_identity
+
+    gid = web_identity(cfg).gid
+    bounded = mount_spool(cfg.spool, gid)
+    prepare_spool(cfg.spool, gid)
+    if not bounded:
+        print(f"{cfg.spool.root}: ready, but not on a tmpfs of its own", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -279,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate config, keys, owners and modes")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "prepare-spool",
+        help="mount the spool's own bounded tmpfs and make its directories (before webknockd)",
+    )
+    p.set_defaults(func=cmd_prepare_spool)
 
     p = sub.add_parser("reconcile", help="make the firewall hold exactly the live grants")
     p.set_defaults(func=cmd_reconcile)

@@ -1,10 +1,13 @@
-"""webknockd: the root daemon that turns spooled grant requests into firewall rules.
+"""webknockd: the root daemon that verifies every knock and turns it into firewall rules.
 
-It watches the spool with inotify, drains everything pending as one batch,
-re-validates each file as untrusted input, applies valid requests in one
-firewall batch, records them in the state file and writes a result per request.
-On start it reconciles the kernel with the state file; while it runs it
-removes expired grants about once a second.
+It watches the spool with inotify and drains everything pending as one batch. For each
+request, top to bottom: read the frame as untrusted input, tell the client address
+(``trusted_proxies``), verify the packet with keys only root holds (:mod:`webknock.verify`),
+burn its replay mark (:mod:`webknock.guard`), decide, apply the batch's grants in one
+firewall batch (:mod:`webknock.engine`) and answer each CGI with the sealed reply through
+its doorbell. On start it reconciles the kernel with the state file; while it runs it
+removes expired grants about once a second and keeps the spool clean
+(:mod:`webknock.spool_housekeeping`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ import fcntl
 import gc
 import logging
 import os
-import shutil
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -25,35 +26,31 @@ from types import FrameType
 from typing import NamedTuple
 
 from webknock import __version__
+from webknock.addresses import Address, AddressError, client_address, prefix_of
 from webknock.config import ConfigError, ServerConfig, load
-from webknock.doorbell import MAX_RESULT_BYTES, deliver, result_payload
-from webknock.engine import GrantEngine, Outcome
-from webknock.events import Event, EventBus, log_sink
+from webknock.doorbell import deliver, encode_answer
+from webknock.engine import GrantEngine, Limits, Outcome
+from webknock.events import EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
+from webknock.grants import GrantRequest
+from webknock.guard import Guard
 from webknock.logsetup import setup_logging
-from webknock.spool import FAIL_PREFIX, MAX_REQUEST_BYTES, REPLAY_PREFIX, REQUEST_SUFFIX
-from webknock.spool_reader import REQUEST_ID, GrantRequest, SpoolError, read_request
+from webknock.spool_housekeeping import SpoolKeeper
+from webknock.spool_reader import SpoolError, read_request, request_name_id
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
 from webknock.state import StateError, StateStore
+from webknock.verify import Answer, Refusal, Verified, Verifier
 
 log = logging.getLogger("webknockd")
 
 MAX_BATCH = 5000
-TMP_TTL = 60.0
-KEEP_REJECTED = 1000
 TICK = 1.0
-#: At most this many throttle counters (f- files) in seen/; the oldest go first. The web
-#: user creates one per address that sent a bad packet; this bounds the disk they use.
-MAX_THROTTLE_MARKS = 20000
 #: The cheap firewall check may use at most 1/CHECK_SHARE of the daemon's time: it runs
-#: every TICK unless one check costs more than TICK/CHECK_SHARE (it lists every grant:
-#: 6 ms at 600 grants, 126 ms at 10 000 with nftables, so then every 6.3 s; the iptables
-#: backends start a process per family, ~20 ms). A knock that arrives during a check
-#: waits for it, so this is also the share of knocks that do. At 2% a damaged firewall
-#: with a few hundred grants is seen within a second or two, with any backend.
+#: every TICK unless one check costs more than TICK/CHECK_SHARE (it lists every grant).
+#: A knock that arrives during a check waits for it (docs/design.md has the figures).
 CHECK_SHARE = 50
-#: The spool is pruned every this many seconds (the shortest lifetime it enforces, of temp
-#: files and doorbells, is a minute; it walks every replay mark, 11 ms per 1 800 on tmpfs).
+#: The spool is pruned, and replay marks and bad-packet counts forgotten, every this
+#: many seconds (the shortest lifetime they enforce is a minute).
 PRUNE_EVERY = 10.0
 #: Every this many seconds the check compares every key, not only counts.
 FULL_CHECK = 30.0
@@ -70,6 +67,7 @@ class Claimed(NamedTuple):
 
     name: str
     path: str
+    arrived: float  # its ctime before the claim: when the CGI put it there, or later
 
 
 def acquire_daemon_lock(cfg: ServerConfig) -> int:
@@ -113,18 +111,28 @@ class Daemon:
         engine: GrantEngine,
         web: WebIdentity,
         clock: Callable[[], float] = time.time,
+        verifier: Verifier | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.web = web
         self.clock = clock
+        self.verifier = verifier or Verifier(cfg)
+        self.guard = guard or Guard(
+            engine.store, cfg.ts_window, cfg.throttle_failures, cfg.throttle_window
+        )
         self.spool = cfg.spool
+        #: The longest a CGI waits for its answer (twice: see Submitted.answer); a request
+        #: older than that is never applied: its client was told 504.
+        self.max_wait = 2 * cfg.result_timeout + 1
+        self.keeper = SpoolKeeper(self.spool, 2 * self.max_wait + 60, clock)
         self.allowed_uids = frozenset({0, web.uid})
-        self.offered = cfg.offered()
         self.stopping = False
         self.next_check = 0.0
         self.next_full_check = 0.0
         self.next_prune = 0.0
+        self.refused_files = 0  # malformed spool files since the last prune (logged then)
         self.rescan = True  # look for claimed/ leftovers (a crash) at start and every tick
         self._requests = str(self.spool.requests)
         self._claimed = str(self.spool.claimed)
@@ -136,86 +144,56 @@ class Daemon:
         """Claim up to MAX_BATCH new requests (rename into claimed/); return what is claimed:
         those, or after a `rescan` everything in claimed/ (leftovers of a crash included).
 
-        `names` are what inotify reported arriving; without them requests/ is listed."""
+        `names` are what inotify reported arriving; without them requests/ is listed. Only
+        names of requests are claimed: whatever else the web user plants there is the
+        housekeeping's, and never takes a valid request's place in a batch."""
         if names is None:
             with os.scandir(self._requests) as it:
-                fresh = sorted(e.name for e in it if not e.name.startswith("."))
+                fresh = sorted(e.name for e in it if request_name_id(e.name))
         else:
-            fresh = sorted({n for n in names if n and not n.startswith(".")})
+            fresh = sorted({n for n in names if request_name_id(n)})
         taken: list[Claimed] = []
         for name in fresh[:MAX_BATCH]:
+            source = os.path.join(self._requests, name)
             target = os.path.join(self._claimed, name)
             try:
-                os.rename(os.path.join(self._requests, name), target)
+                arrived = os.lstat(source).st_ctime
+                os.rename(source, target)
             except FileNotFoundError:
                 continue  # withdrawn by the CGI after its timeout
-            except OSError as exc:  # e.g. a directory planted under a name already claimed
-                log.warning("cannot claim spool entry %r (%s); moving it aside", name, exc)
-                self._set_aside(self.spool.requests / name, name)
+            except OSError as exc:  # e.g. a directory the web user made unmovable
+                log.debug("cannot claim spool entry %r (%s); removing it", name, exc)
+                self.keeper.set_aside(Path(source), name)
                 continue
-            taken.append(Claimed(name, target))
+            taken.append(Claimed(name, target, arrived))
         if not self.rescan:
             return taken
         self.rescan = False
+        entries: list[Claimed] = []
         with os.scandir(self._claimed) as it:
-            entries = [Claimed(e.name, e.path) for e in it if not e.name.startswith(".")]
+            for e in it:
+                try:
+                    entries.append(Claimed(e.name, e.path, e.stat(follow_symlinks=False).st_ctime))
+                except OSError:
+                    continue
         entries.sort()
         return entries[:MAX_BATCH]
 
-    def answer(self, request_id: str, outcome: Outcome) -> None:
-        """Hand the outcome to the CGI waiting on the request's doorbell, if one still does."""
-        if outcome.ok:
-            payload = result_payload(
-                True, expires=outcome.expires, ports=[list(p) for p in outcome.ports]
-            )
-            if len(payload) > MAX_RESULT_BYTES:  # 256 ports fit; the CGI needs only the expiry
-                payload = result_payload(True, expires=outcome.expires)
-        else:
-            payload = result_payload(False, error=outcome.error, errorcode=outcome.errorcode)
+    def answer(self, request_id: str, answer: Answer) -> None:
+        """Hand the answer to the CGI waiting on the request's doorbell, if one still does."""
+        payload = encode_answer(answer.status, answer.note, answer.body)
         if not deliver(os.path.join(self._waits, request_id), self.allowed_uids, payload):
-            log.info("request %s: no CGI waits for its answer (ok=%s)", request_id, outcome.ok)
+            log.debug("request %s: no CGI waits for its answer", request_id)
 
     def reject(self, entry: Claimed, reason: str) -> None:
-        """Log, answer (when the name is a request id) and move the file aside."""
-        log.warning("rejected spool file %r: %s", entry.name[:80], reason)
-        self.engine.events.emit(
-            Event(
-                "reject",
-                self.clock(),
-                self.cfg.instance,
-                "",
-                reason=f"spool file {entry.name[:80]!r}: {reason}",
-            )
-        )
-        stem = entry.name[: -len(REQUEST_SUFFIX)] if entry.name.endswith(REQUEST_SUFFIX) else ""
-        if REQUEST_ID.fullmatch(stem):
-            self.answer(
-                stem, Outcome(False, error="request refused by the server", errorcode="INVALID")
-            )
-        self._set_aside(Path(entry.path), entry.name)
-
-    def _set_aside(self, path: Path, name: str) -> None:
-        """Move a refused spool entry into rejected/ (root only) under a name of its own.
-
-        Only small files are kept for the admin; directories and files too big to be a
-        request are deleted once out of the web user's reach.
-        """
-        target = self.spool.rejected / f"{name[:80]}.{int(self.clock())}.{os.urandom(4).hex()}"
-        try:
-            os.rename(path, target)
-        except OSError as exc:
-            log.error("cannot move %r aside (%s); removing it", name[:80], exc.strerror)
-            target = path
-        try:
-            st = os.lstat(target)
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(target)  # fd-based: never follows a link planted inside
-            elif target == path or st.st_size > MAX_REQUEST_BYTES:
-                os.unlink(target)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("cannot remove refused spool entry %r: %s", name[:80], exc)
+        """A malformed spool file: answer 400 (its CGI, if any, waits), set it aside, and
+        count it for one log line per prune (a flood of them must not flood the log)."""
+        log.debug("rejected spool file %r: %s", entry.name[:80], reason)
+        self.refused_files += 1
+        request_id = request_name_id(entry.name)
+        if request_id:
+            self.answer(request_id, Answer(400))
+        self.keeper.set_aside(Path(entry.path), entry.name)
 
     def drain(self, names: Iterable[str] | None = None) -> int:
         """Process everything pending as one batch; return how many requests were handled.
@@ -223,8 +201,7 @@ class Daemon:
         With `names` (from inotify) the first batch is those requests, else requests/ is
         listed. A batch of MAX_BATCH is followed by the next one at once, from a listing. A
         smaller batch had all there was: what arrives meanwhile wakes the loop again by its
-        own event (and the tick drains anyway, from a listing: nothing lost with the event
-        queue's overflow), so the common case pays for no look at the spool at all."""
+        own event (and the tick drains anyway, from a listing)."""
         handled = 0
         stuck: set[str] = set()  # names that could not be removed: never loop on them
         while True:
@@ -240,111 +217,118 @@ class Daemon:
             if len(claimed) < MAX_BATCH:
                 return handled
 
+    # -- the decision path ---------------------------------------------------------------
+
     def _handle(self, entries: list[Claimed]) -> None:
-        """Validate, apply and answer one batch of claimed requests."""
+        """Verify, decide, apply and answer one batch of claimed requests."""
         now = self.clock()
-        valid: list[tuple[Claimed, GrantRequest]] = []
+        answers: dict[str, Answer] = {}
+        checked: list[Verified] = []
         for entry in entries:
-            try:
-                req = read_request(
-                    entry.path,
-                    allowed_uids=self.allowed_uids,
-                    offered=self.offered,
-                    max_time=self.cfg.max_time,
-                )
-            except SpoolError as exc:
-                self.reject(entry, str(exc))
-                continue
-            except Exception as exc:  # untrusted input must never stop the daemon
-                log.exception("unexpected error reading spool file %r", entry.name[:80])
-                self.reject(entry, f"unreadable: {type(exc).__name__}")
-                continue
-            age = now - req.received
-            if not -30 <= age <= self.cfg.result_timeout + 30:
-                self.reject(entry, f"stale: received {age:.0f}s ago")
-                continue
-            valid.append((entry, req))
+            verified = self._check(entry, now, answers)
+            if verified is not None:
+                checked.append(verified)
         try:
-            outcomes = self.engine.open([req for _, req in valid], now)
+            fresh = self.guard.commit([v.mark for v in checked], now)
+        except StateError as exc:  # a mark not recorded would allow a replay: accept nothing
+            log.error("state file error, %d request(s) refused: %s", len(checked), exc)
+            answers.update((v.id, Answer(503)) for v in checked)
+            checked, fresh = [], []
+        grants: list[Verified] = []
+        for v, new in zip(checked, fresh, strict=True):
+            if not new:
+                answers[v.id] = self._refuse(
+                    v.id,
+                    v.peer,
+                    Refusal(v.replies.refused("REPLAY", "replayed", now), "replayed", bad=True),
+                    now,
+                )
+            elif v.api == "getinfo":
+                answers[v.id] = v.replies.info(v.peer, v.allowed, v.max_time, now)
+            elif not v.ports:
+                error = "none of the requested ports is offered"
+                answers[v.id] = v.replies.refused("NOPORTS", error, now)
+            else:
+                grants.append(v)
+        outcomes = self._open(grants, now)
+        for v in grants:
+            o = outcomes[v.id]
+            answers[v.id] = (
+                v.replies.granted(v.peer, o.ports, o.expires, now)
+                if o.ok
+                else v.replies.refused(o.errorcode, o.error, now)
+            )
+        for entry in entries:
+            request_id = request_name_id(entry.name)
+            if request_id in answers:
+                self.answer(request_id, answers[request_id])
+            self.keeper.remove(self._claimed, entry.name, 0)
+
+    def _check(self, entry: Claimed, now: float, answers: dict[str, Answer]) -> Verified | None:
+        """Read and verify one claimed request; a refusal goes into `answers`."""
+        try:
+            req = read_request(entry.path, allowed_uids=self.allowed_uids)
+        except SpoolError as exc:
+            self.reject(entry, str(exc))
+            return None
+        except Exception as exc:  # untrusted input must never stop the daemon
+            log.exception("unexpected error reading spool file %r", entry.name[:80])
+            self.reject(entry, f"unreadable: {type(exc).__name__}")
+            return None
+        if now - entry.arrived > self.max_wait:
+            log.info(
+                "request %s: %.0f s old, its CGI gave up; dropped", req.id, now - entry.arrived
+            )
+            return None
+        try:
+            peer = client_address(req.remote, req.forwarded, self.cfg.trusted_proxies)
+        except AddressError as exc:
+            log.warning("request %s: %s", req.id, exc.reason)
+            answers[req.id] = Answer(exc.status)
+            return None
+        try:
+            return self.verifier.verify(req, peer, now)
+        except Refusal as refusal:
+            answers[req.id] = self._refuse(req.id, peer, refusal, now)
+            return None
+
+    def _refuse(self, request_id: str, peer: Address, refusal: Refusal, now: float) -> Answer:
+        """The answer to a refused request. A bad packet is counted; one from a throttled
+        prefix gets 429 and no log line of its own (a summary per prune)."""
+        if refusal.bad:
+            throttled = self.guard.throttled(peer, now)
+            self.guard.failed(peer, now)
+            if throttled:
+                prefix = prefix_of(peer)
+                self.guard.suppressed[prefix] = self.guard.suppressed.get(prefix, 0) + 1
+                return Answer(429)
+        log.info("refused %s from %s: %s", request_id[:8], peer, refusal.reason)
+        return refusal.answer
+
+    def _open(self, grants: list[Verified], now: float) -> dict[str, Outcome]:
+        """Apply the batch's grants: an outcome per request id."""
+        requests = [
+            GrantRequest(v.id, v.peer, v.ports, v.time, "knock", v.client, v.user_agent)
+            for v in grants
+        ]
+        try:
+            return self.engine.open(requests, now)
         except StateError as exc:
             log.error("state file error: %s", exc)
-            outcomes = {
-                req.id: Outcome(False, error="server state unavailable", errorcode="STATE")
-                for _, req in valid
+            return {
+                r.id: Outcome(False, error="server state unavailable", errorcode="STATE")
+                for r in requests
             }
-        for entry, req in valid:
-            self.answer(req.id, outcomes[req.id])
-            self._unlink(entry.path)
 
     # -- housekeeping --------------------------------------------------------------------
 
-    @staticmethod
-    def _unlink(path: str | Path) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # read-only spool, a directory: never stop the daemon over it
-            log.error("cannot remove %s: %s", path, exc)
-
-    def seen_ttl(self, name: str) -> float:
-        """How long an entry of seen/ must live: a replay mark as long as its packet could be
-        accepted (timestamp window on both sides), a throttle counter its window."""
-        replay = 2 * self.cfg.ts_window + 5
-        throttle = self.cfg.throttle_window + 5
-        if name.startswith(REPLAY_PREFIX):
-            return replay
-        if name.startswith(FAIL_PREFIX):
-            return throttle
-        return max(replay, throttle)  # not ours: whatever the web user left there
-
-    def prune(self) -> None:
-        """Drop abandoned temp files and doorbells, old replay marks and throttle counters,
-        excess throttle counters and excess rejects."""
-        now = self.clock()
-        bell_ttl = 2 * self.cfg.result_timeout + TMP_TTL  # a CGI waits twice at most
-        for directory, ttl in (
-            (self.spool.requests, lambda name: TMP_TTL if name.startswith(".") else None),
-            (self.spool.waits, lambda _name: bell_ttl),
-            (self.spool.seen, self.seen_ttl),
-        ):
-            counters: list[tuple[float, str]] = []
-            with os.scandir(directory) as it:
-                for e in it:
-                    limit = ttl(e.name)
-                    if limit is None:
-                        continue
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if now - st.st_mtime <= limit:
-                        if e.name.startswith(FAIL_PREFIX) and directory == self.spool.seen:
-                            counters.append((st.st_mtime, e.path))
-                    elif stat.S_ISDIR(st.st_mode):  # planted by the web user: not ours
-                        self._set_aside(Path(e.path), e.name)
-                    else:
-                        self._unlink(e.path)
-            if len(counters) > MAX_THROTTLE_MARKS:
-                counters.sort()
-                log.warning(
-                    "%d throttle counters in %s: dropping the %d oldest",
-                    len(counters),
-                    directory,
-                    len(counters) - MAX_THROTTLE_MARKS,
-                )
-                for _, path in counters[: len(counters) - MAX_THROTTLE_MARKS]:
-                    self._unlink(path)
-        rejected: list[tuple[float, str]] = []
-        with os.scandir(self.spool.rejected) as it:
-            for e in it:
-                try:
-                    rejected.append((e.stat(follow_symlinks=False).st_mtime, e.path))
-                except OSError:
-                    continue
-        rejected.sort()
-        for _, path in rejected[:-KEEP_REJECTED]:
-            self._unlink(path)
+    def housekeeping(self) -> None:
+        """Prune the spool, forget old replay marks and counts, log what was refused quietly."""
+        self.keeper.prune()
+        if self.refused_files:
+            log.warning("refused %d malformed spool file(s)", self.refused_files)
+            self.refused_files = 0
+        self.guard.forget(self.clock())
 
     def check_firewall(self, now: float) -> None:
         """Repair a firewall changed behind our back (flushed, reloaded, hook deleted).
@@ -381,9 +365,9 @@ class Daemon:
         if now >= self.next_prune:
             self.next_prune = now + PRUNE_EVERY
             try:
-                self.prune()
-            except OSError as exc:
-                log.error("pruning the spool failed: %s", exc)
+                self.housekeeping()
+            except (OSError, StateError) as exc:
+                log.error("spool housekeeping failed: %s", exc)
         if now >= self.next_check:
             self.check_firewall(now)
 
@@ -448,7 +432,8 @@ def build(cfg: ServerConfig) -> tuple[GrantEngine, WebIdentity]:
     else:
         for sink in sinks_for(cfg):
             bus.add(sink)
-    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), make_firewall(cfg), bus)
+    limits = Limits(cfg.max_grants, cfg.max_grants_per_prefix)
+    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), make_firewall(cfg), bus, limits)
     return engine, web
 
 
@@ -493,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine, web = build(cfg)
         daemon = Daemon(cfg, engine, web)
+        daemon.guard.load(time.time())
         live = engine.reconcile(time.time())
         log.info(
             "started %s, instance %s, %s: restored %d live grant(s)",

@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from webknock.addresses import Address
+from webknock.addresses import Address, prefix_of
 from webknock.events import Event, EventBus
 from webknock.firewall import Firewall, FirewallError
-from webknock.grants import Entry, Grant, GrantKey
-from webknock.spool_reader import GrantRequest
+from webknock.grants import Entry, Grant, GrantKey, GrantRequest
 from webknock.state import StateError, StateStore, StateTx
 
 log = logging.getLogger(__name__)
@@ -32,6 +31,15 @@ class Outcome:
     ports: tuple[tuple[str, int], ...] = ()
     error: str = ""
     errorcode: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Live grants no one may exceed: per instance and per address prefix
+    (:func:`webknock.addresses.prefix_of`)."""
+
+    total: int = 10000
+    per_prefix: int = 256
 
 
 @dataclass
@@ -51,12 +59,18 @@ class GrantEngine:
     """Opens, renews, expires and revokes grants for one instance."""
 
     def __init__(
-        self, instance: str, store: StateStore, firewall: Firewall, events: EventBus | None = None
+        self,
+        instance: str,
+        store: StateStore,
+        firewall: Firewall,
+        events: EventBus | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.instance = instance
         self.store = store
         self.firewall = firewall
         self.events = events or EventBus()
+        self.limits = limits or Limits()
 
     def _commit_batch(
         self,
@@ -76,16 +90,13 @@ class GrantEngine:
             self.firewall.sync([g.entry for g in intended() if g.expires > now], now=now)
 
     def open(self, requests: Sequence[GrantRequest], now: float) -> dict[str, Outcome]:
-        """Apply a drained spool in one batch; return an outcome per request id."""
+        """Apply a batch of requests in one firewall batch; return an outcome per request id.
+
+        A request that would take the instance or its address prefix past the limits is
+        refused alone (LIMIT); the others go ahead."""
         if not requests:
             return {}
-        wanted: dict[GrantKey, tuple[float, GrantRequest]] = {}
-        for req in requests:
-            for proto, port in req.ports:
-                key = GrantKey(req.ip, proto, port)
-                expires = now + req.time
-                if key not in wanted or wanted[key][0] < expires:
-                    wanted[key] = (expires, req)
+        outcomes: dict[str, Outcome] = {}
         events: list[Event] = []
         changed: list[Grant] = []
         added: list[Entry] = []  # what the kernel got, for an undo if the commit fails
@@ -97,7 +108,15 @@ class GrantEngine:
                 self._undo_on_state_error(now, added, ()),
                 self.store.transaction() as tx,
             ):
-                current = tx.get(wanted)
+                current = tx.get({GrantKey(r.ip, p, n) for r in requests for p, n in r.ports})
+                admitted = self._within_limits(tx, requests, current, now, outcomes)
+                wanted: dict[GrantKey, tuple[float, GrantRequest]] = {}
+                for req in admitted:
+                    for proto, port in req.ports:
+                        key = GrantKey(req.ip, proto, port)
+                        expires = now + req.time
+                        if key not in wanted or wanted[key][0] < expires:
+                            wanted[key] = (expires, req)
                 add: list[Entry] = []
                 renew: list[Entry] = []
                 for key, (expires, req) in wanted.items():
@@ -125,11 +144,14 @@ class GrantEngine:
                             instance=self.instance,
                             expires=grant.expires,
                             user_agent=req.user_agent,
+                            source=req.source,
+                            client=req.client,
                         )
                     )
-                tx.upsert(changed)
-                self._commit_batch(tx, now, add, renew, (), lambda: tx.live(now))
-                added += add
+                if changed:
+                    tx.upsert(changed)
+                    self._commit_batch(tx, now, add, renew, (), lambda: tx.live(now))
+                    added += add
         except FirewallError as exc:
             log.error("firewall refused a batch of %d request(s): %s", len(requests), exc)
             return {
@@ -141,14 +163,55 @@ class GrantEngine:
         for ev in events:
             self.events.emit(ev)
         expiry = {g.key: g.expires for g in changed}
-        return {
-            req.id: Outcome(
+        for req in admitted:
+            outcomes[req.id] = Outcome(
                 True,
                 expires=int(min(expiry[GrantKey(req.ip, p, n)] for p, n in req.ports)),
                 ports=req.ports,
             )
-            for req in requests
-        }
+        return outcomes
+
+    def _within_limits(
+        self,
+        tx: StateTx,
+        requests: Sequence[GrantRequest],
+        current: dict[GrantKey, Grant],
+        now: float,
+        refused: dict[str, Outcome],
+    ) -> list[GrantRequest]:
+        """The requests that fit the limits, in order; the others get a LIMIT outcome in
+        `refused`. Renewals never count; the counts are read only when something is new."""
+        admitted: list[GrantRequest] = []
+        counted: set[GrantKey] = set()
+        total: int | None = None
+        per_prefix: dict[str, int] = {}
+        for req in requests:
+            new = {
+                key
+                for key in (GrantKey(req.ip, p, n) for p, n in req.ports)
+                if key not in counted and (key not in current or current[key].expires <= now)
+            }
+            if new:
+                if total is None:
+                    total = tx.live_total(now)
+                prefix = prefix_of(req.ip)
+                if prefix not in per_prefix:
+                    per_prefix[prefix] = tx.live_in_prefix(prefix, now)
+                if total + len(new) > self.limits.total:
+                    why = f"this server holds its limit of {self.limits.total} grants"
+                elif per_prefix[prefix] + len(new) > self.limits.per_prefix:
+                    why = f"{prefix} holds its limit of {self.limits.per_prefix} grants"
+                else:
+                    why = ""
+                if why:
+                    log.warning("refused %s: %s", req.ip, why)
+                    refused[req.id] = Outcome(False, error=why, errorcode="LIMIT")
+                    continue
+                total += len(new)
+                per_prefix[prefix] += len(new)
+                counted |= new
+            admitted.append(req)
+        return admitted
 
     @contextmanager
     def _undo_on_state_error(

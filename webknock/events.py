@@ -32,6 +32,8 @@ class Event:
     expires: float | None = None
     reason: str = ""
     user_agent: str = ""
+    source: str = ""  # what root knows asked for it: knock, admin (never the spool's word)
+    client: str | None = None  # v2: the enrolled client's name
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -45,9 +47,21 @@ class Event:
         expires: float | None = None,
         user_agent: str = "",
         reason: str = "",
+        source: str = "",
+        client: str | None = None,
     ) -> Event:
         return cls(
-            kind, time, instance, str(key.ip), key.proto, key.port, expires, reason, user_agent
+            kind,
+            time,
+            instance,
+            str(key.ip),
+            key.proto,
+            key.port,
+            expires,
+            reason,
+            user_agent,
+            source,
+            client,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +77,10 @@ class Event:
             out["expires"] = int(self.expires)
         if self.reason:
             out["reason"] = self.reason
+        if self.source:
+            out["source"] = self.source
+        if self.client:
+            out["client"] = self.client
         if self.user_agent:
             out["user_agent"] = self.user_agent
         out.update(self.extra)
@@ -70,6 +88,8 @@ class Event:
 
     def describe(self) -> str:
         what = f"{self.ip} {self.proto}/{self.port}" if self.proto else self.ip
+        if self.client:
+            what += f" (client {self.client})"
         tail = f" until {int(self.expires)}" if self.expires is not None else ""
         why = f": {self.reason}" if self.reason else ""
         return f"{self.kind} {what}{tail}{why}"

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from webknock.addresses import Address
 
 PROTOS = ("tcp", "udp")
+#: Who asked for a grant, as the root side knows it (never read from the spool).
+SOURCES = ("knock", "admin")
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,20 @@ class Grant:
     @property
     def entry(self) -> Entry:
         return Entry(self.key, self.expires)
+
+
+@dataclass(frozen=True)
+class GrantRequest:
+    """A request to open `ports` for `ip`, decided by root: a verified knock or an admin."""
+
+    id: str
+    ip: Address
+    ports: tuple[tuple[str, int], ...]
+    time: int
+    source: str = "knock"
+    client: str | None = None  # v2: the enrolled client's name
+    user_agent: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}")

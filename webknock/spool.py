@@ -1,161 +1,88 @@
 """The spool as the CGI (web user) writes it, for webknockd (root) to read.
 
-Layout under ``spool_dir`` (on tmpfs, e.g. ``/run/webknock/<instance>``)::
+Layout under ``spool_dir`` (its own size-bounded tmpfs, see :mod:`webknock.spooldirs`)::
 
     requests/  root:WEBGROUP 1730  CGI writes a dot temp file, then renames it to ``<id>.req``
     claimed/   root:root     0700  daemon renames a request here before reading it; from then
-                                   on the CGI can no longer withdraw it (it waits for the result)
+                                   on the CGI can no longer withdraw it (it waits for the answer)
     rejected/  root:root     0700  invalid requests moved aside for the admin
-    seen/      root:WEBGROUP 1730  replay marks and bad-packet counters (below)
     waits/     root:WEBGROUP 1730  CGI's doorbell ``<id>`` (a FIFO), through which the daemon
-                                   hands it the result (:mod:`webknock.doorbell`)
+                                   hands it the answer (:mod:`webknock.doorbell`)
 
-This module is everything the CGI puts there: the replay marks and the throttle's
-counters of every packet it opens, and for an openports the request and its doorbell
-(:func:`submit`). It is one module because the CGI pays for each module it loads
-(0.1-0.3 ms each, per request) and an openports should add no module before its request
-is on its way: this one is already loaded for the replay mark. The way back,
-:mod:`webknock.doorbell`, is loaded once the request is written, while webknockd works
-on it. It imports nothing the CGI does not already have by then. A request file is
-untrusted input to root: :mod:`webknock.spool_reader` checks the file itself (regular,
-not a link, one link, owner, size) before its content.
+A request is a relay, not a decision: the raw packet as the client sent it, which form field
+carried it, and what the web server said about the connection (REMOTE_ADDR, X-Forwarded-For,
+User-Agent), in the frame :func:`encode_request` writes. webknockd decrypts and verifies the
+packet, resolves the client address, keeps the replay cache and the throttle, and answers
+with the HTTP status and body the CGI returns. Nothing in here is believed by root: the
+reader (:mod:`webknock.spool_reader`) checks file and frame as untrusted input.
 
-Replay marks and counters, in ``seen/``:
-
-* ``r-<mac>``: one empty file per accepted packet, created with O_EXCL. The key
-  is the packet's HMAC, i.e. its authenticated content, so copies whose
-  unauthenticated random bytes were altered are still recognised as replays.
-* ``f-<address>``: a counter of bad packets (undecodable, or replayed) from one
-  address, kept as the *size* of a sparse file (no data blocks: a flood from many
-  addresses costs inodes, not disk space); it restarts when its last count is older
-  than the window. The name is built from the address bytes (never from text a client
-  sent), so it is short and made of hex digits, dots and underscores only.
-
-webknockd removes ``r-`` marks after 2 x ts_window + 5 s, ``f-`` counters after
-throttle_window + 5 s, and keeps at most MAX_THROTTLE_MARKS counters (oldest go first).
+This module is on the CGI's path: it imports nothing beyond ``os``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import stat
 
 TYPE_CHECKING = False  # not `from typing import ...`: this is on the CGI's path
 if TYPE_CHECKING:
-    from pathlib import Path
     from types import TracebackType
-    from typing import Any
 
-    from webknock.addresses import Address
-    from webknock.config import ServerConfig
-
-REPLAY_PREFIX = "r-"
-FAIL_PREFIX = "f-"
-MAX_REQUEST_BYTES = 8192
+#: First line of every request frame; the version changes with the frame's layout.
+MAGIC = b"webknock-spool 2\n"
+#: Header lines of a frame, in this order, then an empty line and the packet.
+HEADERS = ("field", "remote", "forwarded", "agent")
+#: Longest value the CGI writes (longer ones are cut) and the reader accepts per header.
+HEADER_LIMITS = {"field": 8, "remote": 64, "forwarded": 1024, "agent": 200}
+#: Form fields a packet may come in, and the protocol each carries.
+FIELDS = {"data": "v1", "v2": "v2"}
+MAX_PACKET_BYTES = 4096
+MAX_REQUEST_BYTES = len(MAGIC) + sum(len(h) + 2 + n for h, n in HEADER_LIMITS.items()) + 1
+MAX_REQUEST_BYTES += MAX_PACKET_BYTES
+#: The spool's sub-directories (:class:`webknock.config.SpoolPaths` builds their paths).
+REQUESTS_DIR, CLAIMED_DIR, REJECTED_DIR, WAITS_DIR = "requests", "claimed", "rejected", "waits"
 REQUEST_SUFFIX = ".req"
-MAX_UA = 200
+TEMP_SUFFIX = ".tmp"
+#: Request ids: 32 lowercase hex digits (16 random bytes).
+ID_LENGTH = 32
 #: The doorbell's mode: the web user's, and writable by "others" for root alone. webknockd
 #: runs without CAP_DAC_OVERRIDE (the unit's bounding set), so root may write only where
 #: the mode lets anyone; and nobody but root and the web group can reach the bell: the
 #: spool is 0750 root:WEBGROUP and waits/ 1730.
 BELL_MODE = 0o602
 
-
-# -- replay marks and the bad-packet throttle ---------------------------------------------
-
-
-def first_use(seen_dir: Path, mac: bytes) -> bool:
-    """Record the packet; False if it was seen before (a replay)."""
-    path = seen_dir / f"{REPLAY_PREFIX}{mac.hex()}"
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
-        )
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
+_CLEAN = bytes(c if 0x20 <= c < 0x7F else 0x3F for c in range(256))
 
 
-def _fail_name(addr: Address) -> str:
-    plain = ipaddress.ip_address(addr.packed)  # drops any IPv6 scope (``%eth0``)
-    return FAIL_PREFIX + str(plain).replace(":", "_")
+def header_value(text: str, limit: int) -> bytes:
+    """`text` as one header value: printable ASCII (anything else becomes ``?``), cut to
+    `limit` bytes."""
+    return text[:limit].encode("ascii", "replace").translate(_CLEAN)
 
 
-class Throttle:
-    """Counts bad packets per address inside a sliding-ish window (restart when stale)."""
-
-    def __init__(self, seen_dir: Path, limit: int, window: int) -> None:
-        self.seen_dir, self.limit, self.window = seen_dir, limit, window
-
-    def blocked(self, addr: Address, now: float) -> bool:
-        try:
-            st = os.stat(self.seen_dir / _fail_name(addr), follow_symlinks=False)
-        except OSError:
-            return False
-        return (
-            stat.S_ISREG(st.st_mode)
-            and st.st_size >= self.limit
-            and now - st.st_mtime < self.window
-        )
-
-    def failed(self, addr: Address, now: float) -> None:
-        """Count one bad packet (two CGIs racing may count one; the throttle is best effort)."""
-        path = self.seen_dir / _fail_name(addr)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o640)
-        except OSError:
-            return  # throttling is best effort; never fail the request over it
-        try:
-            st = os.fstat(fd)
-            count = st.st_size if now - st.st_mtime < self.window else 0
-            if count <= self.limit:
-                os.ftruncate(fd, count + 1)
-                os.utime(fd, (now, now))  # the window restarts at the last counted failure
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-# -- the request --------------------------------------------------------------------------
+def encode_request(field: str, remote: str, forwarded: str, agent: str, packet: bytes) -> bytes:
+    """The frame of one request: MAGIC, ``name=value`` header lines, an empty line, packet."""
+    values = (field, remote, forwarded, agent)
+    head = b"".join(
+        name.encode() + b"=" + header_value(value, HEADER_LIMITS[name]) + b"\n"
+        for name, value in zip(HEADERS, values, strict=True)
+    )
+    return MAGIC + head + b"\n" + packet
 
 
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return os.urandom(ID_LENGTH // 2).hex()
 
 
-def encode_request(
-    ip: Address, ports: list[tuple[str, int]], time: int, received: float, user_agent: str = ""
-) -> bytes:
-    import json  # loaded by then on the CGI's path; a throttled request (429) never needs it
-
-    return json.dumps(
-        {
-            "v": 1,
-            "ip": str(ip),
-            "ports": [[p, n] for p, n in ports],
-            "time": time,
-            "received": received,
-            "ua": user_agent[:MAX_UA],
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def write_request(requests_dir: str | Path, request_id: str, payload: bytes) -> str:
+def write_request(requests_dir: str, request_id: str, payload: bytes) -> str:
     """Write the request atomically with mode 0640; return its path.
 
     A dot temp file (which the daemon skips) is renamed into place once whole: the
-    rename is what wakes the daemon. Raises OSError (full disk, read-only spool) and then
-    leaves nothing behind. Not fsynced: after a crash the CGI, which waits for the
-    result, has answered 504 anyway. (Not :func:`webknock.fsutil.write_atomic`: one
-    module less to import on the CGI's path, and none of its fsync or chown.)
+    rename is what wakes the daemon. Raises OSError (full spool, read-only) and then
+    leaves nothing behind. Not fsynced: the spool is tmpfs, and after a crash the CGI,
+    which waits for the answer, has answered 504 anyway.
     """
     final = os.path.join(requests_dir, f"{request_id}{REQUEST_SUFFIX}")
-    tmp = os.path.join(requests_dir, f".{request_id}.tmp")  # the id is random: O_EXCL holds
+    tmp = os.path.join(requests_dir, f".{request_id}{TEMP_SUFFIX}")  # random id: O_EXCL holds
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         try:
@@ -181,7 +108,7 @@ def write_request(requests_dir: str | Path, request_id: str, payload: bytes) -> 
 def install_bell(path: str) -> int:
     """(CGI) Create the FIFO and open its read end; return the descriptor.
 
-    Raises OSError (no ``waits/``, full disk, no descriptor left); then nothing is left.
+    Raises OSError (no ``waits/``, full spool, no descriptor left); then nothing is left.
     """
     os.mkfifo(path, 0o600)
     fd = -1
@@ -204,28 +131,23 @@ def remove_bell(path: str, fd: int) -> None:
         pass
 
 
-# -- the CGI's side -----------------------------------------------------------------------
-
-
 class Submitted:
     """(CGI) A request on its way to webknockd, with the doorbell its answer will ring.
 
-    Between :func:`submit` and :meth:`result` the CGI may do other work (webknockd works
-    on the request meanwhile); used as a context manager it removes the doorbell at the end.
+    Used as a context manager it removes the doorbell at the end.
     """
 
     def __init__(self, request_path: str, bell_path: str, bell: int) -> None:
         self.request_path, self.bell_path, self.bell = request_path, bell_path, bell
 
-    def result(self, seconds: float) -> dict[str, Any] | None:
-        """The daemon's result, or None when it did not come within `seconds`.
+    def answer(self, seconds: float) -> tuple[int, str, bytes] | None:
+        """webknockd's answer (status, note, body), or None when it did not come in time.
 
-        None means the daemon did not answer in time. If the request could still be
-        withdrawn it will never be applied; if the daemon had claimed it, we waited once
-        more, and after that it may still be applied (the client is told 504, never
-        success). Never raises for the spool: the request went in.
+        None: if the request could still be withdrawn it will never be applied; if the
+        daemon had claimed it, we waited once more, and after that it may still be applied
+        (the client is told 504, never success). Never raises for the spool.
         """
-        from webknock.doorbell import wait_bell  # loads while webknockd works (~0.3 ms)
+        from webknock.doorbell import wait_bell  # loads while webknockd works
 
         got = wait_bell(self.bell, seconds)
         if got is not None:
@@ -254,27 +176,17 @@ class Submitted:
         self.close()
 
 
-def submit(
-    cfg: ServerConfig,
-    ip: Address,
-    ports: list[tuple[str, int]],
-    seconds: int,
-    now: float,
-    user_agent: str,
-) -> Submitted:
+def submit(spool_dir: str, frame: bytes) -> Submitted:
     """(CGI) Install the doorbell, then spool the request (the rename wakes webknockd).
 
-    Raises OSError when nothing was spooled (full disk, read-only spool, no doorbell):
-    the caller answers an error, nothing is applied, nothing is left behind.
+    Raises OSError when nothing was spooled (full or read-only spool, no doorbell): the
+    caller answers an error, nothing is applied, nothing is left behind.
     """
-    spool = cfg.spool
     request_id = new_request_id()
-    bell_path = os.path.join(spool.waits, request_id)
+    bell_path = os.path.join(spool_dir, WAITS_DIR, request_id)
     bell = install_bell(bell_path)
     try:
-        request_path = write_request(
-            spool.requests, request_id, encode_request(ip, ports, seconds, now, user_agent)
-        )
+        request_path = write_request(os.path.join(spool_dir, REQUESTS_DIR), request_id, frame)
     except BaseException:
         remove_bell(bell_path, bell)
         raise

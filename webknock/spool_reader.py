@@ -2,24 +2,31 @@
 
 The web user writes these files, root reads them. :func:`read_request` checks the
 file itself on the open descriptor (regular, not a link, one link, owner, size)
-before :func:`parse_request` checks its content (schema, address, ports, time).
-The format is in :mod:`webknock.spool`.
+before :func:`parse_request` checks its frame (:func:`webknock.spool.encode_request`).
+Nothing read here is believed: the packet is verified, the addresses are parsed and
+checked against ``trusted_proxies`` by the daemon.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from webknock.addresses import Address, grantable, parse_address
-from webknock.spool import MAX_REQUEST_BYTES, MAX_UA, REQUEST_SUFFIX
+from webknock.protocol.transport import TransportError, check_v1_packet, check_v2_packet
+from webknock.spool import (
+    HEADER_LIMITS,
+    HEADERS,
+    ID_LENGTH,
+    MAGIC,
+    MAX_REQUEST_BYTES,
+    REQUEST_SUFFIX,
+)
 
-REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+REQUEST_ID = re.compile(f"[0-9a-f]{{{ID_LENGTH}}}")
+PROTOCOLS = ("v1", "v2")
 
 
 class SpoolError(ValueError):
@@ -27,83 +34,56 @@ class SpoolError(ValueError):
 
 
 @dataclass(frozen=True)
-class GrantRequest:
-    """A validated request from the CGI."""
+class SpooledRequest:
+    """A request as the CGI relayed it: nothing here is verified yet."""
 
     id: str
-    ip: Address
-    ports: tuple[tuple[str, int], ...]
-    time: int
-    received: float
-    user_agent: str = ""
+    protocol: str  # "v1" or "v2": which form field carried the packet
+    remote: str  # REMOTE_ADDR as the web server gave it
+    forwarded: str  # X-Forwarded-For, believed only from trusted proxies
+    agent: str  # User-Agent, for the audit trail only
+    packet: bytes
+    arrived: float  # when the file last changed (ctime: the web user cannot set it back)
 
 
-def parse_request(
-    request_id: str, data: bytes, *, offered: frozenset[tuple[str, int]], max_time: int
-) -> GrantRequest:
-    """Validate the content of a request file (schema, address, ports, time)."""
+def request_name_id(name: str) -> str | None:
+    """The request id of a spool file name ``<id>.req``, or None."""
+    stem = name[: -len(REQUEST_SUFFIX)] if name.endswith(REQUEST_SUFFIX) else ""
+    return stem if REQUEST_ID.fullmatch(stem) else None
+
+
+def parse_request(request_id: str, data: bytes, arrived: float = 0.0) -> SpooledRequest:
+    """Check the frame of a request file (raises SpoolError)."""
+    if not data.startswith(MAGIC):
+        raise SpoolError("not a request frame of this version")
+    rest = data[len(MAGIC) :]
+    values: list[str] = []
+    for name in HEADERS:
+        line, sep, rest = rest.partition(b"\n")
+        key, eq, value = line.partition(b"=")
+        if not sep or not eq or key != name.encode():
+            raise SpoolError(f"header {name!r} missing or out of order")
+        if len(value) > HEADER_LIMITS[name] or any(c < 0x20 or c > 0x7E for c in value):
+            raise SpoolError(f"header {name!r} is too long or not printable ASCII")
+        values.append(value.decode("ascii"))
+    if not rest.startswith(b"\n"):
+        raise SpoolError("no empty line after the headers")
+    packet = rest[1:]
+    protocol = values[0]
+    if protocol not in PROTOCOLS:
+        raise SpoolError(f"unknown protocol {protocol!r}")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests too deep
-        raise SpoolError("not JSON") from None
-    if not isinstance(obj, dict) or obj.get("v") != 1:
-        raise SpoolError("not a version-1 request object")
-    expected = {"v", "ip", "ports", "time", "received", "ua"}
-    if set(obj) - expected or not {"v", "ip", "ports", "time", "received"} <= set(obj):
-        raise SpoolError(f"unexpected or missing fields: {sorted(set(obj) ^ expected)}")
-    if not isinstance(obj["ip"], str) or "%" in obj["ip"]:
-        raise SpoolError("ip is not a string without a scope")
-    try:
-        ip = parse_address(obj["ip"])
-    except ValueError:
-        raise SpoolError(f"ip {obj['ip'][:64]!r} is not an address") from None
-    why = grantable(ip)
-    if why:
-        raise SpoolError(f"ip {ip}: {why}")
-    raw_ports = obj["ports"]
-    if not isinstance(raw_ports, list) or not 1 <= len(raw_ports) <= 256:
-        raise SpoolError("ports is not a list of 1 to 256 entries")
-    ports: list[tuple[str, int]] = []
-    for item in raw_ports:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not isinstance(item[1], int)
-            or isinstance(item[1], bool)
-        ):
-            raise SpoolError(f"port entry {item!r:.40} is not [proto, number]")
-        pair = (item[0], item[1])
-        if pair not in offered:
-            raise SpoolError(f"port {pair[0]!r:.12}/{pair[1]} is not offered")
-        if pair not in ports:
-            ports.append(pair)
-    time = obj["time"]
-    if not isinstance(time, int) or isinstance(time, bool) or not 1 <= time <= max_time:
-        raise SpoolError(f"time {time!r:.20} is not 1..{max_time}")
-    received = obj["received"]
-    if (
-        not isinstance(received, int | float)
-        or isinstance(received, bool)
-        or not math.isfinite(received)
-    ):
-        raise SpoolError("received is not a finite number")
-    ua = obj.get("ua", "")
-    if not isinstance(ua, str):
-        raise SpoolError("ua is not a string")
-    return GrantRequest(request_id, ip, tuple(ports), time, float(received), ua[:MAX_UA])
+        (check_v1_packet if protocol == "v1" else check_v2_packet)(packet)
+    except TransportError as exc:
+        raise SpoolError(str(exc)) from None
+    return SpooledRequest(request_id, protocol, values[1], values[2], values[3], packet, arrived)
 
 
-def read_request(
-    path: str | Path,
-    *,
-    allowed_uids: frozenset[int],
-    offered: frozenset[tuple[str, int]],
-    max_time: int,
-) -> GrantRequest:
-    """Open and validate one spool file as untrusted input (raises SpoolError)."""
+def read_request(path: str | Path, *, allowed_uids: frozenset[int]) -> SpooledRequest:
+    """Open and check one spool file as untrusted input (raises SpoolError)."""
     name = os.path.basename(path)
-    if not name.endswith(REQUEST_SUFFIX) or not REQUEST_ID.fullmatch(name[: -len(REQUEST_SUFFIX)]):
+    request_id = request_name_id(name)
+    if request_id is None:
         raise SpoolError(f"bad file name {name[:80]!r}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -124,4 +104,4 @@ def read_request(
             raise SpoolError("grew past the size limit while reading")
     finally:
         os.close(fd)
-    return parse_request(name[: -len(REQUEST_SUFFIX)], data, offered=offered, max_time=max_time)
+    return parse_request(request_id, data, st.st_ctime)

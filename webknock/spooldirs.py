@@ -1,15 +1,32 @@
-"""Create and repair the spool directories with their owners and modes (root only)."""
+"""Create and repair the spool with its owners and modes, on a tmpfs of its own (root only).
+
+The web user can write into the spool, so the spool is bounded: :func:`mount_spool`
+gives it a tmpfs of MOUNT_SIZE bytes and MOUNT_INODES entries, so a hostile web user can
+fill the spool but not ``/run`` for the rest of the host. Mounting needs CAP_SYS_ADMIN,
+which webknockd does not keep: the unit mounts before it starts it
+(``webknockctl prepare-spool``), and so do the installer and the test lab.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from webknock.config import ConfigError, ServerConfig, SpoolPaths
+
+
+log = logging.getLogger(__name__)
+
+#: The spool's own tmpfs: room for thousands of knocks in flight (a request is at most
+#: a few KiB), not for filling the host's memory.
+MOUNT_SIZE = "16m"
+MOUNT_INODES = 16384
 
 
 @dataclass(frozen=True)
@@ -38,14 +55,14 @@ def layout(paths: SpoolPaths, gid: int) -> list[tuple[Path, int, int, int]]:
         (paths.requests, 0, gid, 0o1730),
         (paths.claimed, 0, 0, 0o700),
         (paths.rejected, 0, 0, 0o700),
-        (paths.seen, 0, gid, 0o1730),
         (paths.waits, 0, gid, 0o1730),
     ]
 
 
-#: Directories earlier versions made and this one no longer uses (results/: the daemon
-#: now hands each result through the CGI's doorbell).
-RETIRED = ("results",)
+#: Directories earlier versions made and this one no longer uses: results/ (the daemon
+#: hands each answer through the CGI's doorbell), seen/ (replay marks and bad-packet
+#: counts are root's, in the state file).
+RETIRED = ("results", "seen")
 
 
 def prepare_spool(paths: SpoolPaths, gid: int) -> None:
@@ -71,3 +88,32 @@ def prepare_spool(paths: SpoolPaths, gid: int) -> None:
             os.lchown(path, uid, group)
         if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)
+
+
+def mount_spool(paths: SpoolPaths, gid: int) -> bool:
+    """Mount a size- and inode-bounded tmpfs on the spool's root unless one is there; True
+    if the spool is now on its own mount. Needs CAP_SYS_ADMIN; without it (or without
+    mount(8)) logs why and returns False."""
+    root = paths.root
+    root.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if os.path.ismount(root):
+        return True
+    options = f"size={MOUNT_SIZE},nr_inodes={MOUNT_INODES},mode=0750,uid=0,gid={gid}"
+    argv = ["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev,noexec"]
+    try:
+        proc = subprocess.run(
+            [*argv, "webknock-spool", str(root)], capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        log.warning("cannot mount a tmpfs on the spool %s: %s", root, exc)
+        return False
+    if proc.returncode != 0:
+        log.warning("cannot mount a tmpfs on the spool %s: %s", root, proc.stderr.strip())
+        return False
+    return True
+
+
+def unmount_spool(paths: SpoolPaths) -> None:
+    """Unmount the spool's tmpfs, if it has one (uninstall, the test lab)."""
+    if os.path.ismount(paths.root):
+        subprocess.run(["umount", "-l", str(paths.root)], check=False, capture_output=True)

@@ -24,11 +24,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from webknock.addresses import parse_address
+from webknock.addresses import parse_address, prefix_of
 from webknock.grants import Grant, GrantKey
 from webknock.instancelock import InstanceLock
 
-SCHEMA = """
+#: `net` is the prefix the address is counted under (:func:`webknock.addresses.prefix_of`),
+#: for the per-prefix grant limit. `replay` holds the replay marks of verified packets
+#: until their timestamp window has passed; `failures` the bad-packet counts per prefix.
+#: Both are root's alone: the web user can neither create, delete nor date them.
+TABLES = """
 CREATE TABLE IF NOT EXISTS grants (
     ip TEXT NOT NULL,
     proto TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
@@ -37,9 +41,22 @@ CREATE TABLE IF NOT EXISTS grants (
     last_renewed REAL NOT NULL,
     expires REAL NOT NULL,
     renew_count INTEGER NOT NULL DEFAULT 0,
+    net TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (ip, proto, port)
 );
+CREATE TABLE IF NOT EXISTS replay (
+    mark BLOB PRIMARY KEY,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    prefix TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last REAL NOT NULL
+) WITHOUT ROWID;
+"""
+INDEXES = """
 CREATE INDEX IF NOT EXISTS grants_expires ON grants (expires);
+CREATE INDEX IF NOT EXISTS grants_net ON grants (net, expires);
 """
 
 
@@ -78,7 +95,9 @@ class StateTx:
 
     def upsert(self, grants: Iterable[Grant]) -> None:
         self.db.executemany(
-            "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ip, proto, port) DO "
+            "INSERT INTO grants (ip, proto, port, first_opened, last_renewed, expires, "
+            "renew_count, net) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (ip, proto, port) DO "
             "UPDATE SET last_renewed = excluded.last_renewed, expires = excluded.expires, "
             "renew_count = excluded.renew_count",
             [
@@ -90,6 +109,7 @@ class StateTx:
                     g.last_renewed,
                     g.expires,
                     g.renew_count,
+                    prefix_of(g.key.ip),
                 )
                 for g in grants
             ],
@@ -130,9 +150,69 @@ class StateTx:
             out[6 if is_v6 else 4] = (int(live), int(total))
         return out
 
+    def live_total(self, now: float) -> int:
+        """Live grants of the instance."""
+        row = self.db.execute("SELECT COUNT(*) FROM grants WHERE expires > ?", (now,)).fetchone()
+        return int(row[0])
+
+    def live_in_prefix(self, prefix: str, now: float) -> int:
+        """Live grants of addresses counted under `prefix` (:func:`prefix_of`)."""
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM grants WHERE net = ? AND expires > ?", (prefix, now)
+        ).fetchone()
+        return int(row[0])
+
+    # -- replay marks and bad-packet counts (webknock.guard) ------------------------------
+
+    def burn(self, marks: Iterable[bytes], expires: float) -> list[bool]:
+        """Record each mark; per mark, True if it was new (False: seen before, a replay)."""
+        fresh = []
+        for mark in marks:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO replay (mark, expires) VALUES (?, ?)", (mark, expires)
+            )
+            fresh.append(cur.rowcount == 1)
+        return fresh
+
+    def save_failures(self, counts: Iterable[tuple[str, int, float]]) -> None:
+        self.db.executemany(
+            "INSERT INTO failures (prefix, count, last) VALUES (?, ?, ?) ON CONFLICT (prefix) "
+            "DO UPDATE SET count = excluded.count, last = excluded.last",
+            list(counts),
+        )
+
+    def load_failures(self, since: float) -> list[tuple[str, int, float]]:
+        rows = self.db.execute(
+            "SELECT prefix, count, last FROM failures WHERE last > ?", (since,)
+        ).fetchall()
+        return [(str(p), int(c), float(t)) for p, c, t in rows]
+
+    def forget(self, now: float, failures_before: float, keep_failures: int) -> None:
+        """Drop expired replay marks, bad-packet counts older than `failures_before`, and all
+        but the newest `keep_failures` counts."""
+        self.db.execute("DELETE FROM replay WHERE expires <= ?", (now,))
+        self.db.execute("DELETE FROM failures WHERE last <= ?", (failures_before,))
+        self.db.execute(
+            "DELETE FROM failures WHERE prefix NOT IN "
+            "(SELECT prefix FROM failures ORDER BY last DESC LIMIT ?)",
+            (keep_failures,),
+        )
+
     def next_expiry(self) -> float | None:
         row = self.db.execute("SELECT MIN(expires) FROM grants").fetchone()
         return float(row[0]) if row and row[0] is not None else None
+
+
+def _add_net_column(db: sqlite3.Connection) -> None:
+    """State files of 0.1 have no `net` column: add it and fill it in."""
+    db.execute("BEGIN IMMEDIATE")  # another process may be doing the same
+    if "net" in {row[1] for row in db.execute("PRAGMA table_info(grants)")}:
+        db.execute("COMMIT")
+        return
+    db.execute("ALTER TABLE grants ADD COLUMN net TEXT NOT NULL DEFAULT ''")
+    for (ip,) in db.execute("SELECT DISTINCT ip FROM grants").fetchall():
+        db.execute("UPDATE grants SET net = ? WHERE ip = ?", (prefix_of(parse_address(ip)), ip))
+    db.execute("COMMIT")
 
 
 class StateStore:
@@ -157,7 +237,9 @@ class StateStore:
                 # checkpoints, FULL (a durable transaction) at every commit.
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
-                db.executescript(SCHEMA)
+                db.executescript(TABLES)
+                _add_net_column(db)
+                db.executescript(INDEXES)
             except (OSError, sqlite3.Error) as exc:
                 raise StateError(f"{self.path}: cannot open state file: {exc}") from None
             self._db = db

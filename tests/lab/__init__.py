@@ -359,13 +359,13 @@ class Site:
         self.keys = Keys.generate()
         self.keys_file = self.etc / "keys.ini"
         self.keys_file.write_text(format_keys(self.keys))
-        shutil.chown(self.keys_file, "root", "www-data")
-        os.chmod(self.keys_file, 0o640)
+        os.chmod(self.keys_file, 0o600)  # root's alone: the web user holds no secret
         # On tmpfs, as install.sh puts it (/run/webknock): /dev/shm is tmpfs on every Debian
         # host, where this one's /run may be on disk.
         self.runtime = Path(tempfile.mkdtemp(prefix="webknock-run-", dir=RUNTIME_TMPFS))
         os.chmod(self.runtime, 0o755)
         self.spool = self.runtime / "spool"
+        self._mount_spool()
         self.state = self.root / "state" / "grants.db"
         settings = {
             "instance": instance,
@@ -386,6 +386,17 @@ class Site:
         self.write_config(settings)
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_log = self.root / "webknockd.log"
+
+    def _mount_spool(self) -> None:
+        """The spool's own bounded tmpfs, mounted as the unit's ExecStartPre does (in this
+        mount namespace, before any namespace's process starts, so all of them see it)."""
+        import grp
+
+        from webknock.config import SpoolPaths
+        from webknock.spooldirs import mount_spool
+
+        if not mount_spool(SpoolPaths(self.spool), grp.getgrnam("www-data").gr_gid):
+            raise LabError(f"cannot mount a tmpfs on {self.spool}")
 
     def write_config(self, settings: dict[str, str]) -> None:
         self.settings = dict(settings)
@@ -467,7 +478,11 @@ class Site:
             return "(no log)"
 
     def close(self) -> None:
+        from webknock.config import SpoolPaths
+        from webknock.spooldirs import unmount_spool
+
         self.stop_daemon()
+        unmount_spool(SpoolPaths(self.spool))
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.runtime, ignore_errors=True)
 

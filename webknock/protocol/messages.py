@@ -63,7 +63,7 @@ def parse_request(data: bytes, now: float, window: int) -> GetInfo | OpenPorts:
             403,
             f"timestamp {ts} is {ts - int(now):+d}s from server time",
             f"clock skew: request time is {ts - int(now):+d}s off the server's {int(now)} "
-            f"(allowed ±{window}s); fix the client's clock",
+            f"(allowed +/-{window}s); fix the client's clock",
         )
     ip: Address | None = None
     if obj.get("ip") not in (None, ""):

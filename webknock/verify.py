@@ -1,0 +1,176 @@
+"""What webknockd believes of a spooled request: the packet verified with a key only root
+holds, fresh, and for the address it came from.
+
+:class:`Verifier` turns a :class:`~webknock.spool_reader.SpooledRequest` and the client
+address into a :class:`Verified` request, or raises :class:`Refusal` with the answer to
+send. The replay mark is not burnt here (the daemon burns the marks of a batch in one
+transaction, after these checks: a copy sent first from another address fails the
+address check and spoils nothing). Replies are sealed by the :class:`Replies` of the
+request's protocol, so the daemon never needs to know which one it is answering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from webknock.addresses import Address
+from webknock.config import ServerConfig
+from webknock.keys import KeysError, load_keys
+from webknock.protocol import v1
+from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
+from webknock.spool_reader import SpooledRequest
+
+log = logging.getLogger(__name__)
+
+Port = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the CGI sends back: an HTTP status, an X-Webknock-Error note, a body."""
+
+    status: int
+    note: str = ""
+    body: bytes = b""
+
+
+class Refusal(Exception):
+    """The request ends here with `answer`; `bad`: the packet did not verify or was a
+    replay (counted by the throttle)."""
+
+    def __init__(self, answer: Answer, reason: str, *, bad: bool = False) -> None:
+        super().__init__(reason)
+        self.answer, self.reason, self.bad = answer, reason, bad
+
+
+class Replies:
+    """Seals the replies to one verified request (one implementation per protocol)."""
+
+    def info(self, peer: Address, ports: frozenset[Port], max_time: int, now: float) -> Answer:
+        raise NotImplementedError
+
+    def granted(self, ip: Address, ports: tuple[Port, ...], expires: int, now: float) -> Answer:
+        raise NotImplementedError
+
+    def refused(self, code: str, error: str, now: float) -> Answer:
+        """`code`: REPLAY, NOPORTS, LIMIT, FIREWALL, STATE, INVALID."""
+        raise NotImplementedError
+
+
+class V1Replies(Replies):
+    """Replies of protocol v1: sealed with the shared keys; a replay gets a bare 403."""
+
+    def __init__(self, keys: v1.Keys) -> None:
+        self.keys = keys
+
+    def _seal(self, reply: dict[str, object]) -> Answer:
+        return Answer(200, body=v1.encode(self.keys, dumps(reply)))
+
+    def info(self, peer: Address, ports: frozenset[Port], max_time: int, now: float) -> Answer:
+        tcp = sorted(n for p, n in ports if p == "tcp")
+        udp = sorted(n for p, n in ports if p == "udp")
+        return self._seal(
+            {"success": True, "tcp": tcp, "udp": udp, "maxtime": max_time, "ip": str(peer)}
+        )
+
+    def granted(self, ip: Address, ports: tuple[Port, ...], expires: int, now: float) -> Answer:
+        return self._seal({"success": True, "expires": expires})
+
+    def refused(self, code: str, error: str, now: float) -> Answer:
+        if code == "REPLAY":
+            return Answer(403)
+        return self._seal({"success": False, "error": error, "errorcode": code})
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A request whose packet verified and passed the time and address checks."""
+
+    id: str
+    peer: Address
+    api: str  # "getinfo" or "openports"
+    mark: bytes  # replay mark: the packet's authenticated identity
+    replies: Replies
+    allowed: frozenset[Port]  # the ports this client may open
+    max_time: int  # this client's longest grant
+    ports: tuple[Port, ...] = ()  # openports: asked for and allowed
+    time: int = 0  # openports: seconds, already capped to max_time
+    client: str | None = None  # v2: the enrolled client's name
+    user_agent: str = field(default="", compare=False)
+
+
+class Verifier:
+    """Verifies spooled packets with the instance's keys (re-read when the file changes)."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self._keys: v1.Keys | None = None
+        self._keys_stamp: tuple[int, int, int, float] | None = None
+        self._keys_error = ""
+
+    def v1_keys(self) -> v1.Keys:
+        """The v1 keys, read again when the file changed; raises KeysError."""
+        path = self.cfg.keys_file
+        try:
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+        except OSError as exc:
+            raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
+        if stamp != self._keys_stamp or self._keys is None:
+            self._keys = load_keys(path)
+            self._keys_stamp = stamp
+        return self._keys
+
+    def verify(self, req: SpooledRequest, peer: Address, now: float) -> Verified:
+        """Verify one request (raises Refusal)."""
+        if req.protocol == "v1":
+            return self._verify_v1(req, peer, now)
+        raise Refusal(Answer(403), "protocol v2 is not enabled on this instance", bad=True)
+
+    def _verify_v1(self, req: SpooledRequest, peer: Address, now: float) -> Verified:
+        try:
+            keys = self.v1_keys()
+        except KeysError as exc:
+            if str(exc) != self._keys_error:  # once per new problem, not per knock
+                log.error("v1 keys: %s", exc)
+                self._keys_error = str(exc)
+            raise Refusal(Answer(500), f"v1 keys unusable: {exc}") from None
+        self._keys_error = ""
+        try:
+            data, mac = v1.decode_with_mac(keys, req.packet)
+        except v1.PacketError as exc:
+            raise Refusal(Answer(403), f"packet: {exc.reason}", bad=True) from None
+        try:
+            request = parse_request(data, now, self.cfg.ts_window)
+        except RequestError as exc:
+            raise Refusal(Answer(exc.status, exc.header), exc.reason) from None
+        except (ValueError, ArithmeticError, RecursionError) as exc:  # sealed, values unexpected
+            raise Refusal(Answer(403), f"request: {type(exc).__name__}") from None
+        offered, max_time = self.cfg.offered(), self.cfg.max_time
+        ports: tuple[Port, ...] = ()
+        seconds = 0
+        if isinstance(request, GetInfo):
+            api = "getinfo"
+        else:
+            if request.ip != peer:
+                raise Refusal(
+                    Answer(403, "address mismatch: the server sees another address"),
+                    f"packet ip {request.ip} is not the client address {peer}",
+                )
+            api = "openports"
+            ports = tuple(p for p in request.ports if p in offered)
+            seconds = min(max(request.time, 1), max_time) if request.time > 0 else max_time
+        return Verified(
+            id=req.id,
+            peer=peer,
+            api=api,
+            mark=b"v1:" + mac,
+            replies=V1Replies(keys),
+            allowed=offered,
+            max_time=max_time,
+            ports=ports,
+            time=seconds,
+            user_agent=req.agent,
+        )
