@@ -81,8 +81,9 @@ What it does (PREFIX is empty, or DIR with --root DIR):
     byte for byte, and an older 0640 root:<web group> one is tightened
   * PREFIX/etc/webknock/INSTANCE.ini (0644): the instance config - an existing
     one is kept; every setting: PREFIX/opt/webknock/share/webknock.ini.example
-  * PREFIX/run/webknock/INSTANCE: the spool, on tmpfs (owners and modes as
-    webknockd sets them; webknockd makes it again after a reboot),
+  * PREFIX/run/webknock/INSTANCE: the spool, on a tmpfs of its own (bounded in size
+    and entries; not mounted under --root; the unit's ExecStartPre
+    `webknockctl prepare-spool` mounts it again after a reboot),
     PREFIX/var/lib/webknock (state, 0700), PREFIX/var/log/webknock
   * PREFIX/etc/cron.d/webknock: `webknockctl reap` every minute, one line per
     instance (fallback while webknockd is down)
@@ -631,7 +632,7 @@ write_keys() {
         # Only webknockd (root) reads the keys: take away the web group and any bit beyond
         # 0600, never add one (an admin's 0400 stays 0400).
         chown root:root -- "$KEYS"
-        chmod go-rwx -- "$KEYS"
+        chmod u-x,go-rwx -- "$KEYS"
         if [ "$was" != "$(stat -c '%a %U:%G' -- "$KEYS")" ]; then
             KEYS_STATUS="kept, tightened from $was to $(stat -c '%a %U:%G' -- "$KEYS"): only webknockd reads them now"
         else
@@ -1196,7 +1197,7 @@ cmd_client() {
 remove_spool() { # remove_spool DIR: only the layout webknockd made, then the dir if empty
     local dir=$1 sub
     [[ $dir =~ $PATH_RE ]] && [ "$dir" != / ] && [ -d "$dir" ] || return 0
-    # results: made by versions that wrote results as files (webknock.spooldirs.RETIRED)
+    # results, seen: made by earlier versions (webknock.spooldirs.RETIRED)
     for sub in requests claimed rejected seen waits results; do
         rm -rf --one-file-system -- "${dir:?}/$sub"
     done

@@ -1,20 +1,25 @@
 """install.sh: server install (twice), client install and uninstall, checked file by file.
 
 Two settings, never the real host paths:
-* ``--root DIR``: a throwaway root prefix below /var/tmp; owners, modes, the venv the
-  web user runs (a real getinfo through the installed CGI as www-data), re-run keeps
-  the keys, a second instance, the client profile, uninstall leaves nothing.
+* ``--root DIR``: a throwaway root prefix below /var/tmp; owners, modes (keys root's
+  alone), the venv the web user runs (a real getinfo through the installed CGI as
+  www-data, answered by webknockd played in-process on the installed config), re-run
+  keeps the keys and tightens an older version's group-readable keys file, check-config
+  refuses keys others can read, a second instance, the client profile, uninstall leaves
+  nothing.
 * a host-like install without --root inside the lab's server network namespace and a
   private mount namespace whose /etc, /opt, /usr/local, /var and /run are overlays on a
-  tmpfs: the daemon started without systemd, protect = yes granting the SSH session
-  first, a real knock through nginx + fcgiwrap with the installed snippet, uninstall
-  removing the firewall chain and every file.
+  tmpfs: the spool on its own bounded tmpfs, the daemon started without systemd,
+  protect = yes granting the SSH session first, a real knock through nginx + fcgiwrap
+  with the installed snippet, uninstall removing the firewall chain, the spool's mount
+  and every file.
 """
 
 from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import json
 import os
 import pwd
@@ -23,6 +28,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import memory_daemon
 from tests.lab import (
     AGENT,
     CLIENT4,
@@ -190,7 +197,8 @@ def test_usage_errors_name_the_option(tmp_path: Path) -> None:
 
 def test_files_owners_and_modes(rooted: Rooted) -> None:
     r = rooted
-    assert mode_of(r.path("/etc/webknock/webknock.keys")) == (0o640, "root", "www-data")
+    # Only webknockd (root) reads the keys: the web user holds no secret.
+    assert mode_of(r.path("/etc/webknock/webknock.keys")) == (0o600, "root", "root")
     assert mode_of(r.config) == (0o644, "root", "root")
     assert mode_of(r.path("/etc/webknock")) == (0o755, "root", "root")
     assert mode_of(r.path("/var/lib/webknock")) == (0o700, "root", "root")
@@ -216,11 +224,16 @@ def test_files_owners_and_modes(rooted: Rooted) -> None:
     assert cfg.state_file == r.path("/var/lib/webknock/webknock.db")
     assert (cfg.backend, cfg.protect, cfg.web_user) == ("auto", False, "www-data")
 
-    # The spool exactly as webknockd itself lays it out: writable only by root and the web group.
-    for path, uid, gid, mode in layout(SpoolPaths(cfg.spool_dir), WWW.pw_gid):
+    # The spool exactly as webknockd itself lays it out: writable only by root and the web
+    # group, and nothing more (no seen/: replay marks live in root's state file).
+    spool = SpoolPaths(cfg.spool_dir)
+    for path, uid, gid, mode in layout(spool, WWW.pw_gid):
         st = os.lstat(path)
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), path
         assert not st.st_mode & stat.S_IWOTH
+    assert sorted(os.listdir(cfg.spool_dir)) == ["claimed", "rejected", "requests", "waits"]
+    # Under --root install.sh mounts nothing: the spool stays a plain directory.
+    assert not os.path.ismount(cfg.spool_dir)
 
     for found in r.root.rglob("*"):
         st = os.lstat(found)
@@ -244,7 +257,11 @@ def test_cron_unit_snippet_and_cgi_copy(rooted: Rooted) -> None:
     assert mode_of(r.path("/var/log/webknock")) == (0o750, "root", "adm")
 
     unit = r.path("/etc/systemd/system/webknockd@.service").read_text()
-    assert f"ExecStart={sbin}/webknockd --config {r.path('/etc/webknock')}/%i.ini\n" in unit
+    etc = r.path("/etc/webknock")
+    start = f"ExecStart={sbin}/webknockd --config {etc}/%i.ini\n"
+    # The spool's own tmpfs is mounted (with privileges webknockd does not keep) first.
+    mount = f"ExecStartPre=+{sbin}/webknockctl --config {etc}/%i.ini prepare-spool\n"
+    assert start in unit and mount in unit and unit.index(mount) < unit.index(start)
     shipped = (REPO / "etc/systemd/webknockd@.service").read_text()
     assert unit.replace(str(r.root), "") == shipped, "only the paths may differ from etc/systemd"
 
@@ -266,7 +283,9 @@ def test_cron_unit_snippet_and_cgi_copy(rooted: Rooted) -> None:
 def test_rerun_keeps_keys_and_config(rooted: Rooted) -> None:
     assert rooted.path("/etc/webknock/webknock.keys").read_bytes() == rooted.keys_after_first
     assert rooted.config.read_bytes() == rooted.config_after_first
-    assert "webknock.keys: new" in rooted.first and "webknock.keys: kept" in rooted.second
+    keys = rooted.path("/etc/webknock/webknock.keys")
+    assert f"{keys}: new, from the OS random generator (owner root:root, mode 0600)" in rooted.first
+    assert f"{keys}: kept (owner root:root, mode 600)" in rooted.second
     assert "webknock.ini: kept" in rooted.second
     assert "--root: nothing started, firewall untouched" in rooted.second
 
@@ -287,19 +306,156 @@ def test_keys_are_fresh_and_printed_in_the_profile(rooted: Rooted, vector_keys: 
     assert blob_of(ok(sh([INSTALL, "profile", "--root", rooted.root]))) == blob_of(rooted.first)
 
 
-def test_check_config_passes(rooted: Rooted) -> None:
-    proc = sh(
-        [rooted.path("/usr/local/sbin/webknockctl"), "--config", rooted.config, "check-config"]
+def check_config(r: Rooted) -> subprocess.CompletedProcess[str]:
+    return sh([r.path("/usr/local/sbin/webknockctl"), "--config", r.config, "check-config"])
+
+
+def assert_config_passes(r: Rooted, proc: subprocess.CompletedProcess[str] | None = None) -> None:
+    """check-config (`proc`, or run now) finds nothing to fix but what a --root install
+    cannot have: exit 3 (warnings only), the state file webknockd makes when it first runs
+    (--no-start) and the spool's own tmpfs (install.sh mounts it only on the real /run).
+    Anything else (owners, modes, keys) is a failure."""
+    proc = proc or check_config(r)
+    assert proc.returncode == 3, proc
+    spool = r.path("/run/webknock/webknock")
+    expected_warnings = (
+        f"warning: state file {r.path('/var/lib/webknock/webknock.db')} does not exist yet",
+        f"warning: spool {spool} is not its own size-bounded tmpfs",
     )
-    # Exit 3 = warnings only. The one expected: before webknockd first runs (--no-start)
-    # its state file does not exist yet. Anything else (owners, modes, keys) is a failure.
-    assert proc.returncode in (0, 3), proc
-    for line in proc.stdout.splitlines():
-        assert (
-            line
-            == f"warning: state file {rooted.path('/var/lib/webknock/webknock.db')} does not exist yet"
-            or line.endswith("OK (instance webknock)")
-        ), proc
+    lines = proc.stdout.splitlines()
+    for line in lines:
+        assert line.startswith(expected_warnings), proc
+    assert any(line.startswith(expected_warnings[1]) for line in lines), proc
+
+
+def test_check_config_passes(rooted: Rooted) -> None:
+    assert_config_passes(rooted)
+
+
+def set_keys_mode(r: Rooted, mode: int, group: str) -> Path:
+    """Give the installed keys file owner root, `group` and `mode`; return its path."""
+    keys = r.path("/etc/webknock/webknock.keys")
+    shutil.chown(keys, "root", group)
+    os.chmod(keys, mode)
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("mode", "group"),
+    [(0o640, "www-data"), (0o604, "root")],
+    ids=["group-readable-by-the-web-user", "world-readable"],
+)
+def test_check_config_refuses_keys_others_can_read(rooted: Rooted, mode: int, group: str) -> None:
+    """Whoever reads the keys can open the firewall: only root may (0600 root:root, as an
+    older version's 0640 root:www-data was not)."""
+    keys = set_keys_mode(rooted, mode, group)
+    try:
+        proc = check_config(rooted)
+    finally:
+        set_keys_mode(rooted, 0o600, "root")
+    assert proc.returncode == 1, proc
+    assert f"error: keys file {keys} has mode {mode:04o}, wider than 0600" in proc.stdout, proc
+    assert f"run: chmod 0600 {keys}" in proc.stdout, proc
+    assert_config_passes(rooted)
+
+
+def test_rerun_tightens_keys_an_older_version_gave_the_web_group(rooted: Rooted) -> None:
+    """Before webknockd verified knocks itself, install.sh gave the CGI's group read access
+    (0640 root:www-data); a re-run takes it away, keeps the keys and says so."""
+    r = rooted
+    keys = set_keys_mode(r, 0o640, "www-data")
+    before = keys.read_bytes()
+    try:
+        proc = install_server(r.root)
+        after = mode_of(keys)
+        checked = check_config(r)
+    finally:
+        set_keys_mode(r, 0o600, "root")
+    out = ok(proc)
+    assert after == (0o600, "root", "root")
+    assert (
+        f"{keys}: kept, tightened from 640 root:www-data to 600 root:root: "
+        "only webknockd reads them now"
+    ) in out
+    assert keys.read_bytes() == before
+    assert blob_of(out) == blob_of(r.first), "the same keys in the profile"
+    assert_config_passes(r, checked)
+
+
+@pytest.mark.parametrize(
+    ("mode", "group", "status"),
+    [
+        (0o400, "root", "kept (owner root:root, mode 400)"),
+        (
+            0o440,
+            "www-data",
+            "kept, tightened from 440 root:www-data to 400 root:root: "
+            "only webknockd reads them now",
+        ),
+    ],
+    ids=["0400", "0440-web-group"],
+)
+def test_rerun_never_loosens_keys_an_admin_tightened(
+    rooted: Rooted, mode: int, group: str, status: str
+) -> None:
+    """A re-run takes away the web group and every bit beyond 0600, never adds one."""
+    r = rooted
+    keys = set_keys_mode(r, mode, group)
+    try:
+        proc = install_server(r.root)
+        after = mode_of(keys)
+        checked = check_config(r)
+    finally:
+        set_keys_mode(r, 0o600, "root")
+    out = ok(proc)
+    assert after == (0o400, "root", "root")
+    assert f"{keys}: {status}" in out
+    assert_config_passes(r, checked)
+
+
+@contextlib.contextmanager
+def webknockd_answering(config: Path) -> Iterator[list[int]]:
+    """Play webknockd for the installed instance `config` while the block runs, as the CGI
+    needs (it relays each request and waits for root's answer): the installed config, keys
+    and spool, an in-memory firewall and a state file of its own (the --root tree stays as
+    install.sh left it). Yields the number of requests each drain answered."""
+    drained: list[int] = []
+    ready, stop = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def serve(state: Path) -> None:
+        try:  # all in this thread: the state's SQLite connection is used where it is made
+            daemon, _ = memory_daemon(dataclasses.replace(load(config), state_file=state))
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+            return
+        ready.set()
+        try:
+            while not stop.is_set():
+                handled = daemon.drain()
+                if handled:
+                    drained.append(handled)
+                stop.wait(0.02)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            daemon.engine.store.close()
+
+    with tempfile.TemporaryDirectory(prefix="webknock-state-") as tmp:
+        thread = threading.Thread(target=serve, args=(Path(tmp, "state.db"),), daemon=True)
+        thread.start()
+        ready.wait(30)
+        try:
+            if failed:
+                raise failed[0]
+            yield drained
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive(), "webknockd's drain did not stop"
+        if failed:
+            raise failed[0]
 
 
 def cgi_getinfo(
@@ -353,16 +509,18 @@ def test_installed_cgi_starts_isolated(rooted: Rooted) -> None:
         os.chmod(fake / "__init__.py", 0o644)
         planted.write_text("import os; os._exit(3)\n")
         try:
-            status, reply = cgi_getinfo(
-                r.path("/opt/webknock/cgi-bin/webknock.cgi"),
-                r.config,
-                load_keys(r.path("/etc/webknock/webknock.keys")),
-                {"PYTHONPATH": tmp},
-            )
+            with webknockd_answering(r.config) as drained:
+                status, reply = cgi_getinfo(
+                    r.path("/opt/webknock/cgi-bin/webknock.cgi"),
+                    r.config,
+                    load_keys(r.path("/etc/webknock/webknock.keys")),
+                    {"PYTHONPATH": tmp},
+                )
         finally:
             planted.unlink()
     assert status == "Status: 200 OK", status
     assert reply["ip"] == CLIENT4
+    assert drained == [1], "the CGI relayed its request and returned webknockd's answer"
 
 
 def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None:
@@ -382,13 +540,21 @@ def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None
     )
     ok(proc)
     keys = load_keys(r.path("/etc/webknock/webknock.keys"))
-    status, reply = cgi_getinfo(r.path("/opt/webknock/cgi-bin/webknock.cgi"), r.config, keys)
-    assert status == "Status: 200 OK", status
-    assert reply["tcp"] == [22, 2222] and reply["udp"] == [51820] and reply["ip"] == CLIENT4
-    status, _ = cgi_getinfo(r.path("/usr/lib/cgi-bin/webknock.cgi"), None, keys)
-    assert status == "Status: 200 OK", f"the CGI copy has its config built in: {status}"
+    with webknockd_answering(r.config) as drained:
+        status, reply = cgi_getinfo(r.path("/opt/webknock/cgi-bin/webknock.cgi"), r.config, keys)
+        assert status == "Status: 200 OK", status
+        assert reply["tcp"] == [22, 2222] and reply["udp"] == [51820] and reply["ip"] == CLIENT4
+        status, _ = cgi_getinfo(r.path("/usr/lib/cgi-bin/webknock.cgi"), None, keys)
+        assert status == "Status: 200 OK", f"the CGI copy has its config built in: {status}"
+    assert drained == [1, 1]
     assert files_below(r.path("/opt")) == before, "the web user wrote into the venv"
     assert not [p for p in r.path("/opt").rglob("__pycache__") if p.stat().st_uid != 0]
+    # The spool is all the web user writes to, and each request and doorbell is gone once
+    # answered: nothing in the tree belongs to it.
+    spool = SpoolPaths(r.path("/run/webknock/webknock"))
+    for sub in (spool.requests, spool.claimed, spool.rejected, spool.waits):
+        assert os.listdir(sub) == [], sub
+    assert not [p for p in r.root.rglob("*") if p.lstat().st_uid == WWW.pw_uid]
 
 
 def test_client_install_from_the_printed_profile(rooted: Rooted) -> None:
@@ -801,6 +967,22 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         assert "systemd is not running: starting webknockd directly" in out
         pid = daemon_pid(sb)
         assert pid, out
+        # On the host's own /run, the spool is a tmpfs of its own, bounded in size and
+        # entries: the web user writes into it and must not fill /run.
+        fstype, options = ok(
+            sb.run(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-M", "/run/webknock/webknock"])
+        ).split()
+        assert fstype == "tmpfs", options
+        assert {"nosuid", "nodev", "noexec", "size=16384k", "nr_inodes=16384"} <= set(
+            options.split(",")
+        ), options
+        assert ok(sb.run(["stat", "-c", "%a %U:%G", "/etc/webknock/webknock.keys"])) == (
+            "600 root:root\n"
+        )
+        checked = sb.run(["/usr/local/sbin/webknockctl", "check-config"])
+        assert checked.returncode == 0 and checked.stdout.endswith("OK (instance webknock)\n"), (
+            checked
+        )
         # The daemon runs with the unit's capability bounding set (setpriv), nothing more.
         cap_bnd = int(
             re.findall(r"CapBnd:\s+([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[0], 16
@@ -842,7 +1024,7 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
 
         second = ok(sb.run(server_args, env=ssh_env))
         assert (
-            "webknock.keys: kept" in second
+            "webknock.keys: kept (owner root:root, mode 600)" in second
             and ok(sb.run(["cat", "/etc/webknock/webknock.keys"])) == keys_text
         )
         new_pid = daemon_pid(sb)
@@ -854,6 +1036,9 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         gone = ok(sb.run([INSTALL, "uninstall", "--purge"], env=ssh_env))
         assert "removing the firewall chain" in gone
         assert daemon_pid(sb) is None
+        assert sb.run(["findmnt", "-M", "/run/webknock/webknock"]).returncode != 0, (
+            "uninstall unmounts the spool's tmpfs"
+        )
         for tool in ("iptables-save", "ip6tables-save"):
             assert "WEBKNOCK" not in ok(lab.server.run([tool, "-t", "filter"]))
         assert "webknock" not in ok(lab.server.run(["nft", "list", "tables"])).split()
