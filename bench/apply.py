@@ -47,6 +47,8 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
     the CGI writes it (its doorbell first) -> the daemon's result read from the doorbell."""
     from webknock.config import load
     from webknock.doorbell import wait_bell
+    from webknock.keys import load_keys
+    from webknock.protocol import messages, v1
     from webknock.spool import (
         encode_request,
         install_bell,
@@ -56,6 +58,7 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
     )
 
     cfg = load(config)
+    keys = load_keys(cfg.keys_file)
     times: list[float] = []
     failed = 0
     deadline = time.monotonic() + budget
@@ -64,7 +67,8 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
             break
         rid = new_request_id()
         bell_path = str(cfg.spool.waits / rid)
-        payload = encode_request(ip, [("tcp", 22)], 3600, time.time(), "bench")
+        data = messages.openports_request(str(ip), [("tcp", 22)], 3600, int(time.time()))
+        payload = encode_request("v1", str(ip), "", "bench", v1.encode(keys, data))
         bell = install_bell(bell_path)
         try:
             t0 = time.perf_counter()
@@ -73,7 +77,7 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
             times.append(time.perf_counter() - t0)
         finally:
             remove_bell(bell_path, bell)
-        failed += not (result and result.get("ok"))
+        failed += not (result and result[0] == 200)
     return {**percentiles(times), "failed": failed}
 
 

@@ -61,12 +61,24 @@ def packet_field(body: bytes) -> tuple[str, bytes] | None:
     for part in body.split(b"&"):
         key, sep, value = part.partition(b"=")
         if sep and key in (b"data", b"v2"):
-            if b"%" in value or b"+" in value:
-                from urllib.parse import unquote_to_bytes
-
-                value = unquote_to_bytes(value.replace(b"+", b" "))
-            return key.decode(), value
+            return key.decode(), unquote(value)
     return None
+
+
+def unquote(value: bytes) -> bytes:
+    """Undo form encoding (``+`` and ``%XX``) as urllib.parse.unquote_to_bytes would, without
+    importing it (it loads re and ipaddress); a ``%`` not followed by two hex digits stays."""
+    value = value.replace(b"+", b" ")
+    if b"%" not in value:
+        return value
+    parts = value.split(b"%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) >= 2 and not part[:2].translate(None, b"0123456789abcdefABCDEF"):
+            out.append(bytes((int(part[:2], 16),)) + part[2:])
+        else:
+            out.append(b"%" + part)
+    return b"".join(out)
 
 
 def read_packet(environ: dict[str, str], stdin: object) -> tuple[str, bytes]:

@@ -30,7 +30,7 @@ def _values(text: str) -> dict[str, dict[str, str]]:
     sections: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     last = ""
-    for raw in text.splitlines():
+    for raw in text.split("\n"):  # as configparser: only \n ends a line
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
@@ -67,7 +67,10 @@ def read_cgi_settings(path: str) -> tuple[str, float]:
         raise CgiConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise CgiConfigError(f"{path}: not a UTF-8 text file") from None
-    sections = _values(text)
+    try:
+        sections = _values(text)
+    except CgiConfigError as exc:
+        raise CgiConfigError(f"{path}: [server] {exc}") from None
     if "server" not in sections:
         raise CgiConfigError(f"{path}: missing section [server]")
     merged = {**sections.get("DEFAULT", {}), **sections["server"]}

@@ -50,6 +50,8 @@ def encode_answer(status: int, note: str = "", body: bytes = b"") -> bytes:
     """(daemon) One answer as it goes into the doorbell."""
     if status not in STATUSES:
         raise ValueError(f"status {status} cannot be answered")
+    if body and status != 200:
+        raise ValueError("only a 200 answer carries a body")
     clean = "".join(c if " " <= c < "\x7f" else "?" for c in note[:MAX_NOTE])
     payload = f"{status} {clean}\n".encode("ascii") + body
     if len(payload) > MAX_ANSWER_BYTES:

@@ -1,11 +1,11 @@
-"""What one CGI request costs in imports and processes: junk is refused before config or
-crypto is loaded, a valid request loads only what it uses, and nothing spawns a process."""
+"""What one CGI request costs in imports and processes. The CGI frames and relays: on no
+path does it load crypto, a config parser, JSON, regular expressions, address parsing or
+typing, junk is refused before it even reads the config, and nothing spawns a process."""
 
 from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import sys
 import time
@@ -14,22 +14,27 @@ from typing import Any
 
 import pytest
 
+from tests.cgi_side import WEB, getinfo_packet, openports_packet
 from tests.conftest import REPO, write_instance
-from webknock.config import load
-from webknock.protocol import messages, transport, v1
+from tests.unit.test_cgi import PlayDaemon, answers, v2_form
+from webknock.config import SpoolPaths, load
+from webknock.protocol import transport, v1
 from webknock.spooldirs import prepare_spool
 
-#: Runs the CGI in a fresh interpreter and reports the modules it ended with and every
-#: process it tried to start (audit hooks see fork/exec/spawn without importing anything).
+#: Runs the CGI in a fresh interpreter started as the shipped shim starts it (``-I -S``)
+#: and reports the modules it ended with, every process it tried to start (audit hooks
+#: see fork/exec/spawn without importing anything) and, in order, the imports of our
+#: modules, the files it opened in the spool and its renames.
 PROBE = """
 import os, sys
+sys.path.insert(0, os.environ["PROBE_REPO"])
 spawned = []
-order = []  # our modules' imports, the replay mark and the renames, in their order
+order = []
 def hook(event, args):
-    if event == "import" and args[0].startswith("webknock."):
+    if event == "import" and args[0].startswith("webknock"):
         order.append("import " + args[0])
-    elif event == "open" and isinstance(args[0], str) and "/seen/r-" in args[0]:
-        order.append("mark")
+    elif event == "open" and isinstance(args[0], str) and "/spool/" in args[0]:
+        order.append("open " + os.path.basename(args[0]))
     elif event == "os.rename":
         order.append("rename " + os.path.basename(args[1]))
     elif event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec", "os.system"):
@@ -44,62 +49,85 @@ with open(os.environ["PROBE_REPORT"], "w") as fh:
     json.dump({"modules": modules, "spawned": spawned, "order": order}, fh)
 """
 
-#: Never on any CGI path: the client's HTTP library, CLI parsing, logging setup, and the
-#: daemon's side of the spool (it validates what the CGI wrote, the CGI need not load it).
+#: Never on any CGI path. Crypto and keys are webknockd's (the CGI holds no secret); the
+#: config is read by webknock.cgiconf, without configparser; JSON, regular expressions,
+#: address parsing, typing and dataclasses each cost milliseconds per knock; and neither
+#: the daemon's side of the spool nor the client's HTTP library has any business here.
 NEVER = {
-    "requests",
-    "urllib3",
-    "argparse",
-    "logging",
-    "sqlite3",
-    "filelock",
-    "webknock.spool_reader",
-    "webknock.grants",  # records of the daemon's (dataclasses, ~1 ms each to build)
-    "webknock.state",
-    "webknock.engine",
-    "inotify_simple",  # the CGI waits on its doorbell, which needs no library
-    "termios",
-}
-#: Not before a request passed the cheap screen (method, length, shape of `data`).
-HEAVY = {
     "Crypto",
+    "Cryptodome",
+    "hashlib",
+    "_hashlib",
+    "hmac",
     "configparser",
     "webknock.config",
+    "webknock.ini",
     "webknock.keys",
-    "webknock.spool",  # replay marks and throttle counters
+    "webknock.protocol.v1",
+    "webknock.protocol.aes",
+    "webknock.protocol.messages",
     "json",
-    "hmac",
+    "re",
+    "ipaddress",
+    "webknock.addresses",
+    "typing",
+    "dataclasses",
+    "pathlib",
+    "subprocess",
+    "logging",
+    "argparse",
+    "sqlite3",
+    "requests",
+    "urllib3",
+    "filelock",
+    "inotify_simple",  # the CGI waits on its doorbell, which needs no library
+    "termios",
+    "webknock.spool_reader",
+    "webknock.verify",
+    "webknock.guard",
+    "webknock.grants",
+    "webknock.state",
+    "webknock.engine",
+    "webknock.daemon",
 }
-#: Only when a request is spooled, and nothing else: the way back.
-SPOOL = {"webknock.doorbell"}
+#: Not before a request passed the cheap screen (method, length, shape of the packet).
+SPOOL = {"webknock.cgiconf", "webknock.spool"}
 
 
 @pytest.fixture
 def instance(tmp_path: Path, vector_keys: v1.Keys) -> Path:
-    config = write_instance(tmp_path, vector_keys, result_timeout="1")
-    prepare_spool(load(config).spool, pwd.getpwnam("www-data").pw_gid)
+    config = write_instance(tmp_path, vector_keys, result_timeout="0.3")
+    prepare_spool(load(config).spool, WEB.pw_gid)
     return config
 
 
-def probe(tmp_path: Path, config: Path, body: bytes, method: str = "POST") -> dict[str, Any]:
+def probe(
+    tmp_path: Path, config: Path, body: bytes, method: str = "POST", answer: bool = True
+) -> dict[str, Any]:
+    """Run the CGI once under the probe; webknockd's stand-in claims what it spools and
+    answers 200 (or, without `answer`, never)."""
     report = tmp_path / "report.json"
+    report.unlink(missing_ok=True)
     env = {
         "PATH": "/usr/bin:/bin",
         "REQUEST_METHOD": method,
         "CONTENT_LENGTH": str(len(body)),
         "REMOTE_ADDR": "192.0.2.10",
         "WEBKNOCK_CONFIG": str(config),
-        "PYTHONPATH": str(REPO),
+        "PROBE_REPO": str(REPO),
         "PROBE_REPORT": str(report),
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        input=body,
-        capture_output=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+    spool = SpoolPaths(tmp_path / "spool")
+    reply = answers(200, body=b"sealed") if answer else (lambda _rid, _frame: None)
+    with PlayDaemon(spool, reply):
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", PROBE],
+            input=body,
+            capture_output=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stderr.decode()
     result: dict[str, Any] = json.loads(report.read_text())
     result["status"] = int(proc.stdout.split(b"\r\n", 1)[0].split()[1])
@@ -110,8 +138,23 @@ def top_level(modules: list[str]) -> set[str]:
     return set(modules) | {m.split(".")[0] for m in modules}
 
 
-def sealed(keys: v1.Keys, data: bytes) -> bytes:
-    return b"data=" + transport.encode_field(v1.encode(keys, data)).encode()
+def v1_body(packet: bytes) -> bytes:
+    return b"data=" + transport.encode_field(packet).encode()
+
+
+def test_the_probe_starts_python_as_the_shim_does() -> None:
+    """The shim runs ``python3 -IS``; so does the probe, where nothing of NEVER is loaded at
+    start (else the checks below could neither pass nor mean anything)."""
+    shebang = (REPO / "cgi-bin" / "webknock.cgi").read_text().splitlines()[0]
+    assert shebang.startswith("#!") and shebang.endswith(" -IS")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", "import sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert top_level(proc.stdout.split()) & (NEVER | SPOOL) == set()
 
 
 @pytest.mark.parametrize(
@@ -121,87 +164,101 @@ def sealed(keys: v1.Keys, data: bytes) -> bytes:
         ("POST", b"x=1", 400),
         ("POST", b"data=" + b"!" * 683, 403),
         ("POST", b"data=" + b"A" * 100, 403),  # base64, but not a multiple of 512 bytes
+        ("POST", b"v2=" + transport.encode_field(b"WK2X" + bytes(100)).encode(), 403),
+        ("POST", b"data=" + b"A" * 9000, 413),
     ],
 )
-def test_junk_is_refused_before_config_or_crypto(
+def test_junk_is_refused_before_config_or_spool(
     tmp_path: Path, instance: Path, method: str, body: bytes, status: int
 ) -> None:
     got = probe(tmp_path, instance, body, method)
     assert got["status"] == status
-    assert top_level(got["modules"]) & (NEVER | HEAVY | SPOOL) == set()
+    assert top_level(got["modules"]) & (NEVER | SPOOL) == set()
     assert got["spawned"] == []
+    assert not [e for e in got["order"] if not e.startswith("import ")], "no spool touched"
 
 
-def test_a_throttled_address_is_refused_before_keys_crypto_or_json(
-    tmp_path: Path, instance: Path
-) -> None:
-    cfg = load(instance)
-    counter = cfg.spool.seen / "f-192.0.2.10"  # the peer's count of bad packets: at the limit
-    with open(counter, "wb") as fh:
-        fh.truncate(cfg.throttle_failures)
-    got = probe(tmp_path, instance, b"data=" + b"A" * 683)  # 512 bytes: passes the screen
-    assert got["status"] == 429
-    loaded = top_level(got["modules"])
-    assert loaded & {"Crypto", "json", "hmac", "webknock.keys", "webknock.doorbell"} == set()
-    assert "webknock.spool" in loaded  # where the counter is read
-    assert got["spawned"] == []
-
-
-def test_getinfo_loads_crypto_but_not_the_way_back(
+def test_a_config_it_cannot_read_and_a_missing_spool(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
-    got = probe(tmp_path, instance, sealed(vector_keys, messages.getinfo_request(int(time.time()))))
+    body = v1_body(getinfo_packet(vector_keys))
+    got = probe(tmp_path, tmp_path / "missing.ini", body)
+    assert got["status"] == 500
+    assert top_level(got["modules"]) & NEVER == set() and got["spawned"] == []
+    (tmp_path / "other").mkdir()
+    elsewhere = write_instance(tmp_path / "other", vector_keys)
+    got = probe(tmp_path, elsewhere, body)  # its spool was never made
+    assert got["status"] == 503
+    assert top_level(got["modules"]) & NEVER == set() and got["spawned"] == []
+
+
+def paths(keys: v1.Keys) -> dict[str, bytes]:
+    """The bodies of every kind of request the CGI relays."""
+    return {
+        "getinfo": v1_body(getinfo_packet(keys)),
+        "openports": v1_body(openports_packet(keys)),
+        "v2 getinfo": v2_form("getinfo")[0],
+        "v2 openports": v2_form("openports")[0],
+    }
+
+
+def test_every_relayed_request_loads_the_same_little(
+    tmp_path: Path, instance: Path, vector_keys: v1.Keys
+) -> None:
+    """getinfo or openports, v1 or v2: the CGI cannot tell them apart, and pays the same."""
+    loaded = {}
+    for name, body in paths(vector_keys).items():
+        got = probe(tmp_path, instance, body)
+        assert got["status"] == 200, name
+        modules = top_level(got["modules"])
+        assert modules & NEVER == set(), name
+        assert got["spawned"] == [], f"{name}: the CGI must not start a process"
+        loaded[name] = modules
+    assert all(m == loaded["getinfo"] for m in loaded.values())
+    assert loaded["getinfo"].issuperset(SPOOL)
+
+
+def test_no_answer_loads_nothing_more(tmp_path: Path, instance: Path, vector_keys: v1.Keys) -> None:
+    answered = probe(tmp_path, instance, paths(vector_keys)["openports"])
+    got = probe(tmp_path, instance, paths(vector_keys)["openports"], answer=False)
+    assert got["status"] == 504  # claimed, never answered: the whole wait path ran, twice
+    assert top_level(got["modules"]) == top_level(answered["modules"])
+    assert got["spawned"] == []
+
+
+def test_a_percent_encoded_field_loads_no_more(
+    tmp_path: Path, instance: Path, vector_keys: v1.Keys
+) -> None:
+    field = transport.encode_field(getinfo_packet(vector_keys)).encode()
+    got = probe(tmp_path, instance, b"data=%" + f"{field[0]:02X}".encode() + field[1:])
     assert got["status"] == 200
-    modules = top_level(got["modules"])
-    assert {"Crypto", "webknock.config", "webknock.keys", "webknock.spool"} <= modules
-    assert modules & (NEVER | SPOOL) == set()
-    assert got["spawned"] == [], "pycryptodome's loader must not run `file` per request"
+    assert top_level(got["modules"]) & NEVER == set()
 
 
-def test_openports_adds_only_the_way_back(
+def test_everything_loads_before_the_request_is_spooled(
     tmp_path: Path, instance: Path, vector_keys: v1.Keys
 ) -> None:
-    data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
-    got = probe(tmp_path, instance, sealed(vector_keys, data))
-    assert got["status"] == 504  # no daemon in this test: the whole wait path ran
-    modules = top_level(got["modules"])
-    info = probe(
-        tmp_path, instance, sealed(vector_keys, messages.getinfo_request(int(time.time())))
-    )
-    assert info["status"] == 200
-    assert modules - top_level(info["modules"]) == SPOOL, "each import costs every knock"
-    assert modules & NEVER == set()
-    assert got["spawned"] == []
-
-
-def test_the_way_back_loads_while_the_daemon_works(
-    tmp_path: Path, instance: Path, vector_keys: v1.Keys
-) -> None:
-    """Between the replay mark and its request the CGI loads nothing (the request's way in
-    is the module that made the mark); the doorbell's module loads after the request is
-    written, while webknockd works on it."""
-    data = messages.openports_request("192.0.2.10", [("tcp", 22)], 60, int(time.time()))
-    got = probe(tmp_path, instance, sealed(vector_keys, data))
-    assert got["status"] == 504
+    """Every module the CGI needs is loaded before it touches the spool; the doorbell is
+    open before the request appears (a fast daemon is never missed); once the request is
+    in place the CGI only waits."""
+    got = probe(tmp_path, instance, paths(vector_keys)["openports"])
     order = got["order"]
-    written = [i for i, e in enumerate(order) if e.startswith("rename ") and e.endswith(".req")]
-    assert len(written) == 1 and order.count("mark") == 1, order
-    mark = order.index("mark")
-    assert order.index("import webknock.spool") < mark < written[0], order
-    assert order[mark + 1 : written[0]] == [], "no module loads between the mark and the request"
-    assert order[written[0] + 1 :] == ["import webknock.doorbell"], "the way back, nothing else"
+    spooled = [i for i, e in enumerate(order) if not e.startswith("import ")]
+    assert [order[i].split()[0] for i in spooled] == ["open", "open", "rename"], order
+    bell, temp, rename = (order[i] for i in spooled)
+    rid = rename.split()[1].removesuffix(".req")
+    assert bell == f"open {rid}" and temp == f"open .{rid}.tmp", order
+    assert spooled == list(range(spooled[0], len(order))), "no import once the spool is touched"
 
 
-def test_installed_layout_is_byte_compiled(tmp_path: Path) -> None:
+def test_installed_layout_is_byte_compiled() -> None:
     """The web user cannot write __pycache__: the installer compiles every module."""
     install = (REPO / "install.sh").read_text()
     assert "compileall" in install
     assert os.access(REPO / "cgi-bin" / "webknock.cgi", os.X_OK)
 
 
-def test_web_server_gets_end_of_file_and_the_process_ends_with_the_answer(
-    tmp_path: Path,
-) -> None:
+def test_web_server_gets_end_of_file_and_the_process_ends_with_the_answer() -> None:
     """After the answer, stdout and stderr are flushed and hung up and the process ends:
     nothing after main() runs (no interpreter teardown either; here a write and a sleep
     that never happen)."""

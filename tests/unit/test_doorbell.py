@@ -1,12 +1,11 @@
-"""The CGI's doorbell: a FIFO through which the daemon (root) hands the CGI its result.
-Root must never block on it, follow a link through it, or write into anything but the web
-user's own FIFO (or root's); the CGI never takes a bad or missing answer for a success."""
+"""The CGI's doorbell: a FIFO through which the daemon (root) hands the CGI its answer, an
+HTTP status, a note and a body. Root must never block on it, follow a link through it,
+or write into anything but the web user's own FIFO (or root's); the CGI never takes a
+bad or missing answer for a success, nor passes on a note that could break its header."""
 
 from __future__ import annotations
 
-import json
 import os
-import pwd
 import select
 import shutil
 import subprocess
@@ -15,24 +14,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from unittest.mock import ANY
 
 import pytest
 
-from tests.cgi_side import submit
+from tests.cgi_side import WEB, frame, reply, submit
 from tests.conftest import REPO, write_instance
-from tests.fakes import MemoryFirewall
+from tests.fakes import memory_daemon
 from tests.lab import unit_bounding_set
 from webknock import doorbell, spool
 from webknock.config import ServerConfig, load
-from webknock.daemon import TMP_TTL, Daemon
-from webknock.engine import GrantEngine
-from webknock.events import EventBus
+from webknock.daemon import Daemon
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import WebIdentity, prepare_spool
-from webknock.state import StateStore
 
-WEB = pwd.getpwnam("www-data")
 ME = frozenset({os.getuid()})
 THEIRS = frozenset({WEB.pw_uid})
 
@@ -50,7 +43,97 @@ def bells(tmp_path: Path) -> Path:
     return directory
 
 
-RESULT = doorbell.result_payload(True, expires=1234.5, ports=[["tcp", 22]])
+BODY = bytes(range(256)) * 2  # a sealed reply is binary: newlines and all
+ANSWER = doorbell.encode_answer(200, "", BODY)
+
+
+# -- the answer's format ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "note", "body"),
+    [
+        *[(s, "", b"") for s in sorted(doorbell.STATUSES)],
+        (200, "", BODY),
+        (200, "", b"\n\n200 \n"),
+        (200, "renew soon", b"x"),
+        (
+            403,
+            "clock skew: request time is -100s off the server's 1764000000 (allowed +/-15s)",
+            b"",
+        ),
+        (405, "n" * doorbell.MAX_NOTE, b""),
+        (200, "", b"b" * (doorbell.MAX_ANSWER_BYTES - len(b"200 \n"))),
+    ],
+)
+def test_encode_parse_round_trip(status: int, note: str, body: bytes) -> None:
+    payload = doorbell.encode_answer(status, note, body)
+    assert payload == f"{status} {note}\n".encode() + body
+    assert doorbell.parse_answer(payload) == (status, note, body)
+
+
+@pytest.mark.parametrize(
+    ("note", "sent"),
+    [
+        ("line one\r\nX-Evil: 1", "line one??X-Evil: 1"),
+        ("tab\there", "tab?here"),
+        ("caf\u00e9 \u00b1 \x7f \x00", "caf? ? ? ?"),
+        ("x" * 1000, "x" * doorbell.MAX_NOTE),
+    ],
+)
+def test_a_note_is_cleaned_and_cut_before_it_goes(note: str, sent: str) -> None:
+    payload = doorbell.encode_answer(403, note)
+    assert doorbell.parse_answer(payload) == (403, sent, b"")
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (302, b""),  # not a status the CGI may say
+        (999, b""),
+        (0, b""),
+        (200, b"x" * doorbell.MAX_ANSWER_BYTES),  # does not fit one write(2)
+    ],
+)
+def test_encode_refuses_what_cannot_be_answered(status: int, body: bytes) -> None:
+    with pytest.raises(ValueError, match=r"cannot be answered|does not fit"):
+        doorbell.encode_answer(status, "", body)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # the bell opened and closed with nothing written
+        b"200",  # no end of the status line
+        b"200 ",
+        b"2000 \n",
+        b"20 \n",
+        b"+20 \n",
+        b" 200 \n",
+        b"2OO \n",
+        b"\xb200 \n",
+        b"302 \n",  # a status the CGI does not say
+        b"100 \n",
+        b"999 \n",
+        b"403 " + b"x" * (doorbell.MAX_NOTE + 1) + b"\n",
+        b"403 caf\xc3\xa9\n",  # not ASCII
+        b"403 \xff\n",
+        b"403 a\rX-Evil: 1\n",  # would break the header
+        b"403 a\tb\n",
+        b"403 \x00\n",
+        b"403 \x7f\n",
+        b"403 \n" + b"body",  # a body is a 200's alone
+        b"500 \n\n",
+        b'{"v": 1, "ok": true}',  # the answer of an earlier version
+        b"[" * 4000,
+    ],
+)
+def test_parse_refuses_every_malformed_answer(data: bytes) -> None:
+    assert doorbell.parse_answer(data) == doorbell.UNREADABLE
+    assert doorbell.UNREADABLE[0] == 500, "an unreadable answer is never a success"
+
+
+# -- the FIFO ---------------------------------------------------------------------------------
 
 
 def test_install_wait_deliver_remove(bells: Path) -> None:
@@ -58,16 +141,11 @@ def test_install_wait_deliver_remove(bells: Path) -> None:
     fd = spool.install_bell(path)
     assert os.stat(path).st_mode & 0o7777 == spool.BELL_MODE, "whatever the umask"
     assert doorbell.wait_bell(fd, 0.01) is None, "no answer yet: the wait times out"
-    assert doorbell.deliver(path, ME, RESULT)
-    assert doorbell.wait_bell(fd, 5) == {
-        "v": 1,
-        "ok": True,
-        "expires": 1234.5,
-        "ports": [["tcp", 22]],
-    }
+    assert doorbell.deliver(path, ME, ANSWER)
+    assert doorbell.wait_bell(fd, 5) == (200, "", BODY)
     spool.remove_bell(path, fd)
     assert os.listdir(bells) == []
-    assert not doorbell.deliver(path, ME, RESULT), "no bell any more"
+    assert not doorbell.deliver(path, ME, ANSWER), "no bell any more"
 
 
 def test_root_without_dac_override_can_answer(bells: Path) -> None:
@@ -79,7 +157,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
     os.chmod(bells, 0o1730)
     code = (
         "import sys; from webknock import doorbell; "
-        f"sys.exit(0 if doorbell.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {RESULT!r}) else 1)"
+        f"sys.exit(0 if doorbell.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {ANSWER!r}) else 1)"
     )
     caps = unit_bounding_set()
     subprocess.run(
@@ -87,7 +165,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
         check=True,
         cwd=REPO,
     )
-    assert doorbell.wait_bell(fd, 5) == json.loads(RESULT)
+    assert doorbell.wait_bell(fd, 5) == (200, "", BODY)
     spool.remove_bell(path, fd)
 
 
@@ -96,30 +174,27 @@ def test_the_bounding_set_of_that_test_is_the_units() -> None:
 
 
 @pytest.mark.parametrize(
-    ("written", "seen"),
-    [
-        (b"", doorbell.NO_RESULT),  # opened and closed: no answer is no success
-        (b"yes", doorbell.UNREADABLE),
-        (b'{"v": 1, "ok": "yes"}', doorbell.UNREADABLE),
-        (b"\xff\xfe", doorbell.UNREADABLE),
-        (b"[" * 4000, doorbell.UNREADABLE),
-    ],
+    "written",
+    [b"", b"yes", b'{"v": 1, "ok": "yes"}', b"\xff\xfe", b"[" * 4000, b"403 \nbody"],
 )
-def test_a_bad_answer_is_never_a_success(bells: Path, written: bytes, seen: object) -> None:
+def test_a_bad_answer_is_never_a_success(bells: Path, written: bytes) -> None:
+    """Written by someone else than webknockd (the web user's processes can), or the bell
+    closed without a word: the CGI reads it as UNREADABLE (500)."""
     path = str(bells / "c")
     fd = spool.install_bell(path)
     writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     os.write(writer, written)
     os.close(writer)
-    assert doorbell.wait_bell(fd, 5) == seen
+    assert doorbell.wait_bell(fd, 5) == doorbell.UNREADABLE
     spool.remove_bell(path, fd)
 
 
-def test_a_result_too_big_for_one_write_is_refused(bells: Path) -> None:
+def test_an_answer_too_big_for_one_write_is_refused(bells: Path) -> None:
     path = str(bells / "d")
     fd = spool.install_bell(path)
     with pytest.raises(ValueError, match="does not fit"):
-        doorbell.deliver(path, ME, b" " * (doorbell.MAX_RESULT_BYTES + 1))
+        doorbell.deliver(path, ME, b" " * (doorbell.MAX_ANSWER_BYTES + 1))
+    assert not readable(fd), "not a byte of it written"
     spool.remove_bell(path, fd)
 
 
@@ -127,15 +202,18 @@ def test_nobody_listening_never_blocks(bells: Path) -> None:
     path = str(bells / "gone")
     os.mkfifo(path, 0o600)  # a CGI that died after making its bell
     started = time.monotonic()
-    assert not doorbell.deliver(path, ME, RESULT)  # ENXIO at once
+    assert not doorbell.deliver(path, ME, ANSWER)  # ENXIO at once
     assert time.monotonic() - started < 0.5
 
 
 def test_a_full_pipe_does_not_block_either(bells: Path) -> None:
     path = str(bells / "full")
     fd = spool.install_bell(path)
-    while doorbell.deliver(path, ME, RESULT):  # bounded by the pipe's size (64 KiB)
-        pass
+    for _ in range(1000):  # the pipe holds 64 KiB: full long before
+        if not doorbell.deliver(path, ME, ANSWER):
+            break
+    else:
+        pytest.fail("the pipe never filled")
     assert readable(fd)
     spool.remove_bell(path, fd)
 
@@ -144,24 +222,27 @@ def test_root_writes_only_into_the_web_users_own_fifo(bells: Path, tmp_path: Pat
     target = tmp_path / "precious"
     target.write_bytes(b"keep")
     os.symlink(target, bells / "link")
-    assert not doorbell.deliver(str(bells / "link"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "link"), THEIRS, ANSWER)
     (bells / "file").write_bytes(b"keep")
     os.chown(bells / "file", WEB.pw_uid, WEB.pw_gid)
-    assert not doorbell.deliver(str(bells / "file"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "file"), THEIRS, ANSWER)
     assert (bells / "file").read_bytes() == b"keep" and target.read_bytes() == b"keep"
     (bells / "dir").mkdir()
-    assert not doorbell.deliver(str(bells / "dir"), THEIRS, RESULT)
+    assert not doorbell.deliver(str(bells / "dir"), THEIRS, ANSWER)
     roots = str(tmp_path / "initctl")  # some FIFO of root's, and a hard link to it
     fd = spool.install_bell(roots)
     os.link(roots, bells / "hardlink")
-    assert not doorbell.deliver(str(bells / "hardlink"), frozenset({0}), RESULT)
+    assert not doorbell.deliver(str(bells / "hardlink"), frozenset({0}), ANSWER)
     assert os.read(fd, 16) == b"", "a FIFO of two names: not a byte written"
     mine = str(bells / "mine")
     fd_mine = spool.install_bell(mine)  # root's own, one name: a CGI running as root
-    assert not doorbell.deliver(mine, THEIRS, RESULT), "not the given owner's"
+    assert not doorbell.deliver(mine, THEIRS, ANSWER), "not the given owner's"
     assert os.read(fd_mine, 16) == b""
     spool.remove_bell(roots, fd)
     spool.remove_bell(mine, fd_mine)
+
+
+# -- webknockd answering ----------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -169,37 +250,41 @@ def daemon(vector_keys: Keys) -> Iterator[tuple[Daemon, ServerConfig]]:
     base = Path(tempfile.mkdtemp(prefix="webknock-bell-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     cfg = load(write_instance(base, vector_keys))
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    engine = GrantEngine(
-        cfg.instance, StateStore(cfg.state_file), MemoryFirewall(), EventBus(lambda e: None)
-    )
-    yield Daemon(cfg, engine, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), cfg
+    d, _ = memory_daemon(cfg)
+    yield d, cfg
     shutil.rmtree(base)
 
 
-def test_daemon_answers_through_each_bell(daemon: tuple[Daemon, ServerConfig]) -> None:
+def test_daemon_answers_through_each_bell(
+    daemon: tuple[Daemon, ServerConfig], vector_keys: Keys
+) -> None:
     d, cfg = daemon
-    granted = submit(cfg, ports=[("tcp", 22)])
-    refused = submit(cfg, ports=[("tcp", 23)])  # not offered: rejected
-    assert not readable(granted.fd) and not readable(refused.fd)
+    granted = submit(cfg, vector_keys, ports=[("tcp", 22)])
+    nothing = submit(cfg, vector_keys, ports=[("tcp", 23)])  # not offered
+    wrong = submit(cfg, Keys.generate())  # does not verify
+    broken = submit(cfg, payload=frame(b"\0" * 100))  # not a v1 packet: a frame refused
+    waiting = (granted, nothing, wrong, broken)
+    assert not any(readable(w.fd) for w in waiting)
     d.drain()
-    assert granted.result() == {"v": 1, "ok": True, "expires": ANY, "ports": [["tcp", 22]]}
-    assert refused.result() == {
-        "v": 1,
-        "ok": False,
-        "error": "request refused by the server",
-        "errorcode": "INVALID",
+    assert reply(vector_keys, granted.result())["success"] is True
+    assert reply(vector_keys, nothing.result()) == {
+        "success": False,
+        "error": "none of the requested ports is offered",
+        "errorcode": "NOPORTS",
     }
+    assert wrong.result() == (403, "", b"")
+    assert broken.result() == (400, "", b"")
 
 
 def test_prune_removes_bells_of_cgis_that_died(daemon: tuple[Daemon, ServerConfig]) -> None:
     d, cfg = daemon
-    now = time.time()
-    old = now - (2 * cfg.result_timeout + TMP_TTL) - 5
-    for name in ("dead", "alive"):
+    old = time.time() - d.keeper.bell_ttl - 5
+    dead, alive = spool.new_request_id(), spool.new_request_id()
+    for name in (dead, alive, "not-a-request-id"):
         os.mkfifo(cfg.spool.waits / name, 0o600)
     (cfg.spool.waits / "planted").mkdir()
-    for name in ("dead", "planted"):
+    for name in (dead, "planted"):
         os.utime(cfg.spool.waits / name, (old, old))
-    d.prune()
-    assert os.listdir(cfg.spool.waits) == ["alive"]
+    d.housekeeping()
+    assert os.listdir(cfg.spool.waits) == [alive]
+    assert d.keeper.bell_ttl > 2 * cfg.result_timeout, "never the bell of a CGI still waiting"
