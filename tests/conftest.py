@@ -19,7 +19,7 @@ from tests import cgi_side
 from webknock.config import load
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import prepare_spool
+from webknock.spooldirs import mount_spool, prepare_spool
 from webknock.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,13 +120,17 @@ def run_in_mount_namespace(code: str, timeout: float = 120) -> str:
 
 def install_correctly(base: Path, keys: Keys, **overrides: str) -> Path:
     """A correct installation under `base` (root 0755, as /etc/webknock would be): config
-    0644, keys root:<web group> 0640, spool and state file laid out; return the config."""
+    0644, keys root 0600, the spool on its own tmpfs (the caller unmounts it:
+    :func:`webknock.spooldirs.unmount_spool`) and laid out, the state file; return the
+    config."""
     web_gid = pwd.getpwnam("www-data").pw_gid
     os.chmod(base, 0o755)
     config = write_instance(base, keys, **overrides)
     os.chmod(config, 0o644)
     cfg = load(config)
-    os.chown(cfg.keys_file, 0, web_gid)
+    os.chown(cfg.keys_file, 0, 0)
+    if not mount_spool(cfg.spool, web_gid):
+        pytest.skip("cannot mount a tmpfs for the spool here")
     prepare_spool(cfg.spool, web_gid)
     with StateStore(cfg.state_file).transaction():
         pass

@@ -1,11 +1,20 @@
-"""Test doubles: an in-memory firewall and a recording command runner."""
+"""Test doubles: an in-memory firewall, a recording command runner, and webknockd on the
+in-memory firewall."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pwd
+import time
+from collections.abc import Callable, Sequence
 
+from webknock.config import ServerConfig
+from webknock.daemon import Daemon
+from webknock.engine import GrantEngine, Limits
+from webknock.events import EventBus, Sink
 from webknock.firewall.base import Firewall, FirewallError, FirewallSettings
 from webknock.grants import Entry, GrantKey
+from webknock.spooldirs import WebIdentity, prepare_spool
+from webknock.state import StateStore
 
 SETTINGS = FirewallSettings(
     instance="webknock",
@@ -79,3 +88,19 @@ class RecordingRunner:
 
     def stdin_of(self, program: str) -> list[str]:
         return [stdin or "" for argv, stdin in self.calls if argv[0] == program]
+
+
+def memory_daemon(
+    cfg: ServerConfig,
+    *sinks: Sink,
+    clock: Callable[[], float] = time.time,
+) -> tuple[Daemon, MemoryFirewall]:
+    """webknockd for `cfg` (spool prepared, its limits) on an in-memory firewall; `sinks`
+    get the engine's events."""
+    web = pwd.getpwnam(cfg.web_user)
+    prepare_spool(cfg.spool, web.pw_gid)
+    fw = MemoryFirewall()
+    limits = Limits(cfg.max_grants, cfg.max_grants_per_prefix)
+    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus(*sinks), limits)
+    identity = WebIdentity(cfg.web_user, web.pw_uid, web.pw_gid)
+    return Daemon(cfg, engine, identity, clock), fw

@@ -68,6 +68,7 @@ class Claimed(NamedTuple):
     name: str
     path: str
     arrived: float  # its ctime before the claim: when the CGI put it there, or later
+    leftover: bool = False  # found in claimed/ after a crash: it may have burnt its mark
 
 
 def acquire_daemon_lock(cfg: ServerConfig) -> int:
@@ -169,11 +170,18 @@ class Daemon:
         if not self.rescan:
             return taken
         self.rescan = False
+        # What this call claimed is fresh, not a leftover: the web user may name a copy of
+        # a packet after the request that burnt its mark, which a leftover may re-use.
+        just_taken = {c.name: c for c in taken}
         entries: list[Claimed] = []
         with os.scandir(self._claimed) as it:
             for e in it:
+                if e.name in just_taken:
+                    entries.append(just_taken[e.name])
+                    continue
                 try:
-                    entries.append(Claimed(e.name, e.path, e.stat(follow_symlinks=False).st_ctime))
+                    ctime = e.stat(follow_symlinks=False).st_ctime
+                    entries.append(Claimed(e.name, e.path, ctime, leftover=True))
                 except OSError:
                     continue
         entries.sort()
@@ -228,8 +236,9 @@ class Daemon:
             verified = self._check(entry, now, answers)
             if verified is not None:
                 checked.append(verified)
+        retries = frozenset(rid for e in entries if e.leftover and (rid := request_name_id(e.name)))
         try:
-            fresh = self.guard.commit([v.mark for v in checked], now)
+            fresh = self.guard.commit([(v.mark, v.id) for v in checked], now, retries)
         except StateError as exc:  # a mark not recorded would allow a replay: accept nothing
             log.error("state file error, %d request(s) refused: %s", len(checked), exc)
             answers.update((v.id, Answer(503)) for v in checked)

@@ -52,18 +52,26 @@ class Guard:
         self.counts[prefix] = (min(count + 1, self.limit + 1), now)
         self._dirty.add(prefix)
 
-    def commit(self, marks: list[bytes], now: float) -> list[bool]:
-        """Burn `marks` and save the counts, in one transaction; per mark, True if it was
-        new. Raises StateError: then nothing is recorded, and nothing may be accepted."""
+    def commit(
+        self, marks: list[tuple[bytes, str]], now: float, retries: frozenset[str] = frozenset()
+    ) -> list[bool]:
+        """Burn `marks` (mark, request id) and save the counts, in one transaction; per mark,
+        True if it was new, or burnt by the same request and that request is one of
+        `retries` (a leftover of a crash that root took back from claimed/, which the web
+        user cannot write). Raises StateError: then nothing is recorded, and nothing may be
+        accepted."""
         dirty = [(p, *self.counts[p]) for p in self._dirty if p in self.counts]
         if not marks and not dirty:
             return []
         with self.store.transaction() as tx:
-            fresh = tx.burn(marks, now + self.mark_ttl) if marks else []
+            burnt = tx.burn(marks, now + self.mark_ttl) if marks else []
             if dirty:
                 tx.save_failures(dirty)
         self._dirty.clear()
-        return fresh
+        return [
+            new or (by == request and request in retries)
+            for (_, request), (new, by) in zip(marks, burnt, strict=True)
+        ]
 
     def forget(self, now: float) -> None:
         """Drop expired marks and counts (the daemon's housekeeping, every few seconds)."""

@@ -165,9 +165,8 @@ class SpoolKeeper:
             age = now - st.st_mtime
             if ttl is not None and -FUTURE_SLACK <= age <= ttl:
                 continue
-            if ttl is None:
-                planted += 1
-            self.remove(directory, e.name, st.st_ino)
+            if self.remove(directory, e.name, st.st_ino) and ttl is None:
+                planted += 1  # what could not be removed has a log line of its own
         return planted
 
     def _prune_rejected(self) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from webknock.config import ConfigError, ServerConfig, SpoolPaths
 
-
 log = logging.getLogger(__name__)
 
 #: The spool's own tmpfs: room for thousands of knocks in flight (a request is at most

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 CREATE TABLE IF NOT EXISTS replay (
     mark BLOB PRIMARY KEY,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    request TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (
     prefix TEXT PRIMARY KEY,
@@ -164,15 +165,21 @@ class StateTx:
 
     # -- replay marks and bad-packet counts (webknock.guard) ------------------------------
 
-    def burn(self, marks: Iterable[bytes], expires: float) -> list[bool]:
-        """Record each mark; per mark, True if it was new (False: seen before, a replay)."""
-        fresh = []
-        for mark in marks:
+    def burn(self, marks: Iterable[tuple[bytes, str]], expires: float) -> list[tuple[bool, str]]:
+        """Record each (mark, request id); per mark, whether it was new and the id of the
+        request that burnt it."""
+        burnt = []
+        for mark, request in marks:
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO replay (mark, expires) VALUES (?, ?)", (mark, expires)
+                "INSERT OR IGNORE INTO replay (mark, expires, request) VALUES (?, ?, ?)",
+                (mark, expires, request),
             )
-            fresh.append(cur.rowcount == 1)
-        return fresh
+            if cur.rowcount == 1:
+                burnt.append((True, request))
+                continue
+            row = self.db.execute("SELECT request FROM replay WHERE mark = ?", (mark,)).fetchone()
+            burnt.append((False, str(row[0])))
+        return burnt
 
     def save_failures(self, counts: Iterable[tuple[str, int, float]]) -> None:
         self.db.executemany(

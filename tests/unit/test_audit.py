@@ -8,7 +8,6 @@ import gzip
 import json
 import logging
 import os
-import pwd
 import shutil
 import stat
 import subprocess
@@ -18,21 +17,18 @@ from typing import Any
 
 import pytest
 
+from tests.cgi_side import frame, openports_packet, submit
 from tests.conftest import write_instance
-from tests.fakes import MemoryFirewall
+from tests.fakes import MemoryFirewall, memory_daemon
 from webknock import ctl
+from webknock import daemon as daemon_mod
 from webknock.addresses import parse_address
 from webknock.audit import AuditSink, parse_when, record, trail_files
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
-from webknock.engine import GrantEngine
-from webknock.events import Event, EventBus
+from webknock.events import Event
 from webknock.protocol.v1 import Keys
-from webknock.spool import encode_request, new_request_id, write_request
-from webknock.spooldirs import WebIdentity, prepare_spool
-from webknock.state import StateStore
 
-WEB = pwd.getpwnam("www-data")
 UA = "webknock-client/1.0 (audit test)"
 
 
@@ -41,30 +37,30 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def make_daemon(cfg: ServerConfig, sink: AuditSink) -> Daemon:
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), MemoryFirewall(), EventBus(sink))
-    return Daemon(cfg, engine, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid))
+    return memory_daemon(cfg, sink)[0]
 
 
-def spool(cfg: ServerConfig, ip: str, ports: list[tuple[str, int]], ua: str = UA) -> None:
-    data = encode_request(parse_address(ip), ports, 60, time.time(), ua)
-    path = write_request(cfg.spool.requests, new_request_id(), data)
-    os.chown(path, WEB.pw_uid, WEB.pw_gid)
+def spool(
+    cfg: ServerConfig, keys: Keys, ip: str, ports: list[tuple[str, int]], ua: str = UA
+) -> None:
+    """A knock from `ip`, relayed by the CGI with the client's User-Agent."""
+    submit(cfg, payload=frame(openports_packet(keys, ip, ports), ip, agent=ua))
 
 
 def test_every_event_kind_is_one_line_with_its_fields(tmp_path: Path, vector_keys: Keys) -> None:
+    """A knock refused (a port not offered) is answered and logged: it is no event."""
     audit = tmp_path / "log" / "webknock.jsonl"
     cfg = load(write_instance(tmp_path, vector_keys, audit_log=str(audit)))
     sink = AuditSink(cfg.audit_log)
     d = make_daemon(cfg, sink)
-    spool(cfg, "192.0.2.10", [("tcp", 22)])
+    spool(cfg, vector_keys, "192.0.2.10", [("tcp", 22)])
     d.drain()  # open
-    spool(cfg, "192.0.2.10", [("tcp", 22)], ua="other-agent/2")
+    spool(cfg, vector_keys, "192.0.2.10", [("tcp", 22)], ua="other-agent/2")
     d.drain()  # renew
-    spool(cfg, "2001:db8::7", [("udp", 51820)])
+    spool(cfg, vector_keys, "2001:db8::7", [("udp", 51820)])
     d.drain()  # open (IPv6)
-    spool(cfg, "192.0.2.10", [("tcp", 23)])  # not offered
-    d.drain()  # reject
+    spool(cfg, vector_keys, "192.0.2.10", [("tcp", 23)])  # not offered
+    d.drain()  # no event
     d.engine.revoke(parse_address("2001:db8::7"), None, None, time.time())
     d.engine.reap(time.time() + 3600)  # expire
     sink.close()
@@ -73,21 +69,46 @@ def test_every_event_kind_is_one_line_with_its_fields(tmp_path: Path, vector_key
         ("open", "192.0.2.10"),
         ("renew", "192.0.2.10"),
         ("open", "2001:db8::7"),
-        ("reject", ""),
         ("revoke", "2001:db8::7"),
         ("expire", "192.0.2.10"),
     ]
-    opened, renewed, opened6, rejected, revoked, expired = got
+    opened, renewed, opened6, revoked, expired = got
     assert opened["user_agent"] == UA and renewed["user_agent"] == "other-agent/2"
     for r in (opened, renewed, opened6, revoked, expired):
         assert r["instance"] == "webknock" and isinstance(r["expires"], int)
         assert r["proto"] in ("tcp", "udp") and r["port"] in (22, 51820)
         assert abs(r["time"] - time.time()) < 3700
         assert r["date"].endswith("Z") and len(r["date"]) == 20
+    assert [r.get("source") for r in got] == ["knock", "knock", "knock", None, None]
     assert (opened6["proto"], opened6["port"]) == ("udp", 51820)
-    assert "port 'tcp'/23 is not offered" in rejected["reason"]
     assert revoked["reason"] == "revoked by admin"
     assert "reason" not in opened and "user_agent" not in expired
+
+
+def test_the_trail_says_whether_a_knock_or_an_admin_opened(
+    tmp_path: Path,
+    vector_keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ "admin" only for `webknockctl grant`; a knock is a knock whatever its agent says."""
+    audit = tmp_path / "webknock.jsonl"
+    config = write_instance(tmp_path, vector_keys, audit_log=str(audit))
+    cfg = load(config)
+    monkeypatch.setattr(daemon_mod, "make_firewall", lambda cfg: MemoryFirewall())
+    assert ctl.main(["--config", str(config), "grant", "192.0.2.20", "--port", "22"]) == 0
+    capsys.readouterr()
+    sink = AuditSink(cfg.audit_log)
+    d = make_daemon(cfg, sink)
+    spool(cfg, vector_keys, "192.0.2.21", [("tcp", 22)], ua="webknockctl")
+    spool(cfg, vector_keys, "192.0.2.22", [("tcp", 22)], ua="admin")
+    d.drain()
+    sink.close()
+    assert sorted((r["ip"], r["source"], r.get("user_agent")) for r in lines(audit)) == [
+        ("192.0.2.20", "admin", None),
+        ("192.0.2.21", "knock", "webknockctl"),
+        ("192.0.2.22", "knock", "admin"),
+    ]
 
 
 def test_file_is_created_root_adm_0640_and_appended(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Grant engine with an in-memory firewall: open, renew, reap, revoke, failure handling."""
+"""Grant engine with an in-memory firewall: open, renew, reap, revoke, failure handling,
+the grant limits, and who asked (source) in every event."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import MemoryFirewall
-from webknock.engine import GrantEngine
+from webknock.addresses import Address
+from webknock.engine import GrantEngine, Limits
 from webknock.events import Event, EventBus
-from webknock.grants import GrantKey
-from webknock.spool_reader import GrantRequest
+from webknock.grants import GrantKey, GrantRequest
 from webknock.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
@@ -20,20 +21,27 @@ NOW = 1_800_000_000.0
 
 
 def req(
-    ip: object = A,
+    ip: Address = A,
     ports: tuple[tuple[str, int], ...] = (("tcp", 22),),
     time: int = 60,
     rid: str = "a" * 32,
+    source: str = "knock",
 ) -> GrantRequest:
-    return GrantRequest(rid, ip, ports, time, NOW, "test-agent")  # type: ignore[arg-type]
+    return GrantRequest(rid, ip, ports, time, source, user_agent="test-agent")
+
+
+def engine_with(
+    tmp_path: Path, limits: Limits | None = None
+) -> tuple[GrantEngine, MemoryFirewall, list[Event]]:
+    fw = MemoryFirewall()
+    events: list[Event] = []
+    store = StateStore(tmp_path / "s.db")
+    return GrantEngine("webknock", store, fw, EventBus(events.append), limits), fw, events
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[GrantEngine, MemoryFirewall, list[Event]]:
-    fw = MemoryFirewall()
-    events: list[Event] = []
-    engine = GrantEngine("webknock", StateStore(tmp_path / "s.db"), fw, EventBus(events.append))
-    return engine, fw, events
+    return engine_with(tmp_path)
 
 
 def test_open_adds_rule_state_and_event(
@@ -51,6 +59,7 @@ def test_open_adds_rule_state_and_event(
     }
     assert [e.kind for e in events] == ["open", "open"]
     assert events[0].user_agent == "test-agent"
+    assert {(e.source, e.client) for e in events} == {("knock", None)}
 
 
 def test_renewal_extends_without_adding(
@@ -193,3 +202,96 @@ def test_held_events_are_delivered_in_order_at_the_end_even_on_error() -> None:
     assert got == ["192.0.2.1", "192.0.2.2"]
     bus.emit(ev("192.0.2.3"))
     assert got[-1] == "192.0.2.3", "not held any more"
+
+
+def test_events_say_who_asked(setup: tuple[GrantEngine, MemoryFirewall, list[Event]]) -> None:
+    """The source is what root knows asked: a knock (webknockd) or an admin (webknockctl);
+    a v2 request names its enrolled client."""
+    engine, _, events = setup
+    engine.open([req(source="admin")], NOW)
+    v2 = GrantRequest("b" * 32, B, (("tcp", 22),), 60, "knock", client="alice")
+    engine.open([v2], NOW)
+    assert [(e.kind, e.ip, e.source, e.client) for e in events] == [
+        ("open", "192.0.2.10", "admin", None),
+        ("open", "2001:db8::10", "knock", "alice"),
+    ]
+    assert events[1].to_dict()["client"] == "alice" and "(client alice)" in events[1].describe()
+    with pytest.raises(ValueError, match="source must be one of knock, admin"):
+        GrantRequest("c" * 32, A, (("tcp", 22),), 60, "webknockctl")
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+def ip(text: str) -> Address:
+    return ipaddress.ip_address(text)
+
+
+def test_instance_limit_refuses_only_the_request_beyond_it(tmp_path: Path) -> None:
+    engine, fw, events = engine_with(tmp_path, Limits(total=3, per_prefix=256))
+    reqs = [req(ip(f"198.51.100.{i}"), rid=f"{i:032x}") for i in range(1, 5)]
+    out = engine.open(reqs, NOW)
+    assert [out[r.id].ok for r in reqs] == [True, True, True, False]
+    refused = out[reqs[3].id]
+    assert refused.errorcode == "LIMIT" and refused.error == (
+        "this server holds its limit of 3 grants"
+    )
+    assert len(fw.held) == 3 and len(fw.batches) == 1 and len(events) == 3
+    assert len(engine.store.read().all()) == 3
+
+
+def test_a_request_of_several_ports_counts_each(tmp_path: Path) -> None:
+    engine, fw, _ = engine_with(tmp_path, Limits(total=3, per_prefix=256))
+    two = (("tcp", 22), ("udp", 51820))
+    out = engine.open([req(A, two, rid="1" * 32), req(B, two, rid="2" * 32)], NOW)
+    assert out["1" * 32].ok and out["2" * 32].errorcode == "LIMIT", "2 + 2 > 3: all or none"
+    assert sorted(map(str, fw.held)) == ["192.0.2.10:tcp/22", "192.0.2.10:udp/51820"]
+    out = engine.open([req(B, (("tcp", 22),), rid="3" * 32)], NOW)
+    assert out["3" * 32].ok, "one more fits"
+
+
+def test_prefix_limit_counts_an_ipv6_64_together(tmp_path: Path) -> None:
+    engine, fw, _ = engine_with(tmp_path, Limits(total=100, per_prefix=2))
+    reqs = [
+        req(ip("2001:db8::1"), rid="1" * 32),
+        req(ip("2001:db8::ffff:1"), rid="2" * 32),
+        req(ip("2001:db8::2:0:0:3"), rid="3" * 32),  # still 2001:db8::/64
+        req(ip("2001:db8:0:1::1"), rid="4" * 32),  # the next /64
+        req(ip("192.0.2.1"), rid="5" * 32),  # an IPv4 address is a prefix of its own
+        req(ip("192.0.2.2"), rid="6" * 32),
+    ]
+    out = engine.open(reqs, NOW)
+    assert [r.id[0] for r in reqs if not out[r.id].ok] == ["3"]
+    assert out["3" * 32].error == "2001:db8::/64 holds its limit of 2 grants"
+    assert len(fw.held) == 5
+    out = engine.open([req(ip("192.0.2.1"), (("tcp", 2222), ("udp", 51820)), rid="7" * 32)], NOW)
+    assert out["7" * 32].errorcode == "LIMIT", "192.0.2.1/32 has 1, 1 + 2 > 2"
+
+
+def test_renewals_are_never_refused_and_expired_grants_do_not_count(tmp_path: Path) -> None:
+    engine, _, events = engine_with(tmp_path, Limits(total=2, per_prefix=1))
+    out = engine.open([req(A, rid="1" * 32), req(B, rid="2" * 32, time=10)], NOW)
+    assert all(o.ok for o in out.values())
+    out = engine.open([req(A, rid="3" * 32, time=600), req(ip("192.0.2.99"), rid="4" * 32)], NOW)
+    assert out["3" * 32].ok and out["3" * 32].expires == int(NOW + 600), "a renewal at the limit"
+    assert out["4" * 32].errorcode == "LIMIT"
+    out = engine.open([req(ip("192.0.2.99"), rid="5" * 32)], NOW + 11)  # B has expired
+    assert out["5" * 32].ok, "an expired grant, not reaped yet, takes no place"
+    assert [e.kind for e in events] == ["open", "open", "renew", "open"]
+
+
+def test_the_same_grant_twice_in_a_batch_counts_once(tmp_path: Path) -> None:
+    engine, fw, _ = engine_with(tmp_path, Limits(total=1, per_prefix=1))
+    out = engine.open([req(rid="1" * 32), req(rid="2" * 32, time=120)], NOW)
+    assert out["1" * 32].ok and out["2" * 32].ok
+    assert out["1" * 32].expires == out["2" * 32].expires == int(NOW + 120)
+    assert len(fw.held) == 1
+
+
+def test_a_batch_all_beyond_the_limits_changes_nothing(tmp_path: Path) -> None:
+    engine, fw, events = engine_with(tmp_path, Limits(total=1, per_prefix=1))
+    engine.open([req()], NOW)
+    batches = len(fw.batches)
+    out = engine.open([req(B, rid="b" * 32)], NOW)
+    assert out["b" * 32].errorcode == "LIMIT"
+    assert len(fw.batches) == batches and len(events) == 1, "no empty firewall batch"

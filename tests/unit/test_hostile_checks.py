@@ -17,17 +17,29 @@ from webknock import ctl
 from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
 from webknock.protocol.v1 import Keys
+from webknock.spooldirs import mount_spool, prepare_spool, unmount_spool
 
 WEB = pwd.getpwnam("www-data")
 
 
 @pytest.fixture
 def site(vector_keys: Keys) -> Iterator[ServerConfig]:
-    """A correct installation in a fresh directory (root 0755, as /etc/webknock would be)."""
+    """A correct installation in a fresh directory (root 0755, as /etc/webknock would be):
+    keys root 0600 (only webknockd reads them), the spool on a bounded tmpfs of its own
+    (as `webknockctl prepare-spool` mounts it; unmounted at the end)."""
     base = Path(tempfile.mkdtemp(prefix="webknock-check-"))
+    cfg: ServerConfig | None = None
     try:
-        yield load(install_correctly(base, vector_keys))
+        cfg = load(install_correctly(base, vector_keys))
+        os.chown(cfg.keys_file, 0, 0)
+        os.chmod(cfg.keys_file, 0o600)
+        if not mount_spool(cfg.spool, WEB.pw_gid):
+            pytest.skip("cannot mount a tmpfs for the spool here")
+        prepare_spool(cfg.spool, WEB.pw_gid)
+        yield cfg
     finally:  # also when the installation itself failed
+        if cfg is not None:
+            unmount_spool(cfg.spool)
         shutil.rmtree(base)
 
 
@@ -54,7 +66,6 @@ def resolve(cfg: ServerConfig, path: str) -> Path:
         "claimed": cfg.spool.claimed,
         "rejected": cfg.spool.rejected,
         "requests": cfg.spool.requests,
-        "seen": cfg.spool.seen,
         "waits": cfg.spool.waits,
     }[path]
 
@@ -71,7 +82,8 @@ def symlink_state(cfg: ServerConfig) -> None:
         (chmod("keys", 0o644), "error", "readable by everyone"),
         (chmod("keys", 0o660), "error", "keys file"),
         (chown("keys", WEB.pw_uid), "error", "owned by uid"),
-        (chown("keys", 0, 0), "warning", "has group 0"),
+        (chown("keys", 0, WEB.pw_gid), None, ""),  # no group may read them anyway
+        (chmod("keys", 0o640), "error", "whoever can read the keys can open the firewall"),
         (chmod("config", 0o666), "error", "writable by others than root"),
         (chmod("config", 0o640), None, ""),
         (chown("config", WEB.pw_uid), "error", "config file"),
@@ -85,7 +97,6 @@ def symlink_state(cfg: ServerConfig) -> None:
         (chmod("claimed", 0o777), "error", "claimed"),
         (chown("rejected", WEB.pw_uid), "error", "rejected"),
         (chmod("requests", 0o1733), "error", "requests"),
-        (chown("seen", 0, 0), "warning", "seen"),
         (chmod("waits", 0o1733), "error", "waits"),
         (chmod("waits", 0o1731), "error", "others could answer a CGI"),
     ],
@@ -103,6 +114,19 @@ def test_wrong_owner_or_mode_is_reported(
         return
     assert any(lv == level and text in msg for lv, msg in problems), problems
     assert all("run: " in msg for lv, msg in problems if "mode" in msg or "owned" in msg)
+
+
+def test_a_spool_without_its_own_tmpfs_is_a_warning(site: ServerConfig) -> None:
+    """The web user writes into the spool: on the host's file system it could fill it."""
+    unmount_spool(site.spool)
+    prepare_spool(site.spool, WEB.pw_gid)
+    assert check_installation(site) == [
+        (
+            "warning",
+            f"spool {site.spool.root} is not its own size-bounded tmpfs: the web user can "
+            "fill the file system it is on; run: webknockctl prepare-spool",
+        )
+    ]
 
 
 def test_web_user_root_is_an_error(site: ServerConfig, vector_keys: Keys) -> None:

@@ -12,10 +12,10 @@ import dataclasses
 import io
 import json
 import os
-import pwd
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,30 +25,27 @@ from typing import Any
 
 import pytest
 
-from tests.cgi_side import submit
+from tests.cgi_side import reply, submit
 from tests.conftest import run_in_mount_namespace, write_instance
-from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner
+from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner, memory_daemon
 from webknock import daemon as daemon_mod
-from webknock.addresses import parse_address
+from webknock.addresses import Address, parse_address
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
 from webknock.engine import GrantEngine, Outcome, census
 from webknock.events import EventBus
 from webknock.firewall.iptables import IptablesFirewall
-from webknock.grants import GrantKey
+from webknock.grants import GrantKey, GrantRequest
 from webknock.protocol import messages, transport, v1
 from webknock.spool import new_request_id
-from webknock.spool_reader import GrantRequest
-from webknock.spooldirs import WebIdentity, prepare_spool
 from webknock.state import StateError, StateStore
 
-WEB = pwd.getpwnam("www-data")
 A = parse_address("192.0.2.10")
 B = parse_address("2001:db8::10")
 
 
-def request(ip: object = A, seconds: int = 600, port: int = 22) -> GrantRequest:
-    return GrantRequest(new_request_id(), ip, (("tcp", port),), seconds, time.time(), "t")  # type: ignore[arg-type]
+def request(ip: Address = A, seconds: int = 600, port: int = 22) -> GrantRequest:
+    return GrantRequest(new_request_id(), ip, (("tcp", port),), seconds, user_agent="t")
 
 
 # -- state commit refused after the kernel batch went in ---------------------------------
@@ -60,18 +57,29 @@ def engine(tmp_path: Path) -> GrantEngine:
 
 
 @contextmanager
-def commit_refused(engine: GrantEngine) -> Iterator[None]:
-    """Every COMMIT fails as SQLite fails it on a full disk."""
+def commit_refused(engine: GrantEngine, *, grants_only: bool = False) -> Iterator[None]:
+    """Every COMMIT fails as SQLite fails it on a full disk; `grants_only`: only that of a
+    transaction that wrote grants (replay marks and bad-packet counts are recorded)."""
     real = engine.store._connect
+    wrote_grants = [False]
 
     class Db:
         def __init__(self, db: sqlite3.Connection) -> None:
             self.db = db
 
         def execute(self, sql: str, *args: Any) -> Any:
-            if sql == "COMMIT":
+            if sql.startswith("BEGIN"):
+                wrote_grants[0] = False
+            if sql.startswith("INSERT INTO grants"):
+                wrote_grants[0] = True
+            if sql == "COMMIT" and (wrote_grants[0] or not grants_only):
                 raise sqlite3.OperationalError("database or disk is full")
             return self.db.execute(sql, *args)
+
+        def executemany(self, sql: str, *args: Any) -> Any:
+            if sql.startswith("INSERT INTO grants"):
+                wrote_grants[0] = True
+            return self.db.executemany(sql, *args)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.db, name)
@@ -108,28 +116,35 @@ def test_refused_commit_of_a_revoke_puts_live_rules_back(engine: GrantEngine) ->
     assert [str(g.key) for g in engine.reap(now + 5)] == ["[2001:db8::10]:tcp/22"]
 
 
-def memory_daemon(cfg: ServerConfig) -> tuple[Daemon, MemoryFirewall]:
-    """A daemon for `cfg` on an in-memory firewall, with its spool prepared."""
-    prepare_spool(cfg.spool, WEB.pw_gid)
-    fw = MemoryFirewall()
-    eng = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())
-    return Daemon(cfg, eng, WebIdentity("www-data", WEB.pw_uid, WEB.pw_gid)), fw
+def test_replay_marks_not_recorded_accept_nothing(tmp_path: Path, vector_keys: v1.Keys) -> None:
+    """A mark the state file did not take would let the packet be replayed: every verified
+    request of the batch gets 503, nothing is applied; the next batch works again."""
+    cfg = load(write_instance(tmp_path, vector_keys))
+    d, fw = memory_daemon(cfg)
+    first = [submit(cfg, vector_keys, str(A)), submit(cfg, vector_keys, str(B))]
+    with commit_refused(d.engine):
+        d.drain()
+    assert [w.result() for w in first] == [(503, "", b"")] * 2
+    assert fw.listed() == [] and d.engine.store.read().all() == []
+    again = submit(cfg, vector_keys, str(A))
+    d.drain()
+    assert reply(vector_keys, again.result())["success"] is True
 
 
 def test_daemon_answers_state_failure_and_keeps_going(tmp_path: Path, vector_keys: v1.Keys) -> None:
+    """The marks are recorded, the grants are not: a sealed STATE reply, nothing applied."""
     cfg = load(write_instance(tmp_path, vector_keys))
-    d, _ = memory_daemon(cfg)
-    eng = d.engine
-    waiting = submit(cfg, str(A))
-    with commit_refused(eng):
+    d, fw = memory_daemon(cfg)
+    waiting = submit(cfg, vector_keys, str(A))
+    with commit_refused(d.engine, grants_only=True):
         d.drain()
-    assert waiting.result() == {
-        "v": 1,
-        "ok": False,
+    assert reply(vector_keys, waiting.result()) == {
+        "success": False,
         "error": "server state unavailable",
         "errorcode": "STATE",
     }
-    assert eng.firewall.listed() == []
+    assert fw.listed() == [] and d.engine.store.read().all() == []
+    assert d.guard.commit([(b"v1:other", "0" * 32)], time.time()) == [True], "it works again"
 
 
 # -- the firewall changed behind the daemon's back ---------------------------------------
@@ -270,24 +285,27 @@ def test_daemon_loop_survives_failing_steps(
         return real_open(requests, now)
 
     d.engine.open = flaky  # type: ignore[method-assign]
-    shutil.rmtree(cfg.spool.seen)  # prune fails every tick
+    shutil.rmtree(cfg.spool.rejected)  # the housekeeping fails every time
     thread = threading.Thread(target=d.run)
     thread.start()
     try:
         time.sleep(0.2)
-        first = submit(cfg, str(A))
+        first = submit(cfg, vector_keys, str(A))
         time.sleep(0.5)
-        second = submit(cfg, str(B))
+        second = submit(cfg, vector_keys, str(B))
         answer = second.result(5)
         time.sleep(1.2)
         assert thread.is_alive()
-        assert first.result(5) is not None, "its claimed request is answered after all"
+        retried = first.result(5)
     finally:
         d.stopping = True
         thread.join(5)
-    assert answer is not None and answer["ok"] is True
+    assert reply(vector_keys, answer)["success"] is True
+    # left in claimed/ with its mark burnt: taken up again by root, not a replay
+    assert reply(vector_keys, retried)["success"] is True, "granted after all"
+    assert sorted(str(k.ip) for k in d.engine.firewall.listed()) == [str(A), str(B)]
     assert "drain failed: [Errno 5] Input/output error" in caplog.text
-    assert "pruning the spool failed" in caplog.text
+    assert "spool housekeeping failed" in caplog.text
 
 
 # -- real disk faults, in a private mount namespace --------------------------------------
@@ -327,6 +345,7 @@ def _fill(directory: Path, *, inodes: bool = True) -> None:
 
 
 def _cgi(cfg_path: Path, keys: v1.Keys, obj: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    """The CGI relays one knock (in this process); its status and the reply it opened."""
     from webknock import cgi
 
     obj = {"nonce": os.urandom(8).hex(), **obj}
@@ -337,10 +356,16 @@ def _cgi(cfg_path: Path, keys: v1.Keys, obj: dict[str, Any]) -> tuple[int, dict[
         "REMOTE_ADDR": obj.get("ip", "192.0.2.10"),
         "WEBKNOCK_CONFIG": str(cfg_path),
     }
+    stdin = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(body))
     try:
-        packet = cgi.handle(env, io.BytesIO(body), time.time())
-    except cgi.Reply as reply:
-        return reply.status, None
+        status, _, packet = cgi.handle(env)
+    except cgi.Reply as refused:
+        return refused.status, None
+    finally:
+        sys.stdin = stdin
+    if status != 200:
+        return status, None
     reply_obj: dict[str, Any] = json.loads(v1.decode(keys, packet))
     return 200, reply_obj
 
@@ -387,13 +412,14 @@ def scenario_full_disk(base: Path, keys: v1.Keys) -> dict[str, Any]:
     )
     cfg.spool_dir.mkdir()
     _mount("-t", "tmpfs", "-o", "size=128k", "tmpfs", str(cfg.spool_dir))
-    d, eng, fw, thread = _running_daemon(cfg)
+    d, _, fw, thread = _running_daemon(cfg)
     out: dict[str, Any] = {}
     try:
         out["before"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
         _fill(cfg.state_file.parent)
         out["state_full"] = _cgi(cfg_path, keys, _knock("192.0.2.11"))
-        out["revoke_full"] = repr(_try(lambda: eng.revoke(A, None, None, time.time())))
+        ctl = GrantEngine(cfg.instance, StateStore(cfg.state_file), fw, EventBus())  # webknockctl
+        out["revoke_full"] = repr(_try(lambda: ctl.revoke(A, None, None, time.time())))
         out["held_state_full"] = sorted(map(str, fw.held))
         # now the spool fills up as well
         _fill(cfg.spool.requests, inodes=False)  # the CGI can create its file, not fill it
@@ -425,13 +451,8 @@ def test_full_disk_answers_errors_and_corrupts_nothing(
 ) -> None:
     out = in_mount_namespace("scenario_full_disk", tmp_path, vector_keys)
     assert out["before"][0] == 200 and out["before"][1]["success"] is True
-    status, reply = out["state_full"]
-    assert status == 200 and reply == {
-        "success": False,
-        "error": "server state unavailable",
-        "errorcode": "STATE",
-    }
-    assert "StateError" in out["revoke_full"]
+    assert out["state_full"] == [503, None], "no replay mark recorded: nothing accepted"
+    assert "StateError" in out["revoke_full"] and "full" in out["revoke_full"]
     assert out["held_state_full"] == ["192.0.2.10:tcp/22"], "revoke refused: rule stays"
     assert out["spool_full"] == [503, None]
     assert out["spool_left"] == [".filler"], "no half-written request left behind"
@@ -492,10 +513,8 @@ def test_read_only_state_answers_errors_and_corrupts_nothing(
     subprocess.run(["chattr", "-i", str(probe)], check=True)
     out = in_mount_namespace("scenario_read_only_state", tmp_path, vector_keys)
     assert out["before"][1]["success"] is True
-    for key in ("ro", "renew_ro"):
-        status, reply = out[key]
-        assert status == 200 and reply["success"] is False and reply["errorcode"] == "STATE"
-    assert out["held_ro"] == ["192.0.2.10:tcp/22"], "the refused grant was taken back out"
+    assert out["ro"] == out["renew_ro"] == [503, None], "no replay mark recorded: no grant"
+    assert out["held_ro"] == ["192.0.2.10:tcp/22"], "nothing applied, nothing taken out"
     assert out["held_restored_ro"] == ["192.0.2.10:tcp/22"], "repair only reads the state"
     assert out["after"][1]["success"] is True and out["alive"] is True
     assert out["held"] == ["192.0.2.10:tcp/22", "[2001:db8::10]:tcp/22"]

@@ -29,14 +29,15 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
 from webknock import config
+from webknock.addresses import Address
 from webknock.config import ConfigError
 from webknock.engine import GrantEngine
 from webknock.events import Event, EventBus, Sink
+from webknock.grants import GrantRequest
 from webknock.notify import load_notify, mail_sender, sinks_for, webhook_sender
 from webknock.notify.settings import NotifySettings, read_credentials
 from webknock.notify.worker import BackgroundSender
 from webknock.protocol.v1 import Keys
-from webknock.spool_reader import GrantRequest
 from webknock.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
@@ -61,12 +62,12 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def req(
-    ip: object = A,
+    ip: Address = A,
     ports: tuple[tuple[str, int], ...] = (("tcp", 22),),
     rid: str = "a" * 32,
     ua: str = "webknock-client/1.0 (test)",
 ) -> GrantRequest:
-    return GrantRequest(rid, ip, ports, 600, NOW, ua)  # type: ignore[arg-type]
+    return GrantRequest(rid, ip, ports, 600, "knock", user_agent=ua)
 
 
 class Inbox:
@@ -508,7 +509,7 @@ def test_webhook_gets_open_and_revoke_not_renew(
     assert opened["event"] == "open" and opened["ip"] == "192.0.2.10"
     assert opened["proto"] == "tcp" and opened["port"] == 22
     assert opened["expires"] == int(NOW + 600) and opened["instance"] == "lab"
-    assert opened["user_agent"] == "webknock-client/1.0 (test)"
+    assert opened["user_agent"] == "webknock-client/1.0 (test)" and opened["source"] == "knock"
     assert opened["date"].endswith("Z") and opened["time"] == round(NOW, 3)
     assert revoked["event"] == "revoke" and revoked["reason"] == "revoked by admin"
     assert handler.headers_seen == ["application/json"] * 2

@@ -14,8 +14,9 @@ import pytest
 from tests.conftest import install_correctly
 from webknock import ctl
 from webknock.checks import check_installation
-from webknock.config import ServerConfig, load
+from webknock.config import ServerConfig, SpoolPaths, load
 from webknock.protocol.v1 import Keys
+from webknock.spooldirs import unmount_spool
 
 WEB = pwd.getpwnam("www-data")
 
@@ -29,6 +30,7 @@ def base(vector_keys: Keys) -> Iterator[Path]:
         install_correctly(base, vector_keys, audit_log=str(base / "log" / "i.jsonl"))
         yield base
     finally:  # also when the installation itself failed
+        unmount_spool(SpoolPaths(base / "spool"))
         shutil.rmtree(base)
 
 

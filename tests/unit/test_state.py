@@ -1,9 +1,11 @@
-"""State file: records, transactions that roll back, and concurrent writers losing nothing."""
+"""State file: records, transactions that roll back, concurrent writers losing nothing, the
+replay marks and bad-packet counts (root's alone), and state files of 0.1 migrated."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 from webknock import instancelock
 from webknock.grants import Grant, GrantKey
 from webknock.instancelock import InstanceLock, LockTimeout
-from webknock.state import StateStore
+from webknock.state import StateError, StateStore
 
 A = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 B = GrantKey(ipaddress.ip_address("2001:db8::10"), "udp", 51820)
@@ -148,7 +150,7 @@ import filelock
 from webknock import instancelock
 from webknock.grants import Grant, GrantKey
 from webknock.instancelock import InstanceLock, LockTimeout
-from webknock.state import StateStore
+from webknock.state import StateError, StateStore
 store = StateStore(Path(sys.argv[1]))
 base = int(sys.argv[2])
 for i in range(int(sys.argv[3])):
@@ -174,3 +176,168 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     counter = [g for g in grants if g.key.proto == "udp"]
     assert len(grants) == 4 * 60 + 1
     assert counter[0].renew_count == 240  # every read-modify-write happened under the lock
+
+
+# -- address prefixes, replay marks, bad-packet counts ----------------------------------
+
+
+def net_of(store: StateStore) -> dict[str, str]:
+    return dict(store.read().db.execute("SELECT ip, net FROM grants").fetchall())
+
+
+def test_every_grant_records_its_prefix(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    mapped = GrantKey(ipaddress.ip_address("2001:db8::ffff:1"), "tcp", 22)
+    with store.transaction() as tx:
+        tx.upsert([Grant(A, 1.0, 1.0, 100.0), Grant(B, 1.0, 1.0, 100.0)])
+        tx.upsert([Grant(mapped, 1.0, 1.0, 50.0)])
+    assert net_of(store) == {
+        "192.0.2.10": "192.0.2.10/32",
+        "2001:db8::10": "2001:db8::/64",
+        "2001:db8::ffff:1": "2001:db8::/64",
+    }
+    with store.transaction() as tx:
+        assert tx.live_total(60.0) == 2
+        assert tx.live_in_prefix("2001:db8::/64", 60.0) == 1
+        assert tx.live_in_prefix("2001:db8::/64", 10.0) == 2
+        assert tx.live_in_prefix("192.0.2.10/32", 60.0) == 1
+        assert tx.live_in_prefix("192.0.2.11/32", 60.0) == 0
+
+
+def test_burn_records_each_mark_once_with_the_request_that_burnt_it(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    with store.transaction() as tx:
+        assert tx.burn([(b"m1", "1" * 32), (b"m2", "2" * 32), (b"m1", "3" * 32)], 100.0) == [
+            (True, "1" * 32),
+            (True, "2" * 32),
+            (False, "1" * 32),
+        ]
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        assert tx.burn([(b"m3", "4" * 32)], 100.0) == [(True, "4" * 32)]
+        raise RuntimeError("the batch failed")
+    with store.transaction() as tx:
+        assert tx.burn([(b"m3", "5" * 32)], 100.0) == [(True, "5" * 32)], "rolled back"
+        tx.forget(100.0, 0.0, 10)
+        assert tx.burn([(b"m1", "6" * 32)], 200.0) == [(True, "6" * 32)], "expired, forgotten"
+
+
+def test_failures_are_saved_loaded_and_forgotten(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    with store.transaction() as tx:
+        tx.save_failures([("192.0.2.1/32", 3, 100.0), ("2001:db8::/64", 21, 150.0)])
+        tx.save_failures([("192.0.2.1/32", 4, 120.0)])
+    with store.transaction() as tx:
+        assert sorted(tx.load_failures(0.0)) == [
+            ("192.0.2.1/32", 4, 120.0),
+            ("2001:db8::/64", 21, 150.0),
+        ]
+        assert tx.load_failures(120.0) == [("2001:db8::/64", 21, 150.0)]
+        tx.save_failures([(f"198.18.0.{i}/32", 1, 200.0 + i) for i in range(5)])
+        tx.forget(0.0, 120.0, 3)
+        assert sorted(p for p, _, _ in tx.load_failures(0.0)) == [
+            "198.18.0.2/32",
+            "198.18.0.3/32",
+            "198.18.0.4/32",
+        ]
+
+
+def test_the_web_user_cannot_reach_marks_or_counts(tmp_path: Path) -> None:
+    """They live in the state file, 0600 root: nothing of them is in the spool any more."""
+    store = StateStore(tmp_path / "state" / "s.db")
+    with store.transaction() as tx:
+        tx.burn([(b"m", "1" * 32)], 100.0)
+    st = (tmp_path / "state" / "s.db").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+# -- state files of 0.1 ------------------------------------------------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE grants (
+    ip TEXT NOT NULL,
+    proto TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
+    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    first_opened REAL NOT NULL,
+    last_renewed REAL NOT NULL,
+    expires REAL NOT NULL,
+    renew_count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ip, proto, port)
+);
+CREATE INDEX grants_expires ON grants (expires);
+"""
+
+
+def old_state_file(path: Path, rows: list[tuple[str, str, int, float, float, float, int]]) -> None:
+    """A state file as webknock 0.1 wrote it: no `net` column, no replay or failures table."""
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executemany("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+
+
+def test_an_old_state_file_is_migrated_and_its_grants_get_their_net(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    old_state_file(
+        path,
+        [
+            ("192.0.2.10", "tcp", 22, 1.0, 2.0, 100.0, 1),
+            ("192.0.2.10", "udp", 51820, 1.0, 1.0, 100.0, 0),
+            ("2001:db8::10", "tcp", 22, 1.0, 1.0, 50.0, 0),
+            ("2001:db8::20", "tcp", 22, 1.0, 1.0, 100.0, 0),
+        ],
+    )
+    store = StateStore(path)
+    grants = store.read().all()
+    assert [(str(g.key), g.expires, g.renew_count) for g in grants] == [
+        ("[2001:db8::10]:tcp/22", 50.0, 0),
+        ("192.0.2.10:tcp/22", 100.0, 1),
+        ("192.0.2.10:udp/51820", 100.0, 0),
+        ("[2001:db8::20]:tcp/22", 100.0, 0),
+    ]
+    assert net_of(store) == {
+        "192.0.2.10": "192.0.2.10/32",
+        "2001:db8::10": "2001:db8::/64",
+        "2001:db8::20": "2001:db8::/64",
+    }
+    with store.transaction() as tx:
+        assert tx.live_in_prefix("2001:db8::/64", 60.0) == 1
+        assert tx.burn([(b"m", "1" * 32)], 100.0) == [(True, "1" * 32)]
+        tx.save_failures([("192.0.2.1/32", 1, 10.0)])
+        tx.upsert([Grant(A, 1.0, 3.0, 200.0, 2)])  # a renewal keeps the net
+    assert net_of(store)["192.0.2.10"] == "192.0.2.10/32"
+    indexes = {r[0] for r in store.read().db.execute("SELECT name FROM sqlite_master")}
+    assert {"replay", "failures", "grants_net"} <= indexes
+    store.close()
+    again = StateStore(path)  # opening a migrated file again changes nothing
+    assert {g.key for g in again.read().all()} == {g.key for g in grants}
+    assert len(net_of(again)) == 3
+
+
+def test_the_migration_of_one_file_by_two_processes_is_done_once(tmp_path: Path) -> None:
+    """webknockd and webknockctl may open an old file at the same time."""
+    path = tmp_path / "s.db"
+    old_state_file(path, [(f"198.18.0.{i}", "tcp", 22, 1.0, 1.0, 100.0, 0) for i in range(50)])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = (
+        "import sys; from pathlib import Path; from webknock.state import StateStore\n"
+        "print(len(StateStore(Path(sys.argv[1])).read().all()))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4 and outs == [b"50\n"] * 4
+    assert set(net_of(StateStore(path)).values()) == {f"198.18.0.{i}/32" for i in range(50)}
+
+
+def test_a_file_that_is_no_state_file_is_a_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    path.write_bytes(b"not a database" * 100)
+    os.chmod(path, 0o600)
+    with pytest.raises(StateError, match="cannot open state file"):
+        StateStore(path).read()
