@@ -52,6 +52,8 @@ def client_address(remote: str, forwarded: str, trusted: tuple[Network, ...]) ->
     proxy. Raises AddressError: 500 for an unusable REMOTE_ADDR (the web server's fault),
     400 for a malformed X-Forwarded-For from a trusted proxy."""
     try:
+        if "%" in remote:  # an IPv6 scope means nothing to a firewall rule
+            raise ValueError(remote)
         addr = parse_address(remote)
     except ValueError:
         raise AddressError(500, f"REMOTE_ADDR {remote[:60]!r} unusable") from None

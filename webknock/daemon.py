@@ -52,6 +52,8 @@ CHECK_SHARE = 50
 #: The spool is pruned, and replay marks and bad-packet counts forgotten, every this
 #: many seconds (the shortest lifetime they enforce is a minute).
 PRUNE_EVERY = 10.0
+#: At most this many refusals are logged one by one per housekeeping round (PRUNE_EVERY).
+REFUSAL_LINES = 100
 #: Every this many seconds the check compares every key, not only counts.
 FULL_CHECK = 30.0
 #: After a failed check or repair, wait this long before the next attempt.
@@ -68,6 +70,7 @@ class Claimed(NamedTuple):
     name: str
     path: str
     arrived: float  # its ctime before the claim: when the CGI put it there, or later
+    inode: int = 0
     leftover: bool = False  # found in claimed/ after a crash: it may have burnt its mark
 
 
@@ -134,6 +137,8 @@ class Daemon:
         self.next_full_check = 0.0
         self.next_prune = 0.0
         self.refused_files = 0  # malformed spool files since the last prune (logged then)
+        self.refusal_lines = 0  # refusals logged one by one since the last prune
+        self.unlogged = 0  # refusals past REFUSAL_LINES since the last prune (logged then)
         self.rescan = True  # look for claimed/ leftovers (a crash) at start and every tick
         self._requests = str(self.spool.requests)
         self._claimed = str(self.spool.claimed)
@@ -158,7 +163,9 @@ class Daemon:
             source = os.path.join(self._requests, name)
             target = os.path.join(self._claimed, name)
             try:
-                arrived = os.lstat(source).st_ctime
+                st = os.lstat(source)
+                if self.keeper.is_stuck(self._requests, st.st_ino):
+                    continue  # could not be removed and was logged: not again
                 os.rename(source, target)
             except FileNotFoundError:
                 continue  # withdrawn by the CGI after its timeout
@@ -166,7 +173,7 @@ class Daemon:
                 log.debug("cannot claim spool entry %r (%s); removing it", name, exc)
                 self.keeper.set_aside(Path(source), name)
                 continue
-            taken.append(Claimed(name, target, arrived))
+            taken.append(Claimed(name, target, st.st_ctime, st.st_ino))
         if not self.rescan:
             return taken
         self.rescan = False
@@ -180,10 +187,11 @@ class Daemon:
                     entries.append(just_taken[e.name])
                     continue
                 try:
-                    ctime = e.stat(follow_symlinks=False).st_ctime
-                    entries.append(Claimed(e.name, e.path, ctime, leftover=True))
+                    st = e.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                if not self.keeper.is_stuck(self._claimed, st.st_ino):
+                    entries.append(Claimed(e.name, e.path, st.st_ctime, st.st_ino, leftover=True))
         entries.sort()
         return entries[:MAX_BATCH]
 
@@ -271,7 +279,7 @@ class Daemon:
             request_id = request_name_id(entry.name)
             if request_id in answers:
                 self.answer(request_id, answers[request_id])
-            self.keeper.remove(self._claimed, entry.name, 0)
+            self.keeper.remove(self._claimed, entry.name, entry.inode)
 
     def _check(self, entry: Claimed, now: float, answers: dict[str, Answer]) -> Verified | None:
         """Read and verify one claimed request; a refusal goes into `answers`."""
@@ -292,7 +300,7 @@ class Daemon:
         try:
             peer = client_address(req.remote, req.forwarded, self.cfg.trusted_proxies)
         except AddressError as exc:
-            log.warning("request %s: %s", req.id, exc.reason)
+            self._log_refusal("request %s: %s", req.id, exc.reason)
             answers[req.id] = Answer(exc.status)
             return None
         try:
@@ -311,7 +319,7 @@ class Daemon:
                 prefix = prefix_of(peer)
                 self.guard.suppressed[prefix] = self.guard.suppressed.get(prefix, 0) + 1
                 return Answer(429)
-        log.info("refused %s from %s: %s", request_id[:8], peer, refusal.reason)
+        self._log_refusal("refused %s from %s: %s", request_id[:8], peer, refusal.reason)
         return refusal.answer
 
     def _open(self, grants: list[Verified], now: float) -> dict[str, Outcome]:
@@ -329,6 +337,15 @@ class Daemon:
                 for r in requests
             }
 
+    def _log_refusal(self, message: str, *args: object) -> None:
+        """One line per refusal, up to REFUSAL_LINES per housekeeping round; then a count
+        (anyone can send bad packets, and the web user can forge any number of requests)."""
+        if self.refusal_lines < REFUSAL_LINES:
+            self.refusal_lines += 1
+            log.info(message, *args)
+        else:
+            self.unlogged += 1
+
     # -- housekeeping --------------------------------------------------------------------
 
     def housekeeping(self) -> None:
@@ -337,6 +354,9 @@ class Daemon:
         if self.refused_files:
             log.warning("refused %d malformed spool file(s)", self.refused_files)
             self.refused_files = 0
+        if self.unlogged:
+            log.warning("refused %d more request(s), not logged one by one", self.unlogged)
+        self.refusal_lines = self.unlogged = 0
         self.guard.forget(self.clock())
 
     def check_firewall(self, now: float) -> None:

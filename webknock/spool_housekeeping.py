@@ -99,6 +99,10 @@ class SpoolKeeper:
                 pass  # removed in place below
         self.remove(str(path.parent), path.name, st.st_ino)
 
+    def is_stuck(self, parent: str, inode: int) -> bool:
+        """Whether the entry could not be removed before (and was logged then)."""
+        return (parent, inode) in self._stuck
+
     def remove(self, parent: str, name: str, inode: int) -> bool:
         """Remove an entry; one that cannot be is logged the first time only."""
         try:

@@ -734,12 +734,6 @@ def test_planted_flood_keeps_the_log_quiet_and_knocks_working(site: Deployment) 
     assert d.agent.knock(SERVER4, CLIENT4, [("tcp", 22)])["status"] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="webknockd bug: a request-named directory tree deeper than remove_entry walks "
-    "(MAX_DEPTH) is moved to claimed/ and refused again every tick: a 'refused N "
-    "malformed spool file(s)' line every housekeeping round for as long as it stays",
-)
 def test_unremovable_request_is_logged_once(site: Deployment) -> None:
     d = site
     offset = d.site.daemon_log.stat().st_size
