@@ -67,9 +67,12 @@ class ServerConfig:
     tcp_ports: frozenset[int]
     udp_ports: frozenset[int]
     max_time: int
-    keys_file: Path
+    keys_file: Path | None  # v1 is spoken iff it is set
     spool_dir: Path
     state_file: Path
+    server_key_file: Path = Path("/etc/webknock/webknock.server-key")  # v2 iff it exists
+    clients_dir: Path = Path("/etc/webknock/webknock.clients")
+    url: str = ""  # the knock URL, printed in client profiles
     backend: str = "auto"
     web_user: str = "www-data"
     chain: str = "WEBKNOCK"
@@ -77,6 +80,7 @@ class ServerConfig:
     ipset: str = "auto"
     result_timeout: float = DEFAULT_RESULT_TIMEOUT
     ts_window: int = 15
+    v2_ts_window: int = 30
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     throttle_failures: int = 20
     throttle_window: int = 60
@@ -192,6 +196,12 @@ def _abs_path(text: str) -> Path:
     return Path(text)
 
 
+def _url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s#]*)?", text):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
 def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     nets = []
     for item in text.replace(" ", ",").split(","):
@@ -218,6 +228,10 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         "udp_ports",
         "max_time",
         "keys_file",
+        "server_key_file",
+        "clients_dir",
+        "url",
+        "v2_ts_window",
         "spool_dir",
         "state_file",
         "backend",
@@ -252,7 +266,13 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         tcp_ports=tcp,
         udp_ports=udp,
         max_time=sec.get("max_time", _positive_int),
-        keys_file=sec.get("keys_file", _abs_path),
+        keys_file=sec.optional("keys_file", _abs_path),
+        server_key_file=sec.get(
+            "server_key_file", _abs_path, src.parent / f"{instance}.server-key"
+        ),
+        clients_dir=sec.get("clients_dir", _abs_path, src.parent / f"{instance}.clients"),
+        url=sec.get("url", _url, ""),
+        v2_ts_window=sec.get("v2_ts_window", _positive_int, 30),
         spool_dir=sec.get("spool_dir", _abs_path),
         state_file=sec.get("state_file", _abs_path),
         backend=sec.get("backend", _choice(BACKENDS), "auto"),

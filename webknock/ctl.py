@@ -35,6 +35,7 @@ def grant_json(g: Grant, now: float) -> dict[str, Any]:
         "first_opened": int(g.first_opened),
         "last_renewed": int(g.last_renewed),
         "renew_count": g.renew_count,
+        "client": g.client,
     }
 
 
@@ -43,7 +44,7 @@ def fmt_time(ts: float) -> str:
 
 
 def print_table(grants: Sequence[Grant], now: float) -> None:
-    rows = [("ADDRESS", "PROTO", "PORT", "EXPIRES", "LEFT", "OPENED", "RENEWS")]
+    rows = [("ADDRESS", "PROTO", "PORT", "EXPIRES", "LEFT", "OPENED", "RENEWS", "CLIENT")]
     for g in grants:
         rows.append(
             (
@@ -54,6 +55,7 @@ def print_table(grants: Sequence[Grant], now: float) -> None:
                 f"{max(0, int(g.expires - now))}s",
                 fmt_time(g.first_opened),
                 str(g.renew_count),
+                g.client or "-",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -83,9 +85,17 @@ def _engine(cfg: ServerConfig) -> GrantEngine:
 
 
 def cmd_revoke(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    gone = _engine(cfg).revoke(args.ip, args.proto, args.port, time.time())
+    if (args.ip is None) == (args.client is None):
+        print("webknockctl revoke: give an address or --client NAME", file=sys.stderr)
+        return EXIT_USAGE
+    if args.client is not None:
+        gone = _engine(cfg).revoke_client(args.client, time.time())
+        what = f"client {args.client}"
+    else:
+        gone = _engine(cfg).revoke(args.ip, args.proto, args.port, time.time())
+        what = str(args.ip)
     if not gone:
-        print(f"no grant matches {args.ip}", file=sys.stderr)
+        print(f"no grant matches {what}", file=sys.stderr)
         return EXIT_ERROR
     for g in gone:
         print(f"revoked {g.key}")
@@ -268,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include expired grants not yet reaped")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("revoke", help="close the grants of an address now")
-    p.add_argument("ip", type=address, help="client address")
+    p = sub.add_parser("revoke", help="close the grants of an address or a client now")
+    p.add_argument("ip", type=address, nargs="?", help="client address")
+    p.add_argument("--client", metavar="NAME", help="every grant of this enrolled client")
     p.add_argument("--proto", choices=("tcp", "udp"), help="only this protocol")
     p.add_argument("--port", type=port, help="only this port")
     p.set_defaults(func=cmd_revoke)

@@ -124,7 +124,10 @@ class Daemon:
         self.clock = clock
         self.verifier = verifier or Verifier(cfg)
         self.guard = guard or Guard(
-            engine.store, cfg.ts_window, cfg.throttle_failures, cfg.throttle_window
+            engine.store,
+            max(cfg.ts_window, cfg.v2_ts_window),
+            cfg.throttle_failures,
+            cfg.throttle_window,
         )
         self.spool = cfg.spool
         #: The longest a CGI waits for its answer (twice: see Submitted.answer); a request
@@ -238,6 +241,7 @@ class Daemon:
     def _handle(self, entries: list[Claimed]) -> None:
         """Verify, decide, apply and answer one batch of claimed requests."""
         now = self.clock()
+        self.verifier.refresh()
         answers: dict[str, Answer] = {}
         checked: list[Verified] = []
         for entry in entries:
@@ -257,7 +261,11 @@ class Daemon:
                 answers[v.id] = self._refuse(
                     v.id,
                     v.peer,
-                    Refusal(v.replies.refused("REPLAY", "replayed", now), "replayed", bad=True),
+                    Refusal(
+                        v.replies.refused("REPLAY", "this request was seen before", now),
+                        "replayed",
+                        bad=True,
+                    ),
                     now,
                 )
             elif v.api == "getinfo":

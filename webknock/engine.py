@@ -122,7 +122,7 @@ class GrantEngine:
                 for key, (expires, req) in wanted.items():
                     old = current.get(key)
                     if old is None or old.expires <= now:
-                        grant = Grant(key, now, now, expires, 0)
+                        grant = Grant(key, now, now, expires, 0, req.client)
                         (renew if old is not None else add).append(grant.entry)
                         kind = "open"
                     else:
@@ -132,6 +132,7 @@ class GrantEngine:
                             now,
                             max(old.expires, expires),
                             old.renew_count + 1,
+                            req.client,
                         )
                         renew.append(grant.entry)
                         kind = "renew"
@@ -253,7 +254,13 @@ class GrantEngine:
         for g in gone:
             self.events.emit(
                 Event.for_key(
-                    kind, g.key, time=now, instance=self.instance, expires=g.expires, reason=reason
+                    kind,
+                    g.key,
+                    time=now,
+                    instance=self.instance,
+                    expires=g.expires,
+                    reason=reason,
+                    client=g.client,
                 )
             )
         return gone
@@ -279,6 +286,12 @@ class GrantEngine:
             where, params = where + " AND port = ?", [*params, port]
         return self._remove("revoke", where, tuple(params), now, reason)
 
+    def revoke_client(
+        self, client: str, now: float, reason: str = "client revoked by admin"
+    ) -> list[Grant]:
+        """Remove every grant the enrolled client `client` opened or renewed last."""
+        return self._remove("revoke", "client = ?", (client,), now, reason)
+
     def reconcile(self, now: float) -> int:
         """Make the kernel hold exactly the live grants of the state file; drop expired ones."""
         with self.store.transaction() as tx:
@@ -289,7 +302,14 @@ class GrantEngine:
             self.firewall.sync([g.entry for g in live], now=now)
         for g in expired:
             self.events.emit(
-                Event.for_key("expire", g.key, time=now, instance=self.instance, expires=g.expires)
+                Event.for_key(
+                    "expire",
+                    g.key,
+                    time=now,
+                    instance=self.instance,
+                    expires=g.expires,
+                    client=g.client,
+                )
             )
         return len(live)
 

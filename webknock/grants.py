@@ -63,6 +63,7 @@ class Grant:
     last_renewed: float
     expires: float
     renew_count: int = 0
+    client: str | None = None  # v2: the enrolled client that last opened or renewed it
 
     @property
     def entry(self) -> Entry:

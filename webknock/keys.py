@@ -1,4 +1,5 @@
-"""The keys file: INI section [v1] with key1 iv1 key2 iv2 sign as lowercase hex."""
+"""Server keys: the v1 keys file (INI section [v1] with key1 iv1 key2 iv2 sign as lowercase
+hex) and the v2 server signing key (PKCS#8 PEM). Both are root's alone (0600)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from webknock.ini import parse_ini
 from webknock.protocol.v1 import Keys
+from webknock.protocol.v2 import SigningKey, V2Error
 
 KEY_NAMES = ("key1", "iv1", "key2", "iv2", "sign")
 
@@ -48,3 +50,40 @@ def format_keys(keys: Keys) -> str:
     ]
     lines += [f"{name} = {value}" for name, value in keys.to_hex().items()]
     return "\n".join(lines) + "\n"
+
+
+# -- protocol v2: the server's signing key ------------------------------------------------
+
+
+def load_server_key(path: Path) -> SigningKey:
+    """Read the server's Ed25519 key (PKCS#8 PEM); refuse one that anyone but its owner
+    (root) can read. Raises KeysError."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_mode & 0o077:
+                raise KeysError(
+                    f"{path}: readable by others than its owner (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0600 {path}"
+                )
+            text = fh.read(65536)
+    except OSError as exc:
+        raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeysError(f"{path}: not a PEM text file") from None
+    try:
+        return SigningKey.from_pem(text)
+    except V2Error as exc:
+        raise KeysError(f"{path}: {exc}") from None
+
+
+def create_server_key(path: Path) -> SigningKey:
+    """Make a new server key at `path` (0600, never over an existing file); raises
+    FileExistsError or OSError."""
+    from webknock.fsutil import write_atomic
+
+    if path.exists():
+        raise FileExistsError(f"{path} exists")
+    key = SigningKey.generate()
+    write_atomic(path, key.to_pem().encode(), 0o600)
+    return key

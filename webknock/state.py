@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS grants (
     expires REAL NOT NULL,
     renew_count INTEGER NOT NULL DEFAULT 0,
     net TEXT NOT NULL DEFAULT '',
+    client TEXT,
     PRIMARY KEY (ip, proto, port)
 );
 CREATE TABLE IF NOT EXISTS replay (
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS grants_net ON grants (net, expires);
 """
 
 
-COLUMNS = "ip, proto, port, first_opened, last_renewed, expires, renew_count"
+COLUMNS = "ip, proto, port, first_opened, last_renewed, expires, renew_count, client"
 #: Files beside the state file: SQLite's (-wal, -shm; -journal from before WAL), the lock
 #: shared by daemon, reaper and webknockctl, and the daemon's single-instance lock.
 STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon")
@@ -71,9 +72,9 @@ class StateError(Exception):
     """The state file cannot be opened, read or written."""
 
 
-def _row_to_grant(row: tuple[str, str, int, float, float, float, int]) -> Grant:
-    ip, proto, port, first, last, expires, count = row
-    return Grant(GrantKey(parse_address(ip), proto, port), first, last, expires, count)
+def _row_to_grant(row: tuple[str, str, int, float, float, float, int, str | None]) -> Grant:
+    ip, proto, port, first, last, expires, count, client = row
+    return Grant(GrantKey(parse_address(ip), proto, port), first, last, expires, count, client)
 
 
 class StateTx:
@@ -86,8 +87,8 @@ class StateTx:
         found: dict[GrantKey, Grant] = {}
         for key in keys:
             row = self.db.execute(
-                "SELECT ip, proto, port, first_opened, last_renewed, expires, renew_count "
-                "FROM grants WHERE ip = ? AND proto = ? AND port = ?",
+                f"SELECT {COLUMNS} FROM grants WHERE"  # noqa: S608
+                " ip = ? AND proto = ? AND port = ?",
                 (str(key.ip), key.proto, key.port),
             ).fetchone()
             if row:
@@ -97,10 +98,10 @@ class StateTx:
     def upsert(self, grants: Iterable[Grant]) -> None:
         self.db.executemany(
             "INSERT INTO grants (ip, proto, port, first_opened, last_renewed, expires, "
-            "renew_count, net) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "renew_count, net, client) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (ip, proto, port) DO "
             "UPDATE SET last_renewed = excluded.last_renewed, expires = excluded.expires, "
-            "renew_count = excluded.renew_count",
+            "renew_count = excluded.renew_count, client = excluded.client",
             [
                 (
                     str(g.key.ip),
@@ -111,6 +112,7 @@ class StateTx:
                     g.expires,
                     g.renew_count,
                     prefix_of(g.key.ip),
+                    g.client,
                 )
                 for g in grants
             ],
@@ -210,10 +212,13 @@ class StateTx:
         return float(row[0]) if row and row[0] is not None else None
 
 
-def _add_net_column(db: sqlite3.Connection) -> None:
-    """State files of 0.1 have no `net` column: add it and fill it in."""
+def _add_columns(db: sqlite3.Connection) -> None:
+    """State files of 0.1 have no `net` and `client` columns: add them, fill `net` in."""
     db.execute("BEGIN IMMEDIATE")  # another process may be doing the same
-    if "net" in {row[1] for row in db.execute("PRAGMA table_info(grants)")}:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(grants)")}
+    if "client" not in columns:
+        db.execute("ALTER TABLE grants ADD COLUMN client TEXT")
+    if "net" in columns:
         db.execute("COMMIT")
         return
     db.execute("ALTER TABLE grants ADD COLUMN net TEXT NOT NULL DEFAULT ''")
@@ -245,7 +250,7 @@ class StateStore:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.executescript(TABLES)
-                _add_net_column(db)
+                _add_columns(db)
                 db.executescript(INDEXES)
             except (OSError, sqlite3.Error) as exc:
                 raise StateError(f"{self.path}: cannot open state file: {exc}") from None

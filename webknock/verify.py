@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 
 from webknock.addresses import Address
+from webknock.clients import Client, ClientRegistry
 from webknock.config import ServerConfig
-from webknock.keys import KeysError, load_keys
-from webknock.protocol import v1
+from webknock.keys import KeysError, load_keys, load_server_key
+from webknock.protocol import v1, v2
 from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_request
 from webknock.spool_reader import SpooledRequest
 
@@ -84,6 +85,53 @@ class V1Replies(Replies):
         return self._seal({"success": False, "error": error, "errorcode": code})
 
 
+class V2Replies(Replies):
+    """Replies of protocol v2: signed with the server key and bound to the request."""
+
+    #: The spec's refusal codes for the daemon's outcome codes.
+    CODES = {
+        "REPLAY": "replay",
+        "NOPORTS": "ports",
+        "LIMIT": "limit",
+        "FIREWALL": "firewall",
+        "STATE": "firewall",
+    }
+
+    def __init__(self, server: v2.SigningKey, packet: bytes, client: Client) -> None:
+        self.server, self.packet, self.client = server, packet, client
+
+    def _seal(self, reply: dict[str, object]) -> Answer:
+        return Answer(200, body=v2.encode_reply(self.server, self.packet, v2.dumps(reply)))
+
+    def info(self, peer: Address, ports: frozenset[Port], max_time: int, now: float) -> Answer:
+        return self._seal(
+            {
+                "success": True,
+                "client": self.client.name,
+                "ip": str(peer),
+                "ports": [v2.port_text(p) for p in sorted(ports)],
+                "maxtime": max_time,
+                "time": int(now),
+            }
+        )
+
+    def granted(self, ip: Address, ports: tuple[Port, ...], expires: int, now: float) -> Answer:
+        return self._seal(
+            {
+                "success": True,
+                "client": self.client.name,
+                "ip": str(ip),
+                "ports": [v2.port_text(p) for p in ports],
+                "expires": expires,
+                "time": int(now),
+            }
+        )
+
+    def refused(self, code: str, error: str, now: float) -> Answer:
+        code = self.CODES.get(code, code)
+        return self._seal({"success": False, "code": code, "error": error, "time": int(now)})
+
+
 @dataclass(frozen=True)
 class Verified:
     """A request whose packet verified and passed the time and address checks."""
@@ -104,15 +152,49 @@ class Verified:
 class Verifier:
     """Verifies spooled packets with the instance's keys (re-read when the file changes)."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, registry: ClientRegistry | None = None) -> None:
         self.cfg = cfg
+        self.clients = registry or ClientRegistry(cfg.clients_dir)
         self._keys: v1.Keys | None = None
         self._keys_stamp: tuple[int, int, int, float] | None = None
+        self._server: v2.SigningKey | None = None
+        self._server_stamp: tuple[int, int, int, float] | None = None
         self._keys_error = ""
+
+    def refresh(self) -> None:
+        """Re-read clients_dir if it changed (once per batch): an enrolment, a change or a
+        removal takes effect for the next knock. Problems are logged once per change."""
+        if self.clients.refresh():
+            for problem in self.clients.problems:
+                log.error("client file skipped: %s", problem)
+
+    def server_key(self) -> v2.SigningKey | None:
+        """The v2 server key, read again when the file changed; None: v2 is off (no file).
+        Raises KeysError for a file that is there but unusable."""
+        path = self.cfg.server_key_file
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+        if stamp != self._server_stamp or self._server is None:
+            self._server = load_server_key(path)
+            self._server_stamp = stamp
+        return self._server
+
+    def _keys_failed(self, exc: KeysError, what: str) -> Refusal:
+        if str(exc) != self._keys_error:  # once per new problem, not per knock
+            log.error("%s: %s", what, exc)
+            self._keys_error = str(exc)
+        return Refusal(Answer(500), f"{what} unusable: {exc}")
 
     def v1_keys(self) -> v1.Keys:
         """The v1 keys, read again when the file changed; raises KeysError."""
         path = self.cfg.keys_file
+        if path is None:
+            raise KeysError("v1 is not enabled: no keys_file")
         try:
             st = os.stat(path)
             stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
@@ -127,16 +209,15 @@ class Verifier:
         """Verify one request (raises Refusal)."""
         if req.protocol == "v1":
             return self._verify_v1(req, peer, now)
-        raise Refusal(Answer(403), "protocol v2 is not enabled on this instance", bad=True)
+        return self._verify_v2(req, peer, now)
 
     def _verify_v1(self, req: SpooledRequest, peer: Address, now: float) -> Verified:
+        if self.cfg.keys_file is None:
+            raise Refusal(Answer(403), "protocol v1 is not enabled on this instance", bad=True)
         try:
             keys = self.v1_keys()
         except KeysError as exc:
-            if str(exc) != self._keys_error:  # once per new problem, not per knock
-                log.error("v1 keys: %s", exc)
-                self._keys_error = str(exc)
-            raise Refusal(Answer(500), f"v1 keys unusable: {exc}") from None
+            raise self._keys_failed(exc, "v1 keys") from None
         self._keys_error = ""
         try:
             data, mac = v1.decode_with_mac(keys, req.packet)
@@ -172,5 +253,72 @@ class Verifier:
             max_time=max_time,
             ports=ports,
             time=seconds,
+            user_agent=req.agent,
+        )
+
+    def _verify_v2(self, req: SpooledRequest, peer: Address, now: float) -> Verified:
+        """The checks of docs/protocol-v2.md in their order: signature (bare 403), then
+        body, expiry, clock, source, address (signed refusals); the replay mark, ports,
+        limits and firewall are the daemon's next steps."""
+        try:
+            server = self.server_key()
+        except KeysError as exc:
+            raise self._keys_failed(exc, "v2 server key") from None
+        if server is None:
+            raise Refusal(Answer(403), "protocol v2 is not enabled on this instance", bad=True)
+        try:
+            kid, _signature, body = v2.split_request(req.packet)
+        except v2.V2Error as exc:
+            raise Refusal(Answer(403), f"packet: {exc}", bad=True) from None
+        client = self.clients.lookup(kid)
+        if client is None or not client.enabled:
+            why = "unknown key" if client is None else f"client {client.name} is disabled"
+            raise Refusal(Answer(403), f"{why} (kid {kid.hex()})", bad=True)
+        try:
+            v2.verify_request(client.public, server.kid, req.packet)
+        except v2.V2Error as exc:
+            raise Refusal(Answer(403), f"client {client.name}: {exc}", bad=True) from None
+        replies = V2Replies(server, req.packet, client)
+
+        def refuse(code: str, error: str, reason: str) -> Refusal:
+            return Refusal(replies.refused(code, error, now), f"client {client.name}: {reason}")
+
+        try:
+            request = v2.parse_body(body)
+        except v2.V2Error as exc:
+            raise refuse("bad_request", str(exc), f"bad request: {exc}") from None
+        if client.expired(now):
+            raise refuse("expired", "this key has expired", f"key expired {client.expires}")
+        skew = request.ts - int(now)
+        window = self.cfg.v2_ts_window
+        if abs(skew) > window:
+            raise refuse(
+                "clock",
+                f"the request's time is {skew:+d} s off the server's (allowed +/-{window} s)",
+                f"clock skew {skew:+d} s",
+            )
+        if not client.admits(peer):
+            raise refuse("source", "not allowed from this address", f"{peer} not in from")
+        if request.api == "openports" and request.ip != peer:
+            raise refuse(
+                "ip_mismatch",
+                "ip is not the address the request came from",
+                f"packet ip {request.ip} is not the client address {peer}",
+            )
+        allowed = client.allowed(self.cfg.offered())
+        longest = client.longest(self.cfg.max_time)
+        wanted = request.ports or tuple(sorted(allowed))
+        seconds = min(request.time, longest) if request.time > 0 else longest
+        return Verified(
+            id=req.id,
+            peer=peer,
+            api=request.api,
+            mark=b"v2:" + kid + request.nonce.encode(),
+            replies=replies,
+            allowed=allowed,
+            max_time=longest,
+            ports=tuple(p for p in wanted if p in allowed) if request.api == "openports" else (),
+            time=seconds if request.api == "openports" else 0,
+            client=client.name,
             user_agent=req.agent,
         )
