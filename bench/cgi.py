@@ -21,10 +21,12 @@ ours does (answer, flush, os._exit: no interpreter teardown):
 * junk          our CGI, a POST whose `data` is not base64 of 512-byte blocks;
 * getinfo       our CGI, a valid getinfo (relayed: webknockd verifies and answers);
 * open-new      our CGI, openports from an address without a grant (spool round trip);
-* open-renew    our CGI, openports renewing that address's grant.
+* open-renew    our CGI, openports renewing that address's grant;
+* v2-getinfo, v2-open-new, v2-open-renew: the same with protocol v2 (an enrolled client's
+                Ed25519 key; its grants are of tcp/2222, so they never meet v1's).
 
 It prints p50/p90 per kind and the figures the latency budget is about: getinfo and
-open-new each at most 1.3 x print-only + 2 ms (p50), and junk / print-only.
+open-new (v1 and v2) each at most 1.3 x print-only + 2 ms (p50), and junk / print-only.
 Numbers depend on the host; the ratios compare runs of the same moment.
 """
 
@@ -73,16 +75,24 @@ sys.stdout.write("{REPLY}")
 #: Runs in the client namespace: sends the requests of one kind, prints seconds per request.
 CLIENT = r"""
 import http.client, json, random, sys, time
-from webknock.protocol import messages, transport, v1
+from webknock.protocol import messages, transport, v1, v2
 
 spec = json.loads(sys.stdin.read())
 keys = v1.Keys.from_hex(spec["keys"])
+client = v2.SigningKey.from_seed(bytes.fromhex(spec["v2_seed"]))
+server_kid = bytes.fromhex(spec["v2_server_kid"])
 PATHS = {k: "/bench-" + k for k in ("print-only", "print-site", "imports-only")}
 
 def body(kind, src):
     now = int(time.time())
     if kind in PATHS or kind == "junk":
         return b"data=" + b"!" * 683
+    if kind.startswith("v2-"):
+        req = {"api": "getinfo", "ts": now, "nonce": v2.new_nonce()}
+        if kind != "v2-getinfo":
+            req.update(api="openports", ip=src, ports=["tcp/2222"], time=3600)
+        packet = v2.encode_request(client, server_kid, v2.dumps(req))
+        return b"v2=" + transport.encode_field(packet).encode()
     if kind == "getinfo":
         data = messages.getinfo_request(now)  # with a nonce: not a replay within a second
     else:
@@ -109,12 +119,13 @@ def send(kind, src):
 # must not always weigh on the same kind).
 kinds = spec["kinds"]
 rng = random.Random(spec["seed"])
-out = {k: [] for k in kinds + ["open-renew"]}
+out = {k: [] for k in kinds}
 for src in spec["sources"]:
     for kind in rng.sample(kinds, len(kinds)):
         out[kind].append(send(kind, src))
-        if kind == "open-new":
-            out["open-renew"].append(send("open-renew", src))
+        if kind in ("open-new", "v2-open-new"):
+            renew = kind.replace("new", "renew")
+            out.setdefault(renew, []).append(send(renew, src))
 print(json.dumps(out))
 """
 
@@ -125,6 +136,9 @@ EXPECTED_STATUS = {
     "junk": 403,
     "getinfo": 200,
     "open-new": 200,
+    "v2-getinfo": 200,
+    "v2-open-new": 200,
+    "v2-open-renew": 200,
     "open-renew": 200,
 }
 
@@ -148,13 +162,24 @@ def median_difference_interval(
 
 
 #: What a round sends, each once (open-new is followed by its open-renew).
-KINDS = ("print-only", "print-site", "imports-only", "junk", "getinfo", "open-new")
+KINDS = (
+    "print-only",
+    "print-site",
+    "imports-only",
+    "junk",
+    "getinfo",
+    "open-new",
+    "v2-getinfo",
+    "v2-open-new",
+)
 
 
 def run_rounds(d: Any, sources: list[str], kinds: list[str]) -> dict[str, list[float]]:
     """Send one request of every kind per source address; seconds per request by kind."""
     spec = {
         "keys": d.site.keys.to_hex(),
+        "v2_seed": BENCH_SEED.hex(),
+        "v2_server_kid": d.site.server_key.kid.hex(),
         "server": SERVER6,
         "sources": sources,
         "kinds": kinds,
@@ -172,6 +197,22 @@ def run_rounds(d: Any, sources: list[str], kinds: list[str]) -> dict[str, list[f
         if bad:
             raise SystemExit(f"{kind}: unexpected statuses {sorted(set(bad))}\n{d.diagnostics()}")
     return {kind: [t for t, _ in timings] for kind, timings in results.items()}
+
+
+#: The v2 client the bench knocks as (a fixed seed: a benchmark, not a secret).
+BENCH_SEED = bytes(range(100, 132))
+
+
+def enrol(d: Any) -> None:
+    """Enrol the bench's v2 client for tcp/2222 (a file in clients_dir, as `webknockctl
+    client add` writes it)."""
+    from webknock.clients import Client
+    from webknock.protocol.v2 import SigningKey
+
+    key = SigningKey.from_seed(BENCH_SEED)
+    d.site.clients_dir.mkdir(mode=0o755, exist_ok=True)
+    client = Client("bench", key.public, "bench", ports=frozenset({("tcp", 2222)}))
+    (d.site.clients_dir / "bench.conf").write_text(client.render())
 
 
 def serve_baselines(d: Any) -> None:
@@ -223,9 +264,13 @@ def main() -> int:
     n = max(10, min(args.requests, 2000))
     if os.geteuid() != 0:
         raise SystemExit("bench/cgi.py: run as root (it builds network namespaces)")
-    with deployment("nginx", backend=args.backend, protect=args.backend == "nftables") as d:
+    limits = {"max_grants_per_prefix": "100000"}  # every bench address is in one /64
+    with deployment(
+        "nginx", backend=args.backend, protect=args.backend == "nftables", extra=limits
+    ) as d:
         settle(d.site.root)
         serve_baselines(d)
+        enrol(d)
         sources = [f"2001:db8::2:{i:x}" for i in range(1, n + 11)]
         batch = "".join(f"addr add {a}/64 dev {d.lab.client_if} nodad\n" for a in sources)
         d.lab.client.run(["ip", "-batch", "-"], input=batch)
@@ -239,11 +284,13 @@ def main() -> int:
     print(f"{'kind':14} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
     for kind, (p50, p90) in ms.items():
         print(f"{kind:14} {p50:8.2f} {p90:8.2f} {statistics.mean(results[kind]) * 1e3:8.2f}")
-    print(f"grants after the run: {grants} (expected {n + 10})")
+    expected = (n + 10) * (1 + ("v2-open-new" in kinds))
+    print(f"grants after the run: {grants} (expected {expected})")
     print("budget (p50): at most 1.3 x print-only + 2 ms")
     if "print-only" in ms:
         budget = 1.3 * ms["print-only"][0] + 2
-        for kind in ("getinfo", "open-new", "open-renew"):
+        budgeted = ("getinfo", "open-new", "open-renew", "v2-getinfo", "v2-open-new")
+        for kind in (k for k in budgeted if k in ms):
             verdict = "met" if ms[kind][0] <= budget else "NOT MET"
             print(f"  {kind:22}{ms[kind][0]:6.2f} ms of {budget:.2f} ms  {verdict}")
     print("ratios (p50):")
@@ -267,7 +314,7 @@ def main() -> int:
         paired = [a - b for a, b in zip(results[kind], results["getinfo"], strict=True)]
         label = f"{kind} - getinfo"
         print(f"  {label:24}{statistics.median(paired) * 1e3:+.2f} ms")
-    return 0 if grants == n + 10 else 1
+    return 0 if grants == expected else 1
 
 
 if __name__ == "__main__":

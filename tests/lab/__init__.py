@@ -360,6 +360,12 @@ class Site:
         self.keys_file = self.etc / "keys.ini"
         self.keys_file.write_text(format_keys(self.keys))
         os.chmod(self.keys_file, 0o600)  # root's alone: the web user holds no secret
+        from webknock.keys import create_server_key
+
+        # v2: the server key where the config's default looks for it (as install.sh makes
+        # it); clients are enrolled per test (`webknockctl client add`).
+        self.server_key = create_server_key(self.etc / f"{instance}.server-key")
+        self.clients_dir = self.etc / f"{instance}.clients"
         # On tmpfs, as install.sh puts it (/run/webknock): /dev/shm is tmpfs on every Debian
         # host, where this one's /run may be on disk.
         self.runtime = Path(tempfile.mkdtemp(prefix="webknock-run-", dir=RUNTIME_TMPFS))
