@@ -350,6 +350,20 @@ from webknock.protocol.v1 import Keys
 sys.stdout.write(format_keys(Keys.generate()))
 '
 
+PY_SERVERKEY='
+import sys
+from pathlib import Path
+from webknock.config import load
+from webknock.keys import create_server_key, load_server_key
+cfg = load(sys.argv[1])
+path = cfg.server_key_file
+if path.exists():
+    key, state = load_server_key(path), "kept"
+else:
+    key, state = create_server_key(path), "new"
+print(f"{state} {key.public_text()}")
+'
+
 PY_CHECKKEYS='
 import sys
 from webknock.keys import KeysError, load_keys
@@ -371,7 +385,9 @@ print(f"instance={cfg.instance}")
 print("tcp_ports=" + ", ".join(map(str, sorted(cfg.tcp_ports))))
 print("udp_ports=" + ", ".join(map(str, sorted(cfg.udp_ports))))
 print(f"max_time={cfg.max_time}")
-print(f"keys_file={cfg.keys_file}")
+print("keys_file=" + str(cfg.keys_file or ""))
+print(f"server_key_file={cfg.server_key_file}")
+print(f"clients_dir={cfg.clients_dir}")
 print(f"spool_dir={cfg.spool_dir}")
 print(f"state_file={cfg.state_file}")
 print(f"backend={cfg.backend}")
@@ -1053,6 +1069,10 @@ cmd_server() {
     write_config
     load_config "$CONFIG"
     say "    $KEYS: $KEYS_STATUS"
+    # Protocol v2: the server's own signing key (0600 root), made once, kept after.
+    SERVER_KEY=$(pyrun "$PY" "$PY_SERVERKEY" "$CONFIG") \
+        || die "the v2 server key of $CONFIG is not usable (see above)"
+    say "    v2 server key: ${SERVER_KEY%% *} (public ${SERVER_KEY#* })"
     say "    $CONFIG: $CONFIG_STATUS"
 
     step "spool ${CFG[spool_dir]} (group $WEB_GROUP), state ${CFG[state_file]}"
@@ -1096,6 +1116,11 @@ cmd_server() {
     say "Client profile - on each client run \`install.sh client --profile NAME\` and paste"
     say "this (or save it to a file for --from FILE). It holds the secret keys:"
     pyrun "$PY" "$PY_PROFILE" "$CONFIG" "$URL"
+    say ""
+    say "Protocol v2 (one key per client): on the client, \`webknock keygen --profile NAME\`"
+    say "prints its public key; enrol it here with"
+    say "    webknockctl --config $CONFIG client add NAME --key 'wk2:...'"
+    say "which prints the profile to paste on the client."
     say ""
     say "Done: instance $INSTANCE. Status: webknockctl --config $CONFIG status"
 }
@@ -1211,6 +1236,7 @@ remove_spool() { # remove_spool DIR: only the layout webknockd made, then the di
 uninstall_instance() {
     local inst=$1 spool="" state="" audit="" c kept=()
     instance_paths "$inst"
+    local server_key=$ETC/$inst.server-key clients=$ETC/$inst.clients
     if [ ! -f "$MANIFEST" ] && [ ! -f "$CONFIG" ]; then
         say "instance $inst: not installed"
         return 0
@@ -1218,6 +1244,7 @@ uninstall_instance() {
     step "removing instance $inst"
     if [ -f "$CONFIG" ] && [ -x "$PY" ] && load_config_quiet "$CONFIG"; then
         spool=${CFG[spool_dir]} state=${CFG[state_file]} audit=${CFG[audit_log]}
+        server_key=${CFG[server_key_file]} clients=${CFG[clients_dir]}
     elif [ -f "$CONFIG" ]; then # the venv is gone already (an earlier uninstall)
         spool=$(ini_value "$CONFIG" spool_dir) state=$(ini_value "$CONFIG" state_file)
         audit=$(ini_value "$CONFIG" audit_log)
@@ -1252,7 +1279,10 @@ uninstall_instance() {
     [ -z "$spool" ] || remove_spool "$spool"
     rm -f -- "$PIDFILE"
     if [ "$PURGE" = 1 ]; then
-        rm -f -- "$CONFIG" "$KEYS" "$DAEMON_LOG"
+        rm -f -- "$CONFIG" "$KEYS" "$server_key" "$DAEMON_LOG"
+        if [[ $clients =~ $PATH_RE ]] && [ -d "$clients" ]; then
+            rm -rf --one-file-system -- "$clients"
+        fi
         if [ -n "$state" ]; then
             for c in "" -journal -wal -shm .lock .daemon; do
                 rm -f -- "$state$c"
@@ -1261,7 +1291,7 @@ uninstall_instance() {
         [ -z "$audit" ] || rm -f -- "$audit"
         say "    purged config, keys, state and log"
     else
-        for c in "$CONFIG" "$KEYS" "$state" "$DAEMON_LOG"; do
+        for c in "$CONFIG" "$KEYS" "$server_key" "$clients" "$state" "$DAEMON_LOG"; do
             [ -n "$c" ] && [ -e "$c" ] && kept+=("$c")
         done
         [ ${#kept[@]} -eq 0 ] || say "    kept ${kept[*]} (--purge deletes them)"

@@ -199,6 +199,7 @@ def test_files_owners_and_modes(rooted: Rooted) -> None:
     r = rooted
     # Only webknockd (root) reads the keys: the web user holds no secret.
     assert mode_of(r.path("/etc/webknock/webknock.keys")) == (0o600, "root", "root")
+    assert mode_of(r.path("/etc/webknock/webknock.server-key")) == (0o600, "root", "root")
     assert mode_of(r.config) == (0o644, "root", "root")
     assert mode_of(r.path("/etc/webknock")) == (0o755, "root", "root")
     assert mode_of(r.path("/var/lib/webknock")) == (0o700, "root", "root")
@@ -288,6 +289,9 @@ def test_rerun_keeps_keys_and_config(rooted: Rooted) -> None:
     assert f"{keys}: kept (owner root:root, mode 600)" in rooted.second
     assert "webknock.ini: kept" in rooted.second
     assert "--root: nothing started, firewall untouched" in rooted.second
+    # the v2 server key: made once, then kept (the same public key both times)
+    made = re.search(r"v2 server key: new \(public (wk2:\S+)\)", rooted.first)
+    assert made and f"v2 server key: kept (public {made[1]})" in rooted.second
 
 
 def test_keys_are_fresh_and_printed_in_the_profile(rooted: Rooted, vector_keys: v1.Keys) -> None:
@@ -659,7 +663,11 @@ def test_uninstall_then_purge_leaves_nothing(rooted: Rooted) -> None:
     r = rooted
     out = ok(sh([INSTALL, "uninstall", "--root", r.root]))
     assert "--purge deletes them" in out
-    assert files_below(r.root) == {"etc/webknock/webknock.ini", "etc/webknock/webknock.keys"}
+    assert files_below(r.root) == {
+        "etc/webknock/webknock.ini",
+        "etc/webknock/webknock.keys",
+        "etc/webknock/webknock.server-key",
+    }
     ok(sh([INSTALL, "uninstall", "--root", r.root, "--purge"]))
     assert files_below(r.root) == set()
     for p in ("/opt/webknock", "/etc/webknock", "/run/webknock", "/var/lib/webknock"):
