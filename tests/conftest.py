@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import cgi_side
-from webknock.config import load
+from webknock.config import ServerConfig, load
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
 from webknock.spooldirs import mount_spool, prepare_spool
@@ -118,6 +118,12 @@ def run_in_mount_namespace(code: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
+def v1_keys_file(cfg: ServerConfig) -> Path:
+    """The v1 keys file of a config that has one (every test instance does)."""
+    assert cfg.keys_file is not None, f"{cfg.source}: no keys_file"
+    return cfg.keys_file
+
+
 def install_correctly(base: Path, keys: Keys, **overrides: str) -> Path:
     """A correct installation under `base` (root 0755, as /etc/webknock would be): config
     0644, keys root 0600, the spool on its own tmpfs (the caller unmounts it:
@@ -128,7 +134,7 @@ def install_correctly(base: Path, keys: Keys, **overrides: str) -> Path:
     config = write_instance(base, keys, **overrides)
     os.chmod(config, 0o644)
     cfg = load(config)
-    os.chown(cfg.keys_file, 0, 0)
+    os.chown(v1_keys_file(cfg), 0, 0)
     if not mount_spool(cfg.spool, web_gid):
         pytest.skip("cannot mount a tmpfs for the spool here")
     prepare_spool(cfg.spool, web_gid)

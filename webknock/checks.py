@@ -6,8 +6,9 @@ import os
 import stat
 from pathlib import Path
 
+from webknock.clients import SUFFIX, load_clients
 from webknock.config import ConfigError, ServerConfig
-from webknock.keys import KeysError, load_keys
+from webknock.keys import KeysError, load_keys, load_server_key
 from webknock.state import STATE_FILE_SUFFIXES
 
 Problem = tuple[str, str]  # ("error" | "warning", message)
@@ -67,6 +68,63 @@ def _mode_problems(
     return out
 
 
+def _v2_on(cfg: ServerConfig) -> bool:
+    """Protocol v2 is spoken iff the server key file is there."""
+    return os.path.lexists(cfg.server_key_file)
+
+
+def _v2_problems(cfg: ServerConfig) -> list[Problem]:
+    """The server key, the clients directory and every client file; and that some
+    protocol is on at all."""
+    problems: list[Problem] = []
+    if _v2_on(cfg):
+        try:
+            load_server_key(cfg.server_key_file)
+        except KeysError as exc:
+            problems.append(("error", str(exc)))
+        problems += _mode_problems(
+            cfg.server_key_file,
+            uid=0,
+            gid=None,
+            mode=0o600,
+            what="server key",
+            wider_is="whoever can read it can sign replies as this server; only webknockd needs it",
+        )
+    elif cfg.keys_file is None:
+        problems.append(
+            (
+                "error",
+                f"{cfg.source}: no protocol enabled: neither [server] keys_file (v1) nor a "
+                f"server key {cfg.server_key_file} (v2; webknockctl client add makes it)",
+            )
+        )
+    directory = cfg.clients_dir
+    clients, load_problems = load_clients(directory)
+    problems += [("error", str(p)) for p in load_problems]
+    names: list[str] = []
+    if os.path.lexists(directory):
+        # Whoever can change a client file or the directory can enrol a key of their own.
+        problems += _mode_problems(directory, uid=0, gid=None, mode=0o755, what="clients directory")
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            pass  # load_clients said why
+    for name in names:
+        path = directory / name
+        if name.startswith(".") or not name.endswith(SUFFIX):
+            problems.append(
+                (
+                    "warning",
+                    f"{path}: ignored by webknockd (only NAME{SUFFIX} files are clients)",
+                )
+            )
+        else:
+            problems += _mode_problems(path, uid=0, gid=None, mode=0o644, what="client file")
+    if _v2_on(cfg) and cfg.keys_file is None and not clients:
+        problems.append(("warning", f"no usable client in {directory}: nobody can knock"))
+    return problems
+
+
 def check_installation(cfg: ServerConfig) -> list[Problem]:
     """Everything an admin should fix, most serious first."""
     from webknock.firewall import FirewallError, make_firewall
@@ -81,18 +139,20 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
         problems.append(
             ("error", f"{cfg.source}: [server] web_user {web.user} is root: no privilege boundary")
         )
-    try:
-        load_keys(cfg.keys_file)
-    except KeysError as exc:
-        problems.append(("error", str(exc)))
-    problems += _mode_problems(
-        cfg.keys_file,
-        uid=0,
-        gid=None,
-        mode=0o600,
-        what="keys file",
-        wider_is="whoever can read the keys can open the firewall; only webknockd needs them",
-    )
+    if cfg.keys_file is not None:  # protocol v1
+        try:
+            load_keys(cfg.keys_file)
+        except KeysError as exc:
+            problems.append(("error", str(exc)))
+        problems += _mode_problems(
+            cfg.keys_file,
+            uid=0,
+            gid=None,
+            mode=0o600,
+            what="keys file",
+            wider_is="whoever can read the keys can open the firewall; only webknockd needs them",
+        )
+    problems += _v2_problems(cfg)
     problems += _mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
     devices: dict[int, list[str]] = {}
     for path, uid, gid, mode in layout(cfg.spool, web.gid):
@@ -141,12 +201,15 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
         )
     # Whoever can rename entries in these directories can swap what root reads.
     parents: dict[Path, list[str]] = {}
-    for path, what in (
+    for parent, what in (
         (cfg.source.parent, "config"),
-        (cfg.keys_file.parent, "keys"),
+        (cfg.keys_file.parent if cfg.keys_file is not None else None, "keys"),
+        (cfg.server_key_file.parent if _v2_on(cfg) else None, "server key"),
+        (cfg.clients_dir.parent if os.path.lexists(cfg.clients_dir) else None, "clients' parent"),
         (cfg.spool.root.parent, "spool's parent"),
     ):
-        parents.setdefault(path, []).append(what)
+        if parent is not None:
+            parents.setdefault(parent, []).append(what)
     for path, whats in parents.items():
         what = f"{', '.join(whats)} directory"
         problems += _mode_problems(path, uid=0, gid=None, mode=0o755, what=what)

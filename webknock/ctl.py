@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     from webknock.audit import add_log_command  # `webknockctl log`: the audit trail
 
     add_log_command(sub)
+    from webknock.ctl_clients import add_client_command  # `webknockctl client`: v2 clients
+
+    add_client_command(sub)
     return parser
 
 

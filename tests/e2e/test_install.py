@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import v1_keys_file
 from tests.fakes import memory_daemon
 from tests.lab import (
     AGENT,
@@ -635,7 +636,7 @@ def test_second_instance_beside_the_first(rooted: Rooted) -> None:
         )
         assert cfg.spool_dir == r.path("/run/webknock/office")
         assert (
-            load_keys(cfg.keys_file).to_hex()
+            load_keys(v1_keys_file(cfg)).to_hex()
             != load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
         )
         snippet = r.path("/etc/webknock/apache-office.conf").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_instance
+from tests.conftest import v1_keys_file, write_instance
 from webknock.config import ConfigError, config_path, load
 from webknock.keys import KeysError, load_keys
 from webknock.protocol.v1 import Keys
@@ -93,10 +93,10 @@ def test_missing_file_and_section(tmp_path: Path) -> None:
 
 def test_keys_file_round_trip_and_mode(instance_config: Path, vector_keys: Keys) -> None:
     cfg = load(instance_config)
-    assert load_keys(cfg.keys_file) == vector_keys
-    os.chmod(cfg.keys_file, 0o644)
+    assert load_keys(v1_keys_file(cfg)) == vector_keys
+    os.chmod(v1_keys_file(cfg), 0o644)
     with pytest.raises(KeysError, match="readable by everyone"):
-        load_keys(cfg.keys_file)
+        load_keys(v1_keys_file(cfg))
 
 
 @pytest.mark.parametrize(

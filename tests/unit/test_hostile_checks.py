@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import install_correctly, run_in_mount_namespace
+from tests.conftest import install_correctly, run_in_mount_namespace, v1_keys_file
 from webknock import ctl
 from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
@@ -31,8 +31,8 @@ def site(vector_keys: Keys) -> Iterator[ServerConfig]:
     cfg: ServerConfig | None = None
     try:
         cfg = load(install_correctly(base, vector_keys))
-        os.chown(cfg.keys_file, 0, 0)
-        os.chmod(cfg.keys_file, 0o600)
+        os.chown(v1_keys_file(cfg), 0, 0)
+        os.chmod(v1_keys_file(cfg), 0o600)
         if not mount_spool(cfg.spool, WEB.pw_gid):
             pytest.skip("cannot mount a tmpfs for the spool here")
         prepare_spool(cfg.spool, WEB.pw_gid)
@@ -57,7 +57,7 @@ def chown(path: str, uid: int, gid: int = -1) -> Callable[[ServerConfig], None]:
 
 def resolve(cfg: ServerConfig, path: str) -> Path:
     return {
-        "keys": cfg.keys_file,
+        "keys": v1_keys_file(cfg),
         "config": cfg.source,
         "etc": cfg.source.parent,
         "state": cfg.state_file,

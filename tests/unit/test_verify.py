@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cgi_side import getinfo_packet, openports_packet
-from tests.conftest import write_instance
+from tests.conftest import v1_keys_file, write_instance
 from webknock.addresses import Address
 from webknock.config import ServerConfig, load
 from webknock.keys import format_keys
@@ -152,7 +152,7 @@ def test_keys_are_read_again_when_the_file_changes(cfg: ServerConfig, vector_key
     old = openports_packet(vector_keys)
     assert verifier.verify(spooled(old), PEER, time.time()).api == "openports"
     new_keys = Keys.generate()
-    cfg.keys_file.write_text(format_keys(new_keys) + "# rotated\n")
+    v1_keys_file(cfg).write_text(format_keys(new_keys) + "# rotated\n")
     with pytest.raises(Refusal):
         verifier.verify(spooled(openports_packet(vector_keys)), PEER, time.time())
     assert verifier.verify(spooled(openports_packet(new_keys)), PEER, time.time())
@@ -169,19 +169,19 @@ def test_unusable_keys_are_500_logged_once_per_problem(
             verifier.verify(spooled(packet), PEER, time.time())
         return info.value.answer, info.value.bad
 
-    text = cfg.keys_file.read_text()
+    text = v1_keys_file(cfg).read_text()
     with caplog.at_level(logging.ERROR):
-        os.chmod(cfg.keys_file, 0o604)
+        os.chmod(v1_keys_file(cfg), 0o604)
         assert answer() == (Answer(500), False), "not the client's fault: not counted"
         assert answer() == (Answer(500), False)
-        cfg.keys_file.unlink()
+        v1_keys_file(cfg).unlink()
         assert answer() == (Answer(500), False)
         assert answer() == (Answer(500), False)
     errors = [r.getMessage() for r in caplog.records]
     assert len(errors) == 2, errors
     assert "readable by everyone" in errors[0] and "cannot read" in errors[1]
-    cfg.keys_file.write_text(text)
-    os.chmod(cfg.keys_file, 0o600)
+    v1_keys_file(cfg).write_text(text)
+    os.chmod(v1_keys_file(cfg), 0o600)
     assert verifier.verify(spooled(packet), PEER, time.time()).api == "openports"
 
 
