@@ -1,4 +1,5 @@
-"""Client profiles: parsing, every error naming file and key, ports, keys file mode, lookup."""
+"""Client profiles: parsing, every error naming file and key, ports, keys file mode, lookup;
+v1 (keys_file) and v2 (server_key + key_file), never both."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from webknock.client.errors import EXIT_CONFIG, ConfigError
 from webknock.client.profile import (
+    V2Keys,
     find_profile,
     format_ports,
     load_profile,
@@ -16,6 +18,7 @@ from webknock.client.profile import (
 )
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
+from webknock.protocol.v2 import SigningKey
 
 
 def write_profile(tmp: Path, body: str, *, keys_mode: int = 0o600, name: str = "p") -> Path:
@@ -170,3 +173,125 @@ def test_find_profile_user_then_system(tmp_path: Path, monkeypatch: pytest.Monke
         find_profile("lab", env)
     with pytest.raises(ConfigError, match="use letters, digits"):
         find_profile("../etc/passwd", env)
+
+
+# -- protocol v2: server_key + key_file ---------------------------------------------------
+
+V2_BASE = "[client]\nurl = https://knock.example.org/webknock\n"
+
+
+def v2_profile(
+    tmp: Path, server: SigningKey, extra: str = "", *, key_mode: int = 0o600, key: str = "p.key"
+) -> Path:
+    """A v2 profile with a fresh client key in `key` (relative to tmp) and `server` pinned."""
+    key_path = tmp / key
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.write_text(SigningKey.generate().to_pem())
+    os.chmod(key_path, key_mode)
+    path = tmp / "p.ini"
+    path.write_text(
+        V2_BASE + f"server_key = {server.public_text('srv@example')}\nkey_file = {key}\n{extra}"
+    )
+    return path
+
+
+def test_v2_profile(tmp_path: Path) -> None:
+    server = SigningKey.generate()
+    p = load_profile(v2_profile(tmp_path, server, "ports = tcp/22\n", key="sub/p.key"))
+    assert p.protocol == "v2" and p.keys_file is None
+    assert p.key_file == tmp_path / "sub" / "p.key", "relative key_file is beside the profile"
+    assert p.server_key == server.public and p.ports == (("tcp", 22),)
+    creds = p.credentials()
+    assert isinstance(creds, V2Keys) and creds.server == server.public
+    assert creds.server_kid == server.kid
+    assert (
+        creds.client.public == SigningKey.from_pem((tmp_path / "sub" / "p.key").read_text()).public
+    )
+    with pytest.raises(ConfigError, match=r"keys_file: missing \(this is a v2 profile\)"):
+        p.keys()
+
+
+def test_v2_profile_absolute_key_file_and_bare_server_key(tmp_path: Path) -> None:
+    server = SigningKey.generate()
+    key = tmp_path / "elsewhere.pem"
+    key.write_text(SigningKey.generate().to_pem())
+    os.chmod(key, 0o600)
+    path = tmp_path / "p.ini"
+    path.write_text(V2_BASE + f"server_key = {server.public_text()}\nkey_file = {key}\n")
+    p = load_profile(path)
+    assert p.key_file == key and isinstance(p.credentials(), V2Keys)
+
+
+def test_v1_profile_credentials_are_the_keys(tmp_path: Path) -> None:
+    p = load_profile(write_profile(tmp_path, BASE))
+    assert p.protocol == "v1" and isinstance(p.credentials(), Keys)
+    with pytest.raises(ConfigError, match=r"key_file: missing \(this is a v1 profile\)"):
+        p.signing_key()
+
+
+SERVER_TEXT = "wk2:Kay64UG8yvCyLhqU000LxzYeUm0L_hLIl5S8kyKWbdc"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            BASE + f"server_key = {SERVER_TEXT}\nkey_file = p.key\n",
+            r"\[client\] server_key: this profile also has keys_file \(protocol v1\).*not both",
+        ),
+        (BASE + "key_file = p.key\n", r"\[client\] key_file: this profile also has keys_file"),
+        (
+            V2_BASE + f"server_key = {SERVER_TEXT}\nkey_file = p.key\n[v1]\nkey1 = 00\n",
+            r"\[client\] server_key: this profile also has a \[v1\] section",
+        ),
+        (V2_BASE, r"\[client\] keys_file: missing \(protocol v1: .* v2: server_key"),
+        (V2_BASE + f"server_key = {SERVER_TEXT}\n", r"\[client\] key_file: missing .*keygen"),
+        (V2_BASE + "key_file = p.key\n", r"\[client\] server_key: missing \(the server's public"),
+        (
+            V2_BASE + "server_key = wk1:abc\nkey_file = k\n",
+            r"server_key: 'wk1:abc' is not a v2 .*wk2:",
+        ),
+        (V2_BASE + "server_key = wk2:a+b/\nkey_file = k\n", r"server_key: .*not base64url"),
+        (V2_BASE + "server_key = wk2:AAAA\nkey_file = k\n", r"server_key: .*32 bytes, this one 3"),
+        (
+            V2_BASE + f"server_key = {SERVER_TEXT[:-3]}AAA\nkey_file = k\n",
+            r"server_key: .*(not a point|32 bytes)",
+        ),
+    ],
+)
+def test_v2_errors_name_file_and_key(tmp_path: Path, body: str, expected: str) -> None:
+    path = write_profile(tmp_path, body)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_profile(path)
+    assert str(path) in info.value.message and info.value.code == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602])
+def test_v2_key_readable_by_others_refused(tmp_path: Path, mode: int) -> None:
+    p = load_profile(v2_profile(tmp_path, SigningKey.generate(), key_mode=mode))
+    with pytest.raises(ConfigError, match=r"p\.ini: \[client\] key_file: .*p\.key: readable by"):
+        p.credentials()
+    with pytest.raises(ConfigError, match="chmod o-rwx"):
+        p.signing_key()
+
+
+def test_v2_key_group_readable_is_fine(tmp_path: Path) -> None:
+    assert load_profile(v2_profile(tmp_path, SigningKey.generate(), key_mode=0o640)).signing_key()
+
+
+def test_v2_bad_or_missing_key_file(tmp_path: Path) -> None:
+    path = v2_profile(tmp_path, SigningKey.generate())
+    key = tmp_path / "p.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match=r"key_file: .*p\.key: not a PKCS#8 PEM Ed25519"):
+        load_profile(path).credentials()
+    key.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"key_file: .*not a PEM text file"):
+        load_profile(path).credentials()
+    key.unlink()
+    with pytest.raises(ConfigError, match=r"key_file: .*cannot read.*keygen") as info:
+        load_profile(path).credentials()
+    assert f"webknock --config {path} keygen" in info.value.message
+    key.mkdir()
+    with pytest.raises(ConfigError, match=r"key_file: .*(not a regular file|cannot read)"):
+        load_profile(path).credentials()

@@ -20,12 +20,14 @@ MAX_AGE = 86400  # seconds; older entries are asked for again
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """A getinfo reply: offered ports, longest grant, the address the server saw."""
+    """A getinfo reply: offered ports, longest grant, the address the server saw (and, in
+    v2, the name the server knows this client by)."""
 
     tcp: tuple[int, ...]
     udp: tuple[int, ...]
     maxtime: int
     ip: str
+    client: str = ""
 
     def offered(self) -> tuple[tuple[str, int], ...]:
         return tuple(("tcp", p) for p in self.tcp) + tuple(("udp", p) for p in self.udp)
@@ -47,12 +49,16 @@ def cache_name(profile_path: Path, family: str) -> str:
 
 
 class Cache:
-    """One cache file; a missing, corrupt, old or other-URL entry reads as nothing."""
+    """One cache file; a missing, corrupt, old or other-URL entry reads as nothing.
+
+    `scope` tells apart what was learnt with other keys at the same URL (v2: the client and
+    server key ids; v1: empty, as in files written before v2).
+    """
 
     def __init__(self, path: Path, max_age: float = MAX_AGE) -> None:
         self.path, self.max_age = path, max_age
 
-    def load(self, url: str, local: str | None, now: float) -> ServerInfo | None:
+    def load(self, url: str, local: str | None, now: float, scope: str = "") -> ServerInfo | None:
         try:
             obj = json.loads(self.path.read_text(encoding="utf-8"))
             info = ServerInfo(
@@ -60,8 +66,10 @@ class Cache:
                 udp=tuple(int(p) for p in obj["udp"]),
                 maxtime=int(obj["maxtime"]),
                 ip=str(obj["ip"]),
+                client=str(obj.get("client", "")),
             )
             fetched, cached_url, cached_local = float(obj["fetched"]), obj["url"], obj["local"]
+            cached_scope = obj.get("scope", "")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -69,6 +77,9 @@ class Cache:
             return None
         if cached_url != url:
             log.debug("cache %s is for another URL", self.path)
+            return None
+        if cached_scope != scope:
+            log.debug("cache %s is for other keys", self.path)
             return None
         if not 0 <= now - fetched <= self.max_age:
             log.debug("cache %s is stale", self.path)
@@ -78,8 +89,14 @@ class Cache:
             return None
         return info
 
-    def store(self, url: str, info: ServerInfo, local: str | None, now: float) -> None:
+    def store(
+        self, url: str, info: ServerInfo, local: str | None, now: float, scope: str = ""
+    ) -> None:
         obj: dict[str, Any] = {"url": url, "fetched": now, "local": local, **asdict(info)}
+        if not info.client:
+            del obj["client"]  # v1: the file stays as it was
+        if scope:
+            obj["scope"] = scope
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(self.path, json.dumps(obj).encode() + b"\n", 0o600, fsync=False)

@@ -16,12 +16,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from webknock.client import keygen
 from webknock.client.cache import Cache, cache_dir, cache_name
 from webknock.client.errors import (
     EXIT_CODES_HELP,
     EXIT_OK,
     ClientError,
     ConfigError,
+    clean,
 )
 from webknock.client.keeper import Keeper, describe
 from webknock.client.knocker import Grant, Knocker
@@ -33,7 +35,9 @@ from webknock.client.profile import (
     find_profile,
     format_ports,
     load_profile,
+    new_profile_path,
     parse_ports,
+    profile_candidates,
 )
 
 log = logging.getLogger("webknock.client")
@@ -42,7 +46,9 @@ DESCRIPTION = """Open firewall ports on a webknock server for this host's addres
 
 The profile (INI, section [client]) comes from --config FILE, else --profile NAME:
 ~/.config/webknock/NAME.ini, then /etc/webknock/client.d/NAME.ini (NAME defaults to
-"default"). Keys: url, keys_file, ports, time, verify, timeout, family."""
+"default"). Keys: url, then keys_file (protocol v1: keys shared with the server) or
+server_key and key_file (protocol v2: the server's public key, pinned, and this client's
+own private key, made by `webknock keygen`), then ports, time, verify, timeout, family."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,9 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments")
     info = add("info", "show what the server offers and the address it sees")
     info.add_argument("--json", action="store_true", help="print the result as JSON")
-    for p in (knock, keep, run, info):
+    gen = add(
+        "keygen",
+        "make this client's protocol v2 key (0600, never over an existing one) at the "
+        "profile's key_file, else NAME.key beside the profile; print the public key to send "
+        "to the server's admin",
+    )
+    pub = add("pubkey", "print the public key of this client's v2 key again")
+    for p in (knock, keep, run, info, gen, pub):
         _common(p, argparse.SUPPRESS)
     return parser
+
+
+class _SafeFormatter(logging.Formatter):
+    """Whatever ends up in a message, no control character reaches the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record), None)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -155,7 +175,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if args.quiet:
         level = logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("webknock: %(message)s"))
+    handler.setFormatter(_SafeFormatter("webknock: %(message)s"))
     ours = logging.getLogger("webknock")  # not the root logger: main() may run inside a host
     ours.handlers[:] = [handler]
     ours.setLevel(level)
@@ -189,7 +209,7 @@ def profile_from(args: argparse.Namespace) -> Profile:
 
 def knockers_for(profile: Profile, *, use_cache: bool = True) -> list[Knocker]:
     """One knocker per address family the profile asks for."""
-    keys = profile.keys()
+    keys = profile.credentials()
     families = ["ipv4", "ipv6"] if profile.family == "both" else [profile.family]
     knockers = []
     for family in families:
@@ -232,20 +252,22 @@ def cmd_info(knockers: list[Knocker], as_json: bool) -> int:
         except ClientError as exc:
             errors.append(_failure(knocker.family, exc, len(knockers) > 1))
             continue
-        found.append(
-            {
-                "family": knocker.family,
-                "url": knocker.profile.url,
-                "ports": [f"{p}/{n}" for p, n in info.offered()],
-                "maxtime": info.maxtime,
-                "ip": info.ip,
-            }
-        )
+        entry = {
+            "family": knocker.family,
+            "url": knocker.profile.url,
+            "ports": [f"{p}/{n}" for p, n in info.offered()],
+            "maxtime": info.maxtime,
+            "ip": info.ip,
+        }
+        if knocker.protocol == "v2":
+            entry["client"] = info.client
+        found.append(entry)
         if not as_json:
+            known_as = f" (client {info.client})" if info.client else ""
             print(
                 f"{knocker.profile.url} ({knocker.family}): offers "
                 f"{format_ports(info.offered()) or 'no ports'} for up to {info.maxtime} s; "
-                f"sees this host as {info.ip}"
+                f"sees this host as {info.ip}{known_as}"
             )
     if as_json:
         print(json.dumps({"ok": not errors, "servers": found, "errors": errors}, indent=2))
@@ -314,10 +336,50 @@ def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def keygen_target(args: argparse.Namespace) -> tuple[Path, str]:
+    """The profile file keygen and pubkey work for (it need not exist yet) and its name."""
+    if args.config is not None:
+        return args.config, args.config.stem
+    for candidate in profile_candidates(args.profile):
+        if candidate.is_file():
+            return candidate, args.profile
+    return new_profile_path(args.profile), args.profile
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    profile, name = keygen_target(args)
+    path = keygen.key_path(profile)
+    key = keygen.create_key(path)
+    text = key.public_text(keygen.comment(name))
+    print(text, flush=True)
+    if not args.quiet:
+        say = sys.stderr.write
+        say(f"webknock: wrote this client's private key to {path} (0600; it stays here)\n")
+        say(
+            "webknock: send the public key above to the server's admin, who enrolls it with: "
+            f"webknockctl client add {keygen.client_name()} --key '{text}'\n"
+        )
+        advice = keygen.profile_advice(profile, path)
+        if advice:
+            say(f"webknock: {advice}\n")
+    return EXIT_OK
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    profile, name = keygen_target(args)
+    key = keygen.read_key(keygen.key_path(profile))
+    print(key.public_text(keygen.comment(name)))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     try:
+        if args.command == "keygen":
+            return cmd_keygen(args)
+        if args.command == "pubkey":
+            return cmd_pubkey(args)
         profile = profile_from(args)
         knockers = knockers_for(profile, use_cache=not args.no_cache)
         if args.command == "knock":

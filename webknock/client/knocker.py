@@ -1,4 +1,10 @@
-"""The knock itself: getinfo (cached) then openports, over one Transport."""
+"""The knock itself: getinfo (cached) then openports, over one Transport, in v1 or v2.
+
+v1 seals requests and replies with the keys shared with the server. v2 signs each request
+with this client's key and believes a reply only when it verifies against the server key the
+profile pins, for exactly the request sent (docs/protocol-v2.md); the signed refusal codes
+map onto the client's errors and exit codes in `V2_REFUSALS`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,9 @@ from typing import Any, Protocol
 
 from webknock.addresses import parse_address
 from webknock.client.cache import Cache, ServerInfo
-from webknock.client.errors import Refused, ServerFailed
-from webknock.client.profile import Port, Profile, format_ports
-from webknock.protocol import messages, v1
+from webknock.client.errors import ClientError, ConfigError, Refused, ServerFailed, clean
+from webknock.client.profile import Credentials, Port, Profile, V2Keys, format_ports
+from webknock.protocol import messages, v1, v2
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +29,7 @@ class Poster(Protocol):
 
     family: str
 
-    def post(self, packet: bytes) -> bytes: ...
+    def post(self, packet: bytes, field: str = "data") -> bytes: ...
 
     def local_address(self) -> str | None: ...
 
@@ -58,13 +64,83 @@ def _ports(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _v2_ports(value: Any) -> tuple[Port, ...]:
+    """`["tcp/22", "udp/51820"]` of a v2 reply; raises ValueError."""
+    if not isinstance(value, list) or len(value) > 65536 * 2:
+        raise ValueError("ports")
+    ports: list[Port] = []
+    for item in value:
+        match = v2.PORT.fullmatch(item) if isinstance(item, str) else None
+        if not match or not 1 <= int(match[2]) <= 65535:
+            raise ValueError("ports")
+        port = (match[1], int(match[2]))
+        if port not in ports:
+            ports.append(port)
+    return tuple(ports)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds} s ({seconds // 60} min)"
+    if seconds < 172800:
+        return f"{seconds} s ({seconds // 3600} h {seconds % 3600 // 60} min)"
+    return f"{seconds} s ({seconds // 86400} days)"
+
+
+def clock_skew(server_time: Any, local_time: float) -> str:
+    """How far this host's clock is off, from a reply's `time` and the local time."""
+    server = _int(server_time)
+    if server is None:
+        return "this host's clock is off from the server's (the reply does not say by how much)"
+    # `time` is whole seconds, cut like Unix time: the server's clock read up to 1 s more
+    off = round(server + 0.5 - local_time)
+    if off > 0:
+        return f"this host's clock is {_duration(off)} behind the server's"
+    if off < 0:
+        return f"this host's clock is {_duration(-off)} ahead of the server's"
+    return "this host's clock agrees with the server's within a second (yet the server refused it)"
+
+
+#: v2 refusal code -> (error class, what it means for the user). Exit codes: Refused 1,
+#: ServerFailed 4. `clock` gets the measured skew in front.
+V2_REFUSALS: dict[str, tuple[type[ClientError], str]] = {
+    "bad_request": (
+        Refused,
+        "the server found the request malformed (is this client much older or newer than "
+        "the server?)",
+    ),
+    "expired": (Refused, "this client's key has expired on the server: ask its admin to renew it"),
+    "clock": (Refused, "set the clock right (NTP) and knock again"),
+    "source": (Refused, "the server does not accept knocks for this client from this network"),
+    "ip_mismatch": (Refused, "the server sees this host at another address than the one asked for"),
+    "replay": (
+        Refused,
+        "the server had already seen this request (something resent it): knock again",
+    ),
+    "ports": (Refused, "the server does not let this client open any of the ports asked for"),
+    "limit": (Refused, "the server's limit of open grants is reached: try again later"),
+    "firewall": (
+        ServerFailed,
+        "the server's firewall failed to open the ports; nothing was opened",
+    ),
+}
+#: Refusals after which a fresh getinfo may help (v1: any 403, or NOPORTS).
+V2_STALE_CACHE = ("ip_mismatch", "ports")
+
+
 class Knocker:
     """Knocks for one profile from one address family."""
 
     def __init__(
         self,
         profile: Profile,
-        keys: v1.Keys,
+        keys: Credentials,
         transport: Poster,
         cache: Cache | None,
         clock: Callable[[], float] = time.time,
@@ -72,16 +148,26 @@ class Knocker:
         self.profile, self.keys, self.transport, self.cache = profile, keys, transport, cache
         self.clock = clock
         self.requests = 0
+        self.scope = ""  # v1 cache entries have none
+        if isinstance(keys, V2Keys):
+            self.scope = f"v2 {keys.client.kid.hex()} {keys.server_kid.hex()}"
 
     @property
     def family(self) -> str:
         return self.transport.family
 
+    @property
+    def protocol(self) -> str:
+        return "v2" if isinstance(self.keys, V2Keys) else "v1"
+
     def _exchange(self, data: bytes) -> dict[str, Any]:
+        keys = self.keys
+        if not isinstance(keys, v1.Keys):
+            raise TypeError("a v1 exchange needs v1 keys")
         self.requests += 1
-        reply = self.transport.post(v1.encode(self.keys, data))
+        reply = self.transport.post(v1.encode(keys, data))
         try:
-            obj = json.loads(v1.decode(self.keys, reply))
+            obj = json.loads(v1.decode(keys, reply))
         except v1.PacketError as exc:
             raise ServerFailed(
                 f"undecodable reply (not sealed with our keys): {exc.reason}"
@@ -92,12 +178,65 @@ class Knocker:
             raise ServerFailed("undecodable reply: not a JSON object")
         return obj
 
+    def _exchange_v2(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Send a signed request; return the body of the reply the pinned server signed for
+        it, or raise: a refusal as its error, anything unverified as ServerFailed."""
+        keys = self.keys
+        if not isinstance(keys, V2Keys):
+            raise TypeError("a v2 exchange needs v2 keys")
+        self.requests += 1
+        try:
+            packet = v2.encode_request(keys.client, keys.server_kid, v2.dumps(body))
+        except v2.V2Error as exc:
+            raise ConfigError(f"cannot sign this request: {exc} (ask for fewer ports)") from None
+        reply = self.transport.post(packet, "v2")
+        try:
+            signed = v2.verify_reply(keys.server, packet, reply)
+        except v2.V2Error:
+            raise ServerFailed(
+                "the reply is not signed by the server this profile pins (server_key in "
+                f"{self.profile.path}), or not for this request: not believed"
+            ) from None
+        try:
+            obj = json.loads(signed.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ServerFailed("unexpected reply: the signed body is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ServerFailed("unexpected reply: the signed body is not a JSON object")
+        if obj.get("success") is not True:
+            raise self._refusal_v2(obj, str(body["api"]))
+        return obj
+
+    def _refusal_v2(self, obj: dict[str, Any], api: str) -> ClientError:
+        """The error for a signed refusal `{"success":false,"code":..,"error":..,"time":..}`."""
+        raw_code = obj.get("code")
+        code = clean(raw_code, 40) if isinstance(raw_code, str) and raw_code else ""
+        reason = clean(obj.get("error") or "no reason given")
+        said = f"(server: {code}: {reason})" if code else f"(server: {reason})"
+        known = V2_REFUSALS.get(code)
+        if known is None:
+            return Refused(f"the server refused {api}: {said}", errorcode=code)
+        cls, meaning = known
+        if code == "clock":
+            meaning = f"{clock_skew(obj.get('time'), self.clock())}: {meaning}"
+        if cls is Refused:
+            return Refused(f"{meaning} {said}", errorcode=code)
+        return cls(f"{meaning} {said}")
+
     def info(self) -> ServerInfo:
         """Ask the server what it offers and which address it sees (and cache it)."""
         local = self.transport.local_address()
+        info = self._info_v2() if self.protocol == "v2" else self._info_v1()
+        if self.cache is not None:
+            self.cache.store(self.profile.url, info, local, self.clock(), self.scope)
+        return info
+
+    def _info_v1(self) -> ServerInfo:
         obj = self._exchange(messages.getinfo_request(int(self.clock())))
         if obj.get("success") is not True:
-            raise Refused(f"the server refused getinfo: {obj.get('error', 'no reason given')}")
+            raise Refused(
+                f"the server refused getinfo: {clean(obj.get('error', 'no reason given'))}"
+            )
         try:
             info = ServerInfo(
                 tcp=_ports(obj.get("tcp")),
@@ -108,15 +247,41 @@ class Knocker:
             if info.maxtime <= 0:
                 raise ValueError("maxtime")
         except (KeyError, ValueError, TypeError) as exc:
-            raise ServerFailed(f"unexpected getinfo reply: bad or missing {exc}") from None
-        if self.cache is not None:
-            self.cache.store(self.profile.url, info, local, self.clock())
+            raise ServerFailed(f"unexpected getinfo reply: bad or missing {clean(exc)}") from None
         return info
+
+    def _info_v2(self) -> ServerInfo:
+        body = {"api": "getinfo", "ts": int(self.clock()), "nonce": v2.new_nonce()}
+        obj = self._exchange_v2(body)
+        what = "ports"
+        try:
+            ports = _v2_ports(obj.get("ports"))
+            what = "maxtime"
+            maxtime = _int(obj.get("maxtime"))
+            if maxtime is None or maxtime <= 0:
+                raise ValueError
+            what = "ip"
+            ip = obj.get("ip")
+            if not isinstance(ip, str):
+                raise ValueError
+            seen = str(parse_address(ip))
+        except ValueError:
+            raise ServerFailed(f"unexpected getinfo reply: bad or missing {what}") from None
+        name = obj.get("client")
+        return ServerInfo(
+            tcp=tuple(n for proto, n in ports if proto == "tcp"),
+            udp=tuple(n for proto, n in ports if proto == "udp"),
+            maxtime=maxtime,
+            ip=seen,
+            client=clean(name, 64) if isinstance(name, str) else "",
+        )
 
     def cached_info(self) -> ServerInfo | None:
         if self.cache is None:
             return None
-        return self.cache.load(self.profile.url, self.transport.local_address(), self.clock())
+        return self.cache.load(
+            self.profile.url, self.transport.local_address(), self.clock(), self.scope
+        )
 
     def plan(self, info: ServerInfo) -> tuple[tuple[Port, ...], int]:
         """The ports to ask for (wanted and offered) and the time (capped by the server)."""
@@ -140,18 +305,20 @@ class Knocker:
 
     def open(self, info: ServerInfo) -> Grant:
         ports, seconds = self.plan(info)
+        if self.protocol == "v2":
+            return self._open_v2(info, ports, seconds)
         data = messages.openports_request(info.ip, list(ports), seconds, int(self.clock()))
         obj = self._exchange(data)
         if obj.get("success") is not True:
-            error = str(obj.get("error", "no reason given"))[:200]
-            code = str(obj.get("errorcode", ""))[:40]
+            error = clean(obj.get("error", "no reason given"))
+            code = clean(obj.get("errorcode", ""), 40)
             raise Refused(
                 f"the server did not open the ports: {error}" + (f" ({code})" if code else ""),
                 errorcode=code,
             )
         expires = obj.get("expires")
         if not isinstance(expires, int) or isinstance(expires, bool):
-            raise ServerFailed(f"unexpected openports reply: expires is {expires!r}")
+            raise ServerFailed(f"unexpected openports reply: expires is {clean(repr(expires))}")
         return Grant(
             family=self.family,
             ip=info.ip,
@@ -161,12 +328,59 @@ class Knocker:
             requests=self.requests,
         )
 
+    def _open_v2(self, info: ServerInfo, ports: tuple[Port, ...], seconds: int) -> Grant:
+        body = {
+            "api": "openports",
+            "ts": int(self.clock()),
+            "nonce": v2.new_nonce(),
+            "ip": info.ip,
+            "ports": [v2.port_text(p) for p in ports],
+            "time": seconds,
+        }
+        obj = self._exchange_v2(body)
+        what = "expires"
+        try:
+            expires = _int(obj.get("expires"))
+            if expires is None:
+                raise ValueError
+            what = "ports"
+            granted = _v2_ports(obj.get("ports"))
+            if not granted:
+                raise ValueError
+            what = "ip"
+            ip = obj.get("ip")
+            if not isinstance(ip, str):
+                raise ValueError
+            opened_for = str(parse_address(ip))
+        except ValueError:
+            raise ServerFailed(f"unexpected openports reply: bad or missing {what}") from None
+        left = [p for p in ports if p not in granted]
+        if left:
+            log.warning(
+                "the server opened %s but not %s", format_ports(granted), format_ports(left)
+            )
+        now = _int(obj.get("time"))  # the server's clock: the lifetime does not depend on ours
+        return Grant(
+            family=self.family,
+            ip=opened_for,
+            ports=granted,
+            expires=expires,
+            seconds=max(0, expires - (int(self.clock()) if now is None else now)),
+            requests=self.requests,
+        )
+
+    def _stale_cache(self, exc: Refused) -> bool:
+        """Whether a refusal of a knock made with cached getinfo may be the cache's fault."""
+        if self.protocol == "v2":  # a bare 403 is about the key: asking again cannot help
+            return exc.errorcode in V2_STALE_CACHE
+        return exc.status == 403 or exc.errorcode == "NOPORTS"
+
     def knock(self) -> Grant:
         """Open the ports: one request with a cached getinfo, else two.
 
         A 403 after a cached getinfo (usually: our address changed), or a NOPORTS refusal
         (the server no longer offers what the cache says), drops the cache and asks getinfo
-        once more before giving up.
+        once more before giving up; in v2 the signed refusals ip_mismatch and ports do.
         """
         self.requests = 0
         info = self.cached_info()
@@ -175,7 +389,7 @@ class Knocker:
         try:
             return self.open(info)
         except Refused as exc:
-            if exc.status != 403 and exc.errorcode != "NOPORTS":
+            if not self._stale_cache(exc):
                 raise
             log.info(
                 "refused with the cached getinfo (address %s): %s; asking the server again",

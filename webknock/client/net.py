@@ -19,8 +19,15 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from webknock.client.errors import ClientError, ConfigError, Refused, ServerFailed, Unreachable
-from webknock.protocol.transport import BLOCK, MAX_PACKET, encode_field
+from webknock.client.errors import (
+    ClientError,
+    ConfigError,
+    Refused,
+    ServerFailed,
+    Unreachable,
+    clean,
+)
+from webknock.protocol.transport import BLOCK, MAX_PACKET, V2_REPLY_MAGIC, encode_field
 
 if TYPE_CHECKING:  # typeshed's names for what build_connection_pool_key_attributes returns
     from requests.adapters import _HostParams, _PoolKwargs
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 FAMILY = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 USER_AGENT = "webknock-client/1"
 RESOLVE_TTL = 60.0  # seconds a resolved server address is reused for the local-address poll
+MAX_V2_REPLY = 65536  # bytes; a signed v2 reply is a few hundred
+FIELDS = ("data", "v2")  # the form field of each protocol: v1 and v2
 
 _REFUSED = {
     400: "the server refused the request as malformed (400 Bad Request): is the URL the "
@@ -53,8 +62,19 @@ _FAILED = {
 }
 
 
-def status_error(status: int, note: str = "") -> ClientError:
-    """The error for an HTTP status other than 200; `note` is the X-Webknock-Error header."""
+_V2_403 = (
+    "the server refused this client's key (403 Forbidden): it is not enrolled there, or "
+    "disabled, or the request did not verify (server_key in the profile not this server's, "
+    "or the server does not speak v2)"
+)
+
+
+def status_error(status: int, note: str = "", protocol: str = "v1") -> ClientError:
+    """The error for an HTTP status other than 200; `note` is the X-Webknock-Error header
+    (untrusted: printed only through `clean`)."""
+    note = clean(note)
+    if protocol == "v2" and status == 403:  # bare: no trusted client key was found
+        return Refused(f"{_V2_403}: {note}" if note else _V2_403, status)
     if status in _REFUSED:
         text = _REFUSED[status]
         if note:
@@ -78,14 +98,14 @@ def _reason(exc: BaseException) -> str:
             and cur.strerror
             and not isinstance(cur, requests.RequestException)
         ):
-            return str(cur.strerror)
+            return clean(cur.strerror)
         todo += [a for a in cur.args if isinstance(a, BaseException)]
         todo += [
             e
             for e in (getattr(cur, "reason", None), cur.__cause__, cur.__context__)
             if isinstance(e, BaseException)
         ]
-    return str(last)[:200]
+    return clean(last)  # may quote what the server sent (a bad status line, a name)
 
 
 class ConnectFailed(Unreachable):
@@ -188,9 +208,12 @@ class Transport:
             return None
         return local_address(first, self.endpoint.port)
 
-    def post(self, packet: bytes) -> bytes:
-        """Send one packet; return the reply packet or raise a ClientError."""
-        body = {"data": encode_field(packet)}
+    def post(self, packet: bytes, field: str = "data") -> bytes:
+        """Send one packet in form field `field` (`data`: v1, `v2`: v2); return the reply
+        packet or raise a ClientError."""
+        if field not in FIELDS:
+            raise ValueError(f"form field {field!r}")
+        body = {field: encode_field(packet)}
         if self.family == "any":
             return self._send(body, None)
         addresses = self.addresses()
@@ -231,7 +254,8 @@ class Transport:
                         **kwargs,
                     )
                     try:
-                        content = resp.raw.read(MAX_PACKET + 1, decode_content=True)
+                        limit = MAX_V2_REPLY if "v2" in body else MAX_PACKET
+                        content = resp.raw.read(limit + 1, decode_content=True)
                     finally:
                         resp.close()
             except requests.exceptions.SSLError as exc:
@@ -251,13 +275,22 @@ class Transport:
             except requests.RequestException as exc:
                 raise Unreachable(f"request to {where} failed: {_reason(exc)}") from None
         if resp.status_code in (301, 302, 303, 307, 308):
-            target = resp.headers.get("Location", "?")
+            target = clean(resp.headers.get("Location", "?"))
             raise ServerFailed(
                 f"the server redirects ({resp.status_code}) to {target}: "
                 "put that URL in the profile"
             )
+        protocol = "v2" if "v2" in body else "v1"
         if resp.status_code != 200:
-            raise status_error(resp.status_code, resp.headers.get("X-Webknock-Error", "").strip())
+            note = resp.headers.get("X-Webknock-Error", "").strip()
+            raise status_error(resp.status_code, note, protocol)
+        if protocol == "v2":
+            if not content.startswith(V2_REPLY_MAGIC) or len(content) > MAX_V2_REPLY:
+                raise ServerFailed(
+                    f"undecodable reply from {where}: {len(content)} bytes is not a v2 reply "
+                    "(is the URL the webknock CGI?)"
+                )
+            return content
         if not content or len(content) % BLOCK or len(content) > MAX_PACKET:
             raise ServerFailed(
                 f"undecodable reply from {where}: {len(content)} bytes is not a v1 packet "

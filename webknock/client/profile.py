@@ -1,9 +1,15 @@
-"""Client profiles: INI files with a [client] section (as `install.sh client` writes them)."""
+"""Client profiles: INI files with a [client] section (as `install.sh client` writes them).
+
+A profile speaks protocol v1 when it names a shared `keys_file` (or carries a [v1] section
+itself), v2 when it pins the server's public key (`server_key = wk2:...`) and names this
+client's private key (`key_file`, written by `webknock keygen`); never both.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +18,45 @@ from urllib.parse import urlsplit
 from webknock.client.errors import ConfigError
 from webknock.ini import read_ini
 from webknock.keys import KeysError, load_keys
+from webknock.protocol import v2
 from webknock.protocol.v1 import Keys
 
 Port = tuple[str, int]
 
 FAMILIES = ("any", "ipv4", "ipv6", "both")
-KNOWN_KEYS = ("url", "keys_file", "ports", "time", "verify", "timeout", "family")
+KNOWN_KEYS = (
+    "url",
+    "keys_file",
+    "server_key",
+    "key_file",
+    "ports",
+    "time",
+    "verify",
+    "timeout",
+    "family",
+)
+KEY_SUFFIX = ".key"  # NAME.key beside NAME.ini: this client's v2 private key
+MAX_KEY_FILE = 65536
 MAX_TIME = 604800
 SYSTEM_DIR = Path("/etc/webknock/client.d")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PORT_RE = re.compile(r"(tcp|udp)/(\d{1,5})")
 _TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
+
+
+@dataclass(frozen=True)
+class V2Keys:
+    """What a v2 profile signs with, and the one server key whose replies it believes."""
+
+    client: v2.SigningKey
+    server: bytes  # the pinned server's raw 32-byte public key
+
+    @property
+    def server_kid(self) -> bytes:
+        return v2.key_id(self.server)
+
+
+Credentials = Keys | V2Keys
 
 
 @dataclass(frozen=True)
@@ -32,19 +66,69 @@ class Profile:
     path: Path
     name: str
     url: str
-    keys_file: Path
+    keys_file: Path | None  # v1: the shared keys (None for a v2 profile)
     ports: tuple[Port, ...]  # empty: every port the server offers
     time: int | None  # None: the server's maximum
     verify: bool | str  # True, False or a CA bundle path
     timeout: float
     family: str
+    key_file: Path | None = None  # v2: this client's private key
+    server_key: bytes | None = None  # v2: the server's raw public key, pinned
+
+    @property
+    def protocol(self) -> str:
+        return "v1" if self.server_key is None else "v2"
 
     def keys(self) -> Keys:
         """The [v1] keys; refused when the file is readable or writable by others."""
+        if self.keys_file is None:
+            raise ConfigError(f"{self.path}: [client] keys_file: missing (this is a v2 profile)")
         try:
             return load_keys(self.keys_file)
         except KeysError as exc:
             raise ConfigError(f"{self.path}: [client] keys_file: {exc}") from None
+
+    def signing_key(self) -> v2.SigningKey:
+        """This client's v2 private key; refused when the file is readable or writable by
+        others (group access is the owner's choice, as for keys_file)."""
+        if self.key_file is None:
+            raise ConfigError(f"{self.path}: [client] key_file: missing (this is a v1 profile)")
+        try:
+            return read_signing_key(self.key_file)
+        except ConfigError as exc:
+            hint = ""
+            if not self.key_file.exists():
+                hint = f"; make it with: webknock --config {self.path} keygen"
+            raise ConfigError(f"{self.path}: [client] key_file: {exc.message}{hint}") from None
+
+    def credentials(self) -> Credentials:
+        """The v1 keys or the v2 key pair, whichever this profile speaks."""
+        if self.server_key is None:
+            return self.keys()
+        return V2Keys(self.signing_key(), self.server_key)
+
+
+def read_signing_key(path: Path) -> v2.SigningKey:
+    """Read a PKCS#8 PEM Ed25519 private key that others cannot read; raises ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path}: not a regular file")
+            if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise ConfigError(
+                    f"{path}: readable by everyone (mode {stat.S_IMODE(st.st_mode):04o}); "
+                    f"run: chmod o-rwx {path}"
+                )
+            data = fh.read(MAX_KEY_FILE)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return v2.SigningKey.from_pem(data.decode("ascii"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a PEM text file") from None
+    except v2.V2Error as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def parse_ports(text: str) -> tuple[Port, ...]:
@@ -131,14 +215,50 @@ def load_profile(path: Path, name: str | None = None) -> Profile:
     except ValueError as exc:
         why = str(exc) if key("url") else "missing (e.g. https://host/webknock)"
         raise bad("url", why) from None
-    keys_text = key("keys_file")
+
+    def beside(text: str) -> Path:
+        file = Path(text).expanduser()
+        return file if file.is_absolute() else base / file
+
+    keys_text, server_text, key_text = key("keys_file"), key("server_key"), key("key_file")
+    speaks_v1 = bool(keys_text) or parser.has_section("v1")
+    if speaks_v1 and (server_text or key_text):
+        v1_part = "keys_file" if keys_text else "a [v1] section"
+        raise bad(
+            "server_key" if server_text else "key_file",
+            f"this profile also has {v1_part} (protocol v1): a profile speaks v1 "
+            "(keys_file) or v2 (server_key and key_file), not both; remove one",
+        )
+    keys_file: Path | None = None
+    key_file: Path | None = None
+    server_key: bytes | None = None
     if keys_text:
-        keys_file = Path(keys_text).expanduser()
-        keys_file = keys_file if keys_file.is_absolute() else base / keys_file
-    elif parser.has_section("v1"):
+        keys_file = beside(keys_text)
+    elif speaks_v1:
         keys_file = path  # the keys are in the profile itself (the blob install.sh prints)
+    elif server_text or key_text:
+        if not server_text:
+            raise bad(
+                "server_key",
+                "missing (the server's public key, wk2:..., from the server's admin; "
+                "needed with key_file)",
+            )
+        if not key_text:
+            raise bad(
+                "key_file",
+                "missing (path of this client's private key; make one with webknock keygen)",
+            )
+        try:
+            server_key, _comment = v2.parse_public_key(server_text)
+        except v2.V2Error as exc:
+            raise bad("server_key", f"{server_text[:60]!r} is not a v2 public key: {exc}") from None
+        key_file = beside(key_text)
     else:
-        raise bad("keys_file", "missing (path of the [v1] keys file)")
+        raise bad(
+            "keys_file",
+            "missing (protocol v1: keys_file = path of the [v1] keys file; "
+            "v2: server_key = wk2:... and key_file = path of this client's key)",
+        )
     try:
         ports = parse_ports(key("ports"))
     except ValueError as exc:
@@ -168,6 +288,8 @@ def load_profile(path: Path, name: str | None = None) -> Profile:
         verify=verify,
         timeout=timeout,
         family=family,
+        key_file=key_file,
+        server_key=server_key,
     )
 
 
@@ -176,11 +298,29 @@ def user_dir(env: Mapping[str, str]) -> Path:
     return Path(config_home).expanduser() / "webknock"
 
 
-def find_profile(name: str, env: Mapping[str, str] = os.environ) -> Path:
-    """`~/.config/webknock/NAME.ini`, else `/etc/webknock/client.d/NAME.ini`."""
+def check_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(f"profile name {name!r}: use letters, digits, _ or -")
-    candidates = [user_dir(env) / f"{name}.ini", SYSTEM_DIR / f"{name}.ini"]
+    return name
+
+
+def profile_candidates(name: str, env: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where profile NAME is looked for, in order."""
+    return [user_dir(env) / f"{check_name(name)}.ini", SYSTEM_DIR / f"{name}.ini"]
+
+
+def new_profile_path(
+    name: str, env: Mapping[str, str] = os.environ, uid: int | None = None
+) -> Path:
+    """Where profile NAME goes when there is none yet, as `install.sh client` places it:
+    `/etc/webknock/client.d/NAME.ini` for root, `~/.config/webknock/NAME.ini` otherwise."""
+    root = (os.geteuid() if uid is None else uid) == 0
+    return (SYSTEM_DIR if root else user_dir(env)) / f"{check_name(name)}.ini"
+
+
+def find_profile(name: str, env: Mapping[str, str] = os.environ) -> Path:
+    """`~/.config/webknock/NAME.ini`, else `/etc/webknock/client.d/NAME.ini`."""
+    candidates = profile_candidates(name, env)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
