@@ -168,7 +168,7 @@ def parse_client(name: str, text: str, path: Path | None = None) -> Client:
     """Parse the text of one client file; raises ClientError with the line at fault."""
     values: dict[str, tuple[int, str]] = {}
     for number, raw in enumerate(text.split("\n"), 1):
-        line = re.split(r"\s#", raw.strip(), maxsplit=1)[0].strip()
+        line = re.split(r"\s#", raw.replace("\t", " ").strip(), maxsplit=1)[0].strip()
         if not line or line.startswith("#"):
             continue
         if not line.isprintable():
@@ -196,6 +196,8 @@ def parse_client(name: str, text: str, path: Path | None = None) -> Client:
                 converted[key] = conv(value)
             except ValueError as exc:
                 raise ClientError(f"{key}: {exc}", number) from None
+            if key == "from" and not converted[key]:  # an empty restriction never means anywhere
+                raise ClientError("from: no network (leave the line out for anywhere)", number)
     number, key_text = values["key"]
     try:
         public, comment = parse_public_key(key_text)

@@ -295,3 +295,91 @@ def test_a_batch_all_beyond_the_limits_changes_nothing(tmp_path: Path) -> None:
     out = engine.open([req(B, rid="b" * 32)], NOW)
     assert out["b" * 32].errorcode == "LIMIT"
     assert len(fw.batches) == batches and len(events) == 1, "no empty firewall batch"
+
+
+# -- the enrolled client of a grant (protocol v2) ----------------------------------------
+
+
+def client_req(
+    client: str | None, ip: Address = A, rid: str = "c" * 32, time: int = 60, port: int = 22
+) -> GrantRequest:
+    return GrantRequest(rid, ip, (("tcp", port),), time, "knock", client)
+
+
+def test_revoke_client_closes_only_that_clients_grants(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    engine.open(
+        [
+            client_req("alice", A, "1" * 32),
+            client_req("alice", B, "2" * 32, port=2222),
+            client_req("bob", ip("192.0.2.20"), "3" * 32),
+            client_req(None, ip("192.0.2.30"), "4" * 32),
+        ],
+        NOW,
+    )
+    gone = engine.revoke_client("alice", NOW + 1)
+    assert sorted(str(g.key) for g in gone) == ["192.0.2.10:tcp/22", "[2001:db8::10]:tcp/2222"]
+    assert {g.client for g in gone} == {"alice"}
+    assert {str(k.ip) for k in fw.held} == {"192.0.2.20", "192.0.2.30"}
+    assert {(str(g.key.ip), g.client) for g in engine.store.read().all()} == {
+        ("192.0.2.20", "bob"),
+        ("192.0.2.30", None),
+    }
+    revoked = [e for e in events if e.kind == "revoke"]
+    assert [(e.client, e.reason) for e in revoked] == [("alice", "client revoked by admin")] * 2
+    assert engine.revoke_client("alice", NOW + 2) == []
+    assert engine.revoke_client("carol", NOW + 2) == []
+
+
+def test_revoke_client_is_a_durable_commit(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _, _ = setup
+    engine.open([client_req("alice")], NOW)
+    durable: list[bool] = []
+    real = engine.store.transaction
+
+    def transaction(**kw: bool) -> object:
+        durable.append(kw.get("durable", False))
+        return real(**kw)
+
+    monkeypatch.setattr(engine.store, "transaction", transaction)
+    assert len(engine.revoke_client("alice", NOW, reason="key leaked")) == 1
+    assert durable == [True]
+
+
+def test_revoke_client_closes_expired_grants_not_reaped_yet(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, _ = setup
+    engine.open([client_req("alice", time=10)], NOW)
+    assert len(engine.revoke_client("alice", NOW + 20)) == 1
+    assert fw.held == {} and engine.store.read().all() == []
+
+
+def test_a_grant_records_who_opened_or_renewed_it_last(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, _, events = setup
+    engine.open([client_req("alice", time=600)], NOW)
+    engine.open([client_req("bob", time=60)], NOW + 1)  # renewal: the expiry stays
+    (grant,) = engine.store.read().all()
+    assert (grant.client, grant.expires, grant.renew_count) == ("bob", NOW + 600, 1)
+    assert [(e.kind, e.client) for e in events] == [("open", "alice"), ("renew", "bob")]
+    assert engine.revoke_client("alice", NOW + 2) == []
+    engine.open([client_req(None)], NOW + 3)  # renewed by v1 (or an admin): no client
+    assert [g.client for g in engine.store.read().all()] == [None]
+
+
+def test_in_one_batch_the_longer_request_names_the_client(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, _, _ = setup
+    out = engine.open(
+        [client_req("alice", rid="1" * 32, time=60), client_req("bob", rid="2" * 32, time=120)],
+        NOW,
+    )
+    assert out["1" * 32].ok and out["2" * 32].ok
+    assert [g.client for g in engine.store.read().all()] == ["bob"]

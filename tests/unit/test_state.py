@@ -341,3 +341,64 @@ def test_a_file_that_is_no_state_file_is_a_state_error(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     with pytest.raises(StateError, match="cannot open state file"):
         StateStore(path).read()
+
+
+# -- the client of a grant (protocol v2) -------------------------------------------------
+
+
+def columns_of(store: StateStore) -> list[str]:
+    return [row[1] for row in store.read().db.execute("PRAGMA table_info(grants)")]
+
+
+def test_an_old_state_file_gets_a_client_column_and_keeps_its_grants(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    old_state_file(path, [("192.0.2.10", "tcp", 22, 1.0, 2.0, 100.0, 1)])
+    store = StateStore(path)
+    (grant,) = store.read().all()
+    assert (str(grant.key), grant.renew_count, grant.client) == ("192.0.2.10:tcp/22", 1, None)
+    assert {"net", "client"} <= set(columns_of(store))
+    with store.transaction() as tx:
+        tx.upsert([Grant(grant.key, 1.0, 3.0, 200.0, 2, "alice")])  # renewed by a v2 client
+        tx.upsert([Grant(B, 3.0, 3.0, 200.0, 0, "bob")])
+    store.close()
+    again = StateStore(path)
+    assert {(str(g.key), g.client) for g in again.read().all()} == {
+        ("192.0.2.10:tcp/22", "alice"),
+        ("[2001:db8::10]:udp/51820", "bob"),
+    }
+    assert columns_of(again).count("client") == 1
+
+
+def test_a_state_file_with_net_but_without_client_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("ALTER TABLE grants ADD COLUMN net TEXT NOT NULL DEFAULT ''")
+    db.execute(
+        "INSERT INTO grants VALUES ('192.0.2.10', 'tcp', 22, 1.0, 1.0, 100.0, 0, '192.0.2.10/32')"
+    )
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+    store = StateStore(path)
+    assert [g.client for g in store.read().all()] == [None]
+    assert net_of(store) == {"192.0.2.10": "192.0.2.10/32"}
+    with store.transaction() as tx:
+        tx.upsert([Grant(A, 1.0, 2.0, 100.0, 1, "alice")])
+    assert [g.client for g in StateStore(path).read().all()] == ["alice"]
+
+
+def test_the_client_of_a_grant_round_trips(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    with store.transaction() as tx:
+        tx.upsert([Grant(A, 1.0, 1.0, 100.0, 0, "alice"), Grant(B, 1.0, 1.0, 100.0)])
+    with store.transaction() as tx:
+        assert {g.key: g.client for g in tx.get({A, B}).values()} == {A: "alice", B: None}
+        tx.upsert([Grant(A, 1.0, 2.0, 150.0, 1, None)])  # renewed by v1 or an admin
+        assert tx.get({A})[A].client is None
+        assert [g.key for g in tx.select("client = ?", ("alice",))] == []
+    store.close()
+    assert {(g.key, g.client) for g in StateStore(tmp_path / "s.db").read().all()} == {
+        (A, None),
+        (B, None),
+    }

@@ -208,12 +208,21 @@ def _int(obj: dict[str, Any], name: str, default: int | None = None) -> int:
     return value
 
 
+def _address_or_none(value: Any) -> Address | None:
+    if not isinstance(value, str) or "%" in value:
+        return None
+    try:
+        return parse_address(value)
+    except ValueError:
+        return None
+
+
 def parse_body(body: bytes) -> Request:
     """Check a request body's shape; raises V2Error (answered ``bad_request``)."""
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        raise V2Error("body is not JSON") from None
+        obj = json.loads(body.decode("utf-8"))  # UTF-8 only: no BOM, no UTF-16/32
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
+        raise V2Error("body is not JSON (in UTF-8)") from None
     if not isinstance(obj, dict):
         raise V2Error("body is not a JSON object")
     api = obj.get("api")
@@ -223,18 +232,12 @@ def parse_body(body: bytes) -> Request:
     nonce = obj.get("nonce")
     if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
         raise V2Error("nonce is not 16-64 characters of A-Z a-z 0-9 _ -")
-    ip: Address | None = None
     raw_ip = obj.get("ip")
-    if raw_ip is not None or api == "openports":
-        if not isinstance(raw_ip, str) or "%" in raw_ip:
-            raise V2Error("ip is not an address")
-        try:
-            ip = parse_address(raw_ip)
-        except ValueError:
-            if api == "openports":
-                raise V2Error("ip is not an address") from None
-    if api == "getinfo":
-        return Request(api, ts, nonce, ip)
+    if api == "getinfo":  # its ip is informational only: never a reason to refuse
+        return Request(api, ts, nonce, _address_or_none(raw_ip))
+    ip = _address_or_none(raw_ip)
+    if ip is None:
+        raise V2Error("ip is not an address")
     raw_ports = obj.get("ports", [])
     if not isinstance(raw_ports, list) or len(raw_ports) > 256:
         raise V2Error("ports is not a list of at most 256 entries")
