@@ -168,7 +168,7 @@ def test_control_characters_of_the_agent_never_reach_the_mail(
     assert wait_for(lambda: len(inbox.messages) == 1)
     sender.close()
     (msg,) = inbox.messages
-    assert "client: evil?[2J?Bcc: x@example.org" in msg.get_content()
+    assert "user agent: evil?[2J?Bcc: x@example.org" in msg.get_content()
     assert msg["Bcc"] is None and inbox.envelopes[0].rcpt_tos == ["admin@example.org"]
 
 
@@ -639,3 +639,14 @@ def test_example_config_notify_section_is_valid(tmp_path: Path) -> None:
     assert s.email_to == ("admin@example.org", "oncall@example.org")
     assert s.webhook_url == "https://hooks.example.org/webknock"
     assert (s.batch_window, s.retries, s.smtp_port) == (10.0, 3, 25)
+
+
+def test_mail_names_the_enrolled_client(tmp_path: Path, smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    sender = mail_sender(settings(tmp_path, smtp_port=port, batch_window=0))
+    engine_with(tmp_path, sender).open([replace(req(), client="alice")], NOW)
+    assert wait_for(lambda: len(inbox.messages) == 1)
+    sender.close()
+    (msg,) = inbox.messages
+    assert "(client alice)" in msg["Subject"]
+    assert "enrolled client: alice" in msg.get_content()

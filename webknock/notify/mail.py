@@ -34,7 +34,9 @@ def compose(settings: NotifySettings, events: Sequence[Event]) -> EmailMessage:
     if len(by_ip) == 1:
         ((ip, evs),) = by_ip.items()
         ports = ", ".join(f"{e.proto}/{e.port}" for e in evs)
-        subject = f"webknock {settings.instance}: {ip} opened {ports}"
+        who = sorted({e.client for e in evs if e.client})
+        by = f" (client {', '.join(who)})" if who else ""
+        subject = f"webknock {settings.instance}: {ip}{by} opened {ports}"
     else:
         subject = f"webknock {settings.instance}: {len(events)} grant(s) for {len(by_ip)} addresses"
     lines = [f"New grants on webknock instance {settings.instance}:", ""]
@@ -43,11 +45,13 @@ def compose(settings: NotifySettings, events: Sequence[Event]) -> EmailMessage:
         for e in evs:
             until = f" until {_when(e.expires)}" if e.expires is not None else ""
             lines.append(f"    {e.proto}/{e.port} opened {_when(e.time)}{until}")
+        for name in sorted({e.client for e in evs if e.client}):
+            lines.append(f"    enrolled client: {name}")
         agents = sorted({_printable(e.user_agent) for e in evs if e.user_agent})
         for ua in agents:
-            lines.append(f"    client: {ua}")
+            lines.append(f"    user agent: {ua}")
         lines.append("")
-    lines.append("Revoke with: webknockctl revoke ADDRESS")
+    lines.append("Revoke with: webknockctl revoke ADDRESS (or --client NAME)")
     msg = EmailMessage()
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
