@@ -34,11 +34,13 @@ class Reply(Exception):
         self.status, self.why = status, why
 
 
-def respond(out: object, status: int, body: bytes = b"", note: str = "") -> None:
-    """Write a CGI response (Status header, then body)."""
+def respond(out: object, status: int, body: bytes = b"", note: str = "", headers: str = "") -> None:
+    """Write a CGI response (Status header, then body); `headers` replace the default
+    Content-Type (CRLF-terminated lines)."""
     ctype = "application/octet-stream" if status == 200 else "text/plain"
-    head = f"Status: {STATUSES[status]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-    head += "Cache-Control: no-store\r\n"
+    head = f"Status: {STATUSES[status]}\r\n"
+    head += headers or f"Content-Type: {ctype}\r\n"
+    head += f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
     if note:
         head += f"X-Webknock-Error: {note}\r\n"
     out.write(head.encode("ascii", "replace") + b"\r\n" + body)  # type: ignore[attr-defined]
@@ -106,6 +108,48 @@ def read_packet(environ: dict[str, str], stdin: object) -> tuple[str, bytes]:
         raise Reply(403, str(exc)) from None
 
 
+def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
+    """The browser client (``[server] browser_page = yes``) with the server's public key
+    and a fresh CSP nonce in it, and its headers; raises Reply."""
+    import binascii
+
+    from webknock import cgiconf, spool
+
+    config = environ.get(cgiconf.ENV_CONFIG) or cgiconf.DEFAULT_CONFIG
+    try:
+        if not cgiconf.browser_page_enabled(config):
+            raise Reply(400, "GET: the browser page is off (browser_page = no)")
+        spool_dir, _ = cgiconf.read_cgi_settings(config)
+    except cgiconf.CgiConfigError as exc:
+        raise Reply(500, f"configuration: {exc}") from None
+    try:
+        with open(os.path.join(spool_dir, spool.SERVER_KEY_NAME), "rb") as fh:
+            server_key = fh.read(200).strip()
+        with open(os.path.join(os.path.dirname(__file__), "web", "page.html"), "rb") as fh:
+            page = fh.read()
+    except OSError as exc:
+        raise Reply(503, f"browser page: {exc} (is v2 on and webknockd running?)") from None
+    if not server_key.startswith(b"wk2:") or server_key[4:].translate(None, _B64URL):
+        raise Reply(503, "browser page: the published server key is malformed")
+    nonce = binascii.b2a_base64(os.urandom(18), newline=False)
+    body = page.replace(b"__WK_SERVER_KEY__", server_key).replace(b"__WK_NONCE__", nonce)
+    csp = (
+        "default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ).format(n=nonce.decode())
+    headers = (
+        "Content-Type: text/html; charset=utf-8\r\n"
+        f"Content-Security-Policy: {csp}\r\n"
+        "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
+        "X-Frame-Options: DENY\r\nCross-Origin-Opener-Policy: same-origin\r\n"
+    )
+    return body, headers
+
+
+_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def handle(environ: dict[str, str]) -> tuple[int, str, bytes]:
     """Relay one request; return (status, note, body) or raise Reply."""
     name, packet = read_packet(environ, sys.stdin.buffer)
@@ -139,8 +183,16 @@ def main(*, detach: bool = True) -> int:
     """CGI entry point: always exits 0 after writing exactly one response; `detach` (the
     default, for the process the web server started) then hangs up stdout and stderr and
     ends the process at once (no interpreter teardown for the next knock to compete with)."""
+    headers = ""
     try:
-        status, note, body = handle(dict(os.environ))
+        environ = dict(os.environ)
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            body, headers = browser_page(environ)
+            status, note = 200, ""
+            if environ["REQUEST_METHOD"] == "HEAD":
+                body = b""
+        else:
+            status, note, body = handle(environ)
     except Reply as reply:
         warn(f"{reply.status}: {reply.why}")
         status, note, body = reply.status, "", b""
@@ -148,7 +200,7 @@ def main(*, detach: bool = True) -> int:
         warn(f"500: internal error: {type(exc).__name__}: {exc}")
         status, note, body = 500, "", b""
     try:
-        respond(sys.stdout.buffer, status, body, note)
+        respond(sys.stdout.buffer, status, body, note, headers if status == 200 else "")
     except OSError as exc:  # the client or web server went away
         warn(f"{status} not delivered: {exc}")
     if detach:

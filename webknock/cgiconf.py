@@ -1,10 +1,10 @@
-"""The two settings the CGI needs, read from the instance config without configparser.
+"""The settings the CGI needs, read from the instance config without configparser.
 
-The CGI only relays (:mod:`webknock.cgi`): it needs to know where the spool is and how
-long to wait for webknockd's answer, nothing else. The full loader
-(:func:`webknock.config.load`) costs a CGI process about as much as starting Python
-(configparser, re, dataclasses, pathlib), so this reads the same file with the same
-rules for these two keys only: ``[server]`` over ``[DEFAULT]``, keys in any case, ``=``
+The CGI only relays (:mod:`webknock.cgi`): it needs to know where the spool is, how long
+to wait for webknockd's answer, and whether a GET gets the browser page; nothing else.
+The full loader (:func:`webknock.config.load`) costs a CGI process about as much as
+starting Python (configparser, re, dataclasses, pathlib), so this reads the same file
+with the same rules for these keys only: ``[server]`` over ``[DEFAULT]``, keys in any case, ``=``
 or ``:``, whole-line and inline ``#``/``;`` comments. Anything it cannot read the way
 configparser would (a value continued on the next line, no ``[server]`` section) is a
 :class:`CgiConfigError`; ``webknockctl check-config`` validates the whole file.
@@ -16,6 +16,7 @@ DEFAULT_CONFIG = "/etc/webknock/webknock.ini"
 ENV_CONFIG = "WEBKNOCK_CONFIG"
 SPOOL_KEY = "spool_dir"
 TIMEOUT_KEY = "result_timeout"
+BROWSER_KEY = "browser_page"
 DEFAULT_RESULT_TIMEOUT = 5.0
 MAX_RESULT_TIMEOUT = 3600.0
 
@@ -35,7 +36,7 @@ def _values(text: str) -> dict[str, dict[str, str]]:
         if not line or line[0] in "#;":
             continue
         if raw[0] in " \t" and current is not None and last:
-            if last in (SPOOL_KEY, TIMEOUT_KEY):
+            if last in (SPOOL_KEY, TIMEOUT_KEY, BROWSER_KEY):
                 raise CgiConfigError(f"{last} continues on the next line")
             continue
         if line.startswith("[") and line.endswith("]"):
@@ -58,8 +59,8 @@ def _values(text: str) -> dict[str, dict[str, str]]:
     return sections
 
 
-def read_cgi_settings(path: str) -> tuple[str, float]:
-    """(spool_dir, result_timeout) of the config at `path`; raises CgiConfigError."""
+def _server_values(path: str) -> dict[str, str]:
+    """The keys of ``[server]`` over ``[DEFAULT]``; raises CgiConfigError."""
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read(1 << 20)
@@ -73,7 +74,12 @@ def read_cgi_settings(path: str) -> tuple[str, float]:
         raise CgiConfigError(f"{path}: [server] {exc}") from None
     if "server" not in sections:
         raise CgiConfigError(f"{path}: missing section [server]")
-    merged = {**sections.get("DEFAULT", {}), **sections["server"]}
+    return {**sections.get("DEFAULT", {}), **sections["server"]}
+
+
+def read_cgi_settings(path: str) -> tuple[str, float]:
+    """(spool_dir, result_timeout) of the config at `path`; raises CgiConfigError."""
+    merged = _server_values(path)
     spool = merged.get(SPOOL_KEY, "")
     if not spool.startswith("/"):
         raise CgiConfigError(f"{path}: [server] {SPOOL_KEY} is not an absolute path")
@@ -87,3 +93,18 @@ def read_cgi_settings(path: str) -> tuple[str, float]:
     if not 0 < timeout < MAX_RESULT_TIMEOUT:
         raise CgiConfigError(f"{path}: [server] {TIMEOUT_KEY} is not a number of seconds")
     return spool, timeout
+
+
+TRUE = ("1", "yes", "true", "on")
+FALSE = ("0", "no", "false", "off")
+
+
+def browser_page_enabled(path: str) -> bool:
+    """Whether ``[server] browser_page`` is on in the config at `path` (default no); raises
+    CgiConfigError."""
+    value = _server_values(path).get(BROWSER_KEY, "").lower()
+    if value in TRUE:
+        return True
+    if value in FALSE or not value:
+        return False
+    raise CgiConfigError(f"{path}: [server] {BROWSER_KEY} must be yes or no")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from webknock import ini
-from webknock.cgiconf import DEFAULT_RESULT_TIMEOUT
+from webknock.cgiconf import DEFAULT_RESULT_TIMEOUT, FALSE, TRUE
 from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
 
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
@@ -73,6 +73,7 @@ class ServerConfig:
     server_key_file: Path = Path("/etc/webknock/webknock.server-key")  # v2 iff it exists
     clients_dir: Path = Path("/etc/webknock/webknock.clients")
     url: str = ""  # the knock URL, printed in client profiles
+    browser_page: bool = False  # a GET of the knock URL returns the v2 browser client
     backend: str = "auto"
     web_user: str = "www-data"
     chain: str = "WEBKNOCK"
@@ -151,9 +152,9 @@ def parse_ports(text: str) -> frozenset[int]:
 
 def parse_bool(text: str) -> bool:
     value = text.lower()
-    if value in ("1", "yes", "true", "on"):
+    if value in TRUE:
         return True
-    if value in ("0", "no", "false", "off"):
+    if value in FALSE:
         return False
     raise ValueError("must be yes or no")
 
@@ -231,6 +232,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         "server_key_file",
         "clients_dir",
         "url",
+        "browser_page",
         "v2_ts_window",
         "spool_dir",
         "state_file",
@@ -272,6 +274,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         ),
         clients_dir=sec.get("clients_dir", _abs_path, src.parent / f"{instance}.clients"),
         url=sec.get("url", _url, ""),
+        browser_page=sec.get("browser_page", parse_bool, False),
         v2_ts_window=sec.get("v2_ts_window", _positive_int, 30),
         spool_dir=sec.get("spool_dir", _abs_path),
         state_file=sec.get("state_file", _abs_path),

@@ -32,9 +32,12 @@ from webknock.doorbell import deliver, encode_answer
 from webknock.engine import GrantEngine, Limits, Outcome
 from webknock.events import EventBus, log_sink
 from webknock.firewall import FirewallError, make_firewall
+from webknock.fsutil import write_atomic
 from webknock.grants import GrantRequest
 from webknock.guard import Guard
+from webknock.keys import KeysError
 from webknock.logsetup import setup_logging
+from webknock.spool import SERVER_KEY_NAME
 from webknock.spool_housekeeping import SpoolKeeper
 from webknock.spool_reader import SpoolError, read_request, request_name_id
 from webknock.spooldirs import WebIdentity, prepare_spool, web_identity
@@ -356,9 +359,38 @@ class Daemon:
 
     # -- housekeeping --------------------------------------------------------------------
 
+    def publish_server_key(self) -> None:
+        """Keep ``<spool>/server.pub`` the v2 server's public key text, for the browser page
+        the CGI serves (absent while v2 is off)."""
+        path = self.spool.root / SERVER_KEY_NAME
+        try:
+            key = self.verifier.server_key()
+        except KeysError:
+            key = None  # the knocks say why (logged once)
+        want = f"{key.public_text()}\n".encode() if key else None
+        try:
+            have: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            have = None
+        if want == have:
+            return
+        if want is None:
+            self._unlink_quietly(path)
+        else:
+            write_atomic(path, want, 0o644, fsync=False)
+
+    @staticmethod
+    def _unlink_quietly(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
     def housekeeping(self) -> None:
-        """Prune the spool, forget old replay marks and counts, log what was refused quietly."""
+        """Prune the spool, forget old replay marks and counts, log what was refused quietly,
+        publish the server key."""
         self.keeper.prune()
+        self.publish_server_key()
         if self.refused_files:
             log.warning("refused %d malformed spool file(s)", self.refused_files)
             self.refused_files = 0
@@ -516,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, web = build(cfg)
         daemon = Daemon(cfg, engine, web)
         daemon.guard.load(time.time())
+        daemon.publish_server_key()
         live = engine.reconcile(time.time())
         log.info(
             "started %s, instance %s, %s: restored %d live grant(s)",

@@ -8,6 +8,7 @@ Layout under ``spool_dir`` (its own size-bounded tmpfs, see :mod:`webknock.spool
     rejected/  root:root     0700  invalid requests moved aside for the admin
     waits/     root:WEBGROUP 1730  CGI's doorbell ``<id>`` (a FIFO), through which the daemon
                                    hands it the answer (:mod:`webknock.doorbell`)
+    server.pub root:root     0644  the server's v2 public key, for the browser page
 
 A request is a relay, not a decision: the raw packet as the client sent it, which form field
 carried it, and what the web server said about the connection (REMOTE_ADDR, X-Forwarded-For,
@@ -40,6 +41,9 @@ MAX_REQUEST_BYTES = len(MAGIC) + sum(len(h) + 2 + n for h, n in HEADER_LIMITS.it
 MAX_REQUEST_BYTES += MAX_PACKET_BYTES
 #: The spool's sub-directories (:class:`webknock.config.SpoolPaths` builds their paths).
 REQUESTS_DIR, CLAIMED_DIR, REJECTED_DIR, WAITS_DIR = "requests", "claimed", "rejected", "waits"
+#: The server's v2 public key text, published by webknockd (root, 0644) for the browser
+#: page (:mod:`webknock.cgi` embeds it); absent while v2 is off.
+SERVER_KEY_NAME = "server.pub"
 REQUEST_SUFFIX = ".req"
 TEMP_SUFFIX = ".tmp"
 #: Request ids: 32 lowercase hex digits (16 random bytes).
