@@ -23,6 +23,8 @@ from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
 ENV_CONFIG = "WEBKNOCK_CONFIG"
 BACKENDS = ("auto", "iptables", "nftables")
+#: The longest grant any instance may give: one week.
+MAX_TIME = 7 * 86400
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
 _CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}")
 
@@ -131,7 +133,7 @@ class _Section:
         try:
             return conv(raw.strip())
         except (ValueError, TypeError) as exc:
-            raise self.error(key, f"{exc} (got {raw.strip()!r})") from None
+            raise self.error(key, f"{exc} (got {raw.strip()[:80]!r})") from None
 
     def optional(self, key: str, conv: Callable[[str], T]) -> T | None:
         raw = self.values.get(key, "").strip()
@@ -159,17 +161,25 @@ def parse_bool(text: str) -> bool:
     raise ValueError("must be yes or no")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive whole number")
-    return value
+def _whole(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+    """A whole number from `low` to `high`; the error says so, in the setting's `unit`."""
+    what = f"a whole number{f' of {unit}' if unit else ''}, {low}-{high}"
+
+    def conv(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"must be {what}")
+        return int(text)
+
+    return conv
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def _seconds_below_an_hour(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
     if not 0 < value < 3600:
-        raise ValueError("must be a number of seconds above 0 and below 3600")
+        raise ValueError("must be a number of seconds above 0 and below 3600, e.g. 5 or 2.5")
     return value
 
 
@@ -207,7 +217,13 @@ def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     nets = []
     for item in text.replace(" ", ",").split(","):
         if item:
-            nets.append(ipaddress.ip_network(item, strict=False))
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{item[:60]!r} is not a network: give CIDR networks such as "
+                    "192.0.2.0/24, 2001:db8::/32, separated by commas"
+                ) from None
     return tuple(nets)
 
 
@@ -267,7 +283,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         instance=instance,
         tcp_ports=tcp,
         udp_ports=udp,
-        max_time=sec.get("max_time", _positive_int),
+        max_time=sec.get("max_time", _whole(1, MAX_TIME, "seconds")),
         keys_file=sec.optional("keys_file", _abs_path),
         server_key_file=sec.get(
             "server_key_file", _abs_path, src.parent / f"{instance}.server-key"
@@ -275,7 +291,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         clients_dir=sec.get("clients_dir", _abs_path, src.parent / f"{instance}.clients"),
         url=sec.get("url", _url, ""),
         browser_page=sec.get("browser_page", parse_bool, False),
-        v2_ts_window=sec.get("v2_ts_window", _positive_int, 30),
+        v2_ts_window=sec.get("v2_ts_window", _whole(1, 3600, "seconds"), 30),
         spool_dir=sec.get("spool_dir", _abs_path),
         state_file=sec.get("state_file", _abs_path),
         backend=sec.get("backend", _choice(BACKENDS), "auto"),
@@ -283,16 +299,14 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         chain=sec.get("chain", _pattern(_CHAIN, "an iptables chain name (max 21)"), default_chain),
         protect=sec.get("protect", parse_bool, False),
         ipset=sec.get("ipset", _choice(("auto", "yes", "no")), "auto"),
-        result_timeout=sec.get("result_timeout", _positive_float, DEFAULT_RESULT_TIMEOUT),
-        ts_window=sec.get("ts_window", _positive_int, 15),
+        result_timeout=sec.get("result_timeout", _seconds_below_an_hour, DEFAULT_RESULT_TIMEOUT),
+        ts_window=sec.get("ts_window", _whole(1, 3600, "seconds"), 15),
         trusted_proxies=sec.get("trusted_proxies", _networks, ()),
-        throttle_failures=sec.get("throttle_failures", _positive_int, 20),
-        throttle_window=sec.get("throttle_window", _positive_int, 60),
-        max_grants=sec.get("max_grants", _positive_int, 10000),
-        max_grants_per_prefix=sec.get("max_grants_per_prefix", _positive_int, 256),
+        throttle_failures=sec.get("throttle_failures", _whole(1, 1_000_000), 20),
+        throttle_window=sec.get("throttle_window", _whole(1, 86400, "seconds"), 60),
+        max_grants=sec.get("max_grants", _whole(1, 1_000_000), 10000),
+        max_grants_per_prefix=sec.get("max_grants_per_prefix", _whole(1, 1_000_000), 256),
         audit_log=sec.optional("audit_log", _abs_path),
         extra={s: dict(parser.items(s)) for s in parser.sections() if s != "server"},
     )
-    if cfg.max_time > 7 * 86400:
-        raise sec.error("max_time", "must be at most 604800 (one week)")
     return cfg
