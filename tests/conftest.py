@@ -38,7 +38,8 @@ def close_bells() -> Iterator[None]:
 def isolated_logging() -> Iterator[None]:
     """Every CLI's main() configures logging for its process; in one test process that
     would leave handlers bound to an earlier test's captured (closed) stderr."""
-    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("webknock", "urllib3"))]
+    names = ("webknock", "webknock.events", "webknock.audit", "urllib3")
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in names)]
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     yield
     for lg, handlers, level, propagate in saved:

@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("webknockctl", verbose=args.verbose)
+    if not args.verbose:  # the command prints what it did; the event lines are the daemon's
+        for name in ("webknock.events", "webknock.audit"):  # log's and the audit trail's
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = load(args.config)
     except ConfigError as exc:

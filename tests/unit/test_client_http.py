@@ -510,12 +510,13 @@ def test_info(
 
 
 def test_exec_returns_command_status_and_renews(
-    tmp_path: Path, keys: v1.Keys, server: FakeServer
+    tmp_path: Path, keys: v1.Keys, server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server.behaviour.maxtime = 3  # renewal every second
     profile = make_profile(tmp_path, keys, server.url())
     rc = cli.main(["--config", str(profile), "exec", "--", "sh", "-c", "sleep 2.5; exit 7"])
     assert rc == 7
+    assert "stopped" not in capsys.readouterr().err, "the command's end says it, not us"
     assert server.apis()[:2] == ["getinfo", "openports"]
     assert server.apis().count("openports") >= 3, "renewed while the command ran"
     assert cli.main(["--config", str(profile), "exec", "--", "/nonexistent/cmd"]) == 127

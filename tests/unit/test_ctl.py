@@ -113,3 +113,31 @@ def test_grant_time_must_be_positive_seconds(
     assert info.value.code == 2
     assert "positive number of seconds" in capsys.readouterr().err
     assert fw.held == {}
+
+
+def test_grant_and_revoke_print_only_what_they_did(
+    instance_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No INFO event lines or raw audit JSON on the admin's terminal (those are the daemon
+    log's and the audit trail's)."""
+    from tests.fakes import MemoryFirewall
+    from webknock import ctl
+    from webknock.audit import AuditSink
+    from webknock.config import load
+    from webknock.engine import GrantEngine
+    from webknock.events import EventBus, log_sink
+    from webknock.state import StateStore
+
+    cfg = load(instance_config)
+    engine = GrantEngine(
+        cfg.instance,
+        StateStore(cfg.state_file),
+        MemoryFirewall(),
+        EventBus(log_sink, AuditSink(None)),
+    )
+    monkeypatch.setattr(ctl, "_engine", lambda _cfg: engine)
+    assert ctl.main(["--config", str(instance_config), "grant", "192.0.2.10", "--port", "22"]) == 0
+    assert ctl.main(["--config", str(instance_config), "revoke", "192.0.2.10"]) == 0
+    out, err = capsys.readouterr()
+    assert "granted 192.0.2.10 tcp/22 until" in out and "revoked 192.0.2.10:tcp/22" in out
+    assert err == "", err

@@ -320,7 +320,7 @@ def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
 
     def renew() -> None:
         try:
-            keeper.run()
+            keeper.run(quiet=True)
         except ClientError as exc:
             log.error("renewals stopped: %s", exc.message)
 

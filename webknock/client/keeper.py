@@ -109,8 +109,10 @@ class Keeper:
         wait = min(t.due for t in self.tracks) - self.clock()
         return max(0.0, min(wait, self.poll))
 
-    def run(self) -> None:
-        """Loop until `stop` is set (SIGTERM/SIGINT, or the end of the exec'd command)."""
+    def run(self, *, quiet: bool = False) -> None:
+        """Loop until `stop` is set (SIGTERM/SIGINT, or the end of the exec'd command);
+        say so unless `quiet` (exec: the command's end says it)."""
         while not self.stop.is_set():
             self.stop.wait(self.step())
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")

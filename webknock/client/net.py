@@ -46,8 +46,9 @@ _REFUSED = {
     403: "the server refused the knock (403 Forbidden): wrong keys, a clock more than the "
     "allowed window off, or the address it sees is not the one in the request",
     404: "no webknock at this URL (404 Not Found): check url in the profile",
-    405: "the server does not accept this request (405 Method Not Allowed): protocol version "
-    "or request type not supported",
+    405: "this URL does not take knocks (405 Method Not Allowed): it is probably not a "
+    "webknock endpoint but a plain web page (check url in the profile), or the server does "
+    "not speak this protocol version",
     413: "the server refused the request as too large (413 Content Too Large)",
     429: "the server throttles this address after too many bad packets (429 Too Many "
     "Requests): check the keys, then wait a minute",
