@@ -183,7 +183,11 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
     addresses = len({g.key.ip for g in live})
     report: dict[str, Any] = {
         "instance": cfg.instance,
-        "daemon": {"running": pid is not None, "pid": pid},
+        "daemon": {
+            "running": pid is not None,
+            "pid": pid,
+            "start": None if pid else start_hint(cfg),
+        },
         "backend": engine.firewall.describe(),
         "spool_backlog": backlog,
         "grants": {
@@ -203,6 +207,8 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
     else:
         print(f"instance:        {cfg.instance} ({cfg.source})")
         print(f"daemon:          {'running, pid ' + str(pid) if pid else 'NOT RUNNING'}")
+        if not pid:
+            print(f"  start it:      {start_hint(cfg)}")
         print(f"backend:         {report['backend']}")
         print(f"spool backlog:   {backlog}")
         print(
@@ -217,6 +223,18 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
                 f"extra, {len(drift.duplicates)} duplicate (fix: webknockctl reconcile)"
             )
     return EXIT_OK if pid and drift.clean else EXIT_ATTENTION
+
+
+def start_hint(cfg: ServerConfig) -> str:
+    """How to start this instance's webknockd here: with systemd as PID 1 its unit, else
+    the spool's tmpfs and the daemon by hand, as the unit would."""
+    if os.path.isdir("/run/systemd/system"):
+        unit = f"webknockd@{cfg.instance}"
+        return f"systemctl start {unit}  (logs: journalctl -u {unit})"
+    return (
+        f"webknockctl --config {cfg.source} prepare-spool && "
+        f"setsid webknockd --config {cfg.source} --syslog &  (no systemd: see README)"
+    )
 
 
 def cmd_check_config(cfg: ServerConfig, args: argparse.Namespace) -> int:
