@@ -3,69 +3,13 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from webknock.clients import SUFFIX, load_clients
 from webknock.config import ConfigError, ServerConfig
+from webknock.filemodes import Problem, mode_problems
 from webknock.keys import KeysError, load_keys, load_server_key
 from webknock.state import STATE_FILE_SUFFIXES
-
-Problem = tuple[str, str]  # ("error" | "warning", message)
-
-
-def _mode_problems(
-    path: Path,
-    *,
-    uid: int,
-    gid: int | None,
-    mode: int,
-    what: str,
-    optional: bool = False,
-    wider_is: str = "",
-) -> list[Problem]:
-    """Owner, group and mode of one path. Anything that lets a user other than root change
-    what root reads or writes (wrong owner, a write bit wider than expected, a symlink) is
-    an error; a wrong group or a read bit too many is a warning, unless `wider_is` says
-    why any bit too many is an error."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return [] if optional else [("warning", f"{what} {path} does not exist yet")]
-    except OSError as exc:
-        return [("error", f"{what} {path}: {exc.strerror}")]
-    out: list[Problem] = []
-    if stat.S_ISLNK(st.st_mode):
-        out.append(("error", f"{what} {path} is a symlink"))
-    if st.st_uid != uid:
-        out.append(
-            (
-                "error",
-                f"{what} {path} is owned by uid {st.st_uid}, expected {uid}; "
-                f"run: chown {uid} {path}",
-            )
-        )
-    if gid is not None and st.st_gid != gid:
-        out.append(
-            (
-                "warning",
-                f"{what} {path} has group {st.st_gid}, expected {gid}; run: chgrp {gid} {path}",
-            )
-        )
-    actual = stat.S_IMODE(st.st_mode)
-    wider = actual & ~mode
-    if wider:
-        level = "error" if wider & 0o022 or wider_is else "warning"
-        writable = "writable by others than root" if wider & 0o022 else "readable by more users"
-        who = wider_is or writable
-        out.append(
-            (
-                level,
-                f"{what} {path} has mode {actual:04o}, wider than {mode:04o} ({who}); "
-                f"run: chmod {mode:04o} {path}",
-            )
-        )
-    return out
 
 
 def _v2_on(cfg: ServerConfig) -> bool:
@@ -82,7 +26,7 @@ def _v2_problems(cfg: ServerConfig) -> list[Problem]:
             load_server_key(cfg.server_key_file)
         except KeysError as exc:
             problems.append(("error", str(exc)))
-        problems += _mode_problems(
+        problems += mode_problems(
             cfg.server_key_file,
             uid=0,
             gid=None,
@@ -104,7 +48,7 @@ def _v2_problems(cfg: ServerConfig) -> list[Problem]:
     names: list[str] = []
     if os.path.lexists(directory):
         # Whoever can change a client file or the directory can enrol a key of their own.
-        problems += _mode_problems(directory, uid=0, gid=None, mode=0o755, what="clients directory")
+        problems += mode_problems(directory, uid=0, gid=None, mode=0o755, what="clients directory")
         try:
             names = sorted(os.listdir(directory))
         except OSError:
@@ -119,7 +63,7 @@ def _v2_problems(cfg: ServerConfig) -> list[Problem]:
                 )
             )
         else:
-            problems += _mode_problems(path, uid=0, gid=None, mode=0o644, what="client file")
+            problems += mode_problems(path, uid=0, gid=None, mode=0o644, what="client file")
     if _v2_on(cfg) and cfg.keys_file is None and not clients:
         problems.append(("warning", f"no usable client in {directory}: nobody can knock"))
     return problems
@@ -144,7 +88,7 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
             load_keys(cfg.keys_file)
         except KeysError as exc:
             problems.append(("error", str(exc)))
-        problems += _mode_problems(
+        problems += mode_problems(
             cfg.keys_file,
             uid=0,
             gid=None,
@@ -153,10 +97,10 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
             wider_is="whoever can read the keys can open the firewall; only webknockd needs them",
         )
     problems += _v2_problems(cfg)
-    problems += _mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
+    problems += mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")
     devices: dict[int, list[str]] = {}
     for path, uid, gid, mode in layout(cfg.spool, web.gid):
-        problems += _mode_problems(
+        problems += mode_problems(
             path,
             uid=uid,
             gid=gid,
@@ -186,12 +130,12 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
                 "requests cannot be claimed; keep it on one",
             )
         )
-    problems += _mode_problems(cfg.state_file, uid=0, gid=None, mode=0o600, what="state file")
-    problems += _mode_problems(
+    problems += mode_problems(cfg.state_file, uid=0, gid=None, mode=0o600, what="state file")
+    problems += mode_problems(
         cfg.state_file.parent, uid=0, gid=None, mode=0o755, what="state directory"
     )
     for suffix in STATE_FILE_SUFFIXES[1:]:
-        problems += _mode_problems(
+        problems += mode_problems(
             Path(f"{cfg.state_file}{suffix}"),
             uid=0,
             gid=None,
@@ -212,7 +156,7 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
             parents.setdefault(parent, []).append(what)
     for path, whats in parents.items():
         what = f"{', '.join(whats)} directory"
-        problems += _mode_problems(path, uid=0, gid=None, mode=0o755, what=what)
+        problems += mode_problems(path, uid=0, gid=None, mode=0o755, what=what)
     from webknock.notify.problems import notify_problems  # audit log and [notify]
 
     problems += notify_problems(cfg)

@@ -14,6 +14,13 @@ from typing import Any
 from webknock import __version__
 from webknock.addresses import grantable, parse_address
 from webknock.config import ConfigError, ServerConfig, load
+from webknock.ctl_common import (
+    EXIT_ATTENTION,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    engine_for,
+)
 from webknock.engine import GrantEngine
 from webknock.firewall import FirewallError
 from webknock.grants import Grant
@@ -21,8 +28,6 @@ from webknock.logsetup import setup_logging
 from webknock.state import STATE_FILE_SUFFIXES, StateError, StateStore
 
 log = logging.getLogger("webknockctl")
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ATTENTION = 0, 1, 2, 3
 
 
 def grant_json(g: Grant, now: float) -> dict[str, Any]:
@@ -78,10 +83,8 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def _engine(cfg: ServerConfig) -> GrantEngine:
-    """The same engine the daemon uses (state, firewall, event sinks)."""
-    from webknock.daemon import build
-
-    return build(cfg)[0]
+    """The same engine the daemon uses (tests replace it)."""
+    return engine_for(cfg)
 
 
 def cmd_revoke(cfg: ServerConfig, args: argparse.Namespace) -> int:

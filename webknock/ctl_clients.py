@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from webknock import ctl
+from webknock import ctl_common as ctl
 from webknock.addresses import Network
 from webknock.clients import (
     SUFFIX,
@@ -409,7 +409,7 @@ def cmd_disable(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def _revoke(cfg: ServerConfig, name: str) -> None:
-    gone = ctl._engine(cfg).revoke_client(name, time.time())
+    gone = ctl.engine_for(cfg).revoke_client(name, time.time())
     print(f"revoked {len(gone)} live grant(s) of client {name}")
     for g in gone:
         print(f"revoked {g.key}")

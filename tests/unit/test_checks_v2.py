@@ -12,8 +12,9 @@ import pytest
 
 from tests.conftest import write_instance
 from webknock import ctl, firewall
-from webknock.checks import Problem, check_installation
+from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
+from webknock.filemodes import Problem
 from webknock.keys import create_server_key
 from webknock.protocol.v1 import Keys
 from webknock.protocol.v2 import SigningKey

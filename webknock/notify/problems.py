@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from webknock.checks import Problem, _mode_problems
 from webknock.config import ConfigError, ServerConfig
+from webknock.filemodes import Problem, mode_problems
 from webknock.notify.settings import load_notify, read_credentials
 
 
@@ -13,10 +13,10 @@ def notify_problems(cfg: ServerConfig) -> list[Problem]:
     """[notify] values, the credentials file, sendmail, and the audit log's file modes."""
     problems: list[Problem] = []
     if cfg.audit_log is not None:
-        problems += _mode_problems(
+        problems += mode_problems(
             cfg.audit_log.parent, uid=0, gid=None, mode=0o755, what="audit log directory"
         )
-        problems += _mode_problems(
+        problems += mode_problems(
             cfg.audit_log, uid=0, gid=None, mode=0o640, what="audit log", optional=True
         )
     try:
@@ -24,7 +24,7 @@ def notify_problems(cfg: ServerConfig) -> list[Problem]:
     except ConfigError as exc:
         return [*problems, ("error", str(exc))]
     if settings.smtp_credentials is not None and settings.mail:
-        problems += _mode_problems(
+        problems += mode_problems(
             settings.smtp_credentials, uid=0, gid=None, mode=0o600, what="SMTP credentials file"
         )
         if settings.smtp_credentials.exists():
