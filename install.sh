@@ -9,6 +9,7 @@ SRC=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 SYSTEM_PYTHON=${WEBKNOCK_SYSTEM_PYTHON:-/usr/bin/python3}
 NAME_RE='^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$'
 PATH_RE='^/[A-Za-z0-9._/+-]*$'
+URL_RE='^https?://[^[:space:]/?#]+/[^[:space:]#]+$' # as [server] url accepts it, with a path
 CLIENT_LIST=.install.sh-profiles
 WORK="" # scratch directory of this run, removed on exit
 
@@ -44,12 +45,16 @@ Install, configure and remove webknock, the web-knocking firewall service, on
 Debian. Run it as root from a copy of the webknock source tree.
 
 Commands:
-  server      install or update the server (venv, CGI, webknockd, config, keys,
-              spool, cron, systemd unit), start webknockd and print the client
-              profile to copy to clients; safe to re-run (keeps keys and config)
-  client      install the client command `webknock` and a profile from the blob
-              that `install.sh server` printed
-  profile     print the client profile of an installed server instance again
+  server      install or update the server (venv, CGI, webknockd, config, server
+              key, spool, cron, systemd unit), start webknockd and print how to
+              enrol clients; safe to re-run (keeps keys and config); --v1 also
+              makes the shared v1 keys, for the original PHP clients
+  client      install the client command `webknock` and a profile: the one
+              `webknockctl client add` printed (v2: makes this client's key and
+              prints what to send to the admin), or the v1 blob; --keygen-only
+              makes the key first, before the admin enrols it
+  profile     print the v1 client profile (the shared keys) of an installed
+              server instance again (an instance installed with --v1)
   uninstall   remove what `server` (or `client`) installed, incl. the firewall chain
   demo        run ./demo: a complete knock in throwaway network namespaces
 
@@ -76,11 +81,18 @@ What it does (PREFIX is empty, or DIR with --root DIR):
     (requirements.txt), byte-compiled (the web user cannot write __pycache__)
   * PREFIX/opt/webknock/cgi-bin/webknock.cgi, PREFIX/usr/local/sbin/webknockd and
     webknockctl: entry points running the venv's python
-  * PREFIX/etc/webknock/INSTANCE.keys: fresh keys from the OS CSPRNG,
-    root:root 0600 (only webknockd reads them) - an existing keys file is kept
-    byte for byte, and an older 0640 root:<web group> one is tightened
-  * PREFIX/etc/webknock/INSTANCE.ini (0644): the instance config - an existing
-    one is kept; every setting: PREFIX/opt/webknock/share/webknock.ini.example
+  * PREFIX/etc/webknock/INSTANCE.server-key: the protocol v2 server key
+    (Ed25519, signs every reply; its public half pins the server in each
+    client's profile), root:root 0600, made once and kept
+  * PREFIX/etc/webknock/INSTANCE.ini (0644): the instance config, with the knock
+    URL (url =, printed in the profiles `webknockctl client add` makes) - an
+    existing one is kept; every setting:
+    PREFIX/opt/webknock/share/webknock.ini.example
+  * only with --v1 (or an instance that has v1 already):
+    PREFIX/etc/webknock/INSTANCE.keys, the shared v1 keys, fresh from the OS
+    CSPRNG, root:root 0600 (only webknockd reads them), named by keys_file in
+    the config - an existing keys file is kept byte for byte, and an older
+    0640 root:<web group> one is tightened
   * PREFIX/run/webknock/INSTANCE: the spool, on a tmpfs of its own (bounded in size
     and entries; not mounted under --root; the unit's ExecStartPre
     `webknockctl prepare-spool` mounts it again after a reboot),
@@ -96,8 +108,12 @@ What it does (PREFIX is empty, or DIR with --root DIR):
     connections never drop
   * --cgi-dir: copies the CGI there; else writes the nginx+fcgiwrap or Apache
     snippet to PREFIX/etc/webknock/{nginx,apache}-INSTANCE.conf and prints it
-  * prints the client profile (URL, ports, time and the secret keys) to paste
-    into `install.sh client` on each client
+  * prints how to enrol clients (protocol v2, one key per client): the client
+    runs `install.sh client --profile NAME --keygen-only` and sends its public
+    key; you run `webknockctl client add NAME --key 'wk2:...'`, which prints the
+    profile the client pastes into `install.sh client --profile NAME`
+  * with v1 on: also the v1 client profile (URL, ports, time and the shared
+    secret keys) to paste into `install.sh client` on each v1 client
 
 Options:
   --instance NAME     instance name (default webknock): letters, digits, _ or -,
@@ -114,8 +130,14 @@ Options:
                       installed, else nginx); none installs no web server
   --cgi-dir DIR       also copy the CGI into DIR (e.g. /usr/lib/cgi-bin), with
                       this instance's config built in
-  --url URL           knock URL for the client profile (default
-                      https://<hostname -f>/webknock[-NAME])
+  --url URL           knock URL for the client profiles, written to the config
+                      as url = (default https://<hostname -f>/webknock[-NAME])
+  --v1                also speak protocol v1 (shared keys): only for sites that
+                      keep the original PHP clients or v1 profiles. Makes
+                      INSTANCE.keys, sets keys_file and prints the v1 profile.
+                      Without it a new instance speaks v2 only; an instance
+                      that has v1 keeps it (a re-run never turns v1 off), and
+                      --v1 on an instance without v1 adds it
   --root DIR          install below DIR instead of / (for tests and packaging):
                       every path is prefixed and written into the files; implies
                       --no-apt and --no-start and never touches the firewall
@@ -125,29 +147,52 @@ Options:
   -h, --help          this text
 
 Re-running is safe: keys and config are kept (a differing option is reported,
-not applied: edit the config), the code is updated and webknockd restarted.
+not applied: edit the config; only --v1 adds keys_file to a config without
+it), the code is updated and webknockd restarted.
 EOF
 }
 
 help_client() {
     cat <<'EOF'
 Usage: install.sh client [OPTIONS]
+       install.sh client --keygen-only [--profile NAME] [OPTIONS]
 
 Install the webknock client and one profile. As root: venv in
 PREFIX/opt/webknock-client/venv (webknock + requests, pinned), the command
-PREFIX/usr/local/bin/webknock, the profile PREFIX/etc/webknock/client.d/NAME.ini
-and its keys NAME.keys (0600). As another user: ~/.local/share/webknock-client,
-~/.local/bin/webknock and ~/.config/webknock/NAME.ini + NAME.keys (0600).
+PREFIX/usr/local/bin/webknock and the profile
+PREFIX/etc/webknock/client.d/NAME.ini.
+As another user: ~/.local/share/webknock-client, ~/.local/bin/webknock and
+~/.config/webknock/NAME.ini.
 
-The profile comes from the blob `install.sh server` printed (from
------BEGIN WEBKNOCK CLIENT PROFILE----- to -----END WEBKNOCK CLIENT PROFILE-----).
+The profile is one of:
+  * protocol v2 (one key per client): the profile `webknockctl client add`
+    printed on the server ([client] with url, server_key, ports). It is written
+    with key_file = NAME.key; this client's private key NAME.key (0600, never
+    leaves this host) is made with `webknock keygen`, or kept when it exists.
+    install.sh prints the public key and the command to send to the server's
+    admin (webknockctl client add NAME --key '...'), unless the profile says
+    the admin enrolled this very key already.
+  * protocol v1 (shared keys, e.g. the original PHP server): the blob
+    `install.sh server --v1` printed (from its -----BEGIN WEBKNOCK CLIENT
+    PROFILE----- line to its -----END ...----- line); the keys go to NAME.keys
+    (0600).
+A profile with both the v1 keys and a server_key, or with neither, is refused.
+
+The usual v2 order: `install.sh client --profile NAME --keygen-only` makes the
+key and prints the public key to send; the admin enrols it and sends back the
+profile; `install.sh client --profile NAME --no-venv` installs it.
 Then: webknock --profile NAME knock   (see webknock --help)
+
+On a terminal, paste the profile: reading stops by itself after its last line
+(the END line, or the profile's ports line), or press Ctrl-D. Without a
+terminal, pass it with --from FILE, or on stdin (--from -, or a pipe).
 
 Options:
   --profile NAME      profile name (default: default)
-  --from FILE|-       read the blob from FILE or stdin; without it a terminal
-                      is asked to paste it
-  --url URL           use this knock URL instead of the blob's
+  --from FILE|-       read the profile from FILE or stdin
+  --keygen-only       read no profile: make this client's v2 key NAME.key (or
+                      show the existing one) and print what to send to the admin
+  --url URL           use this knock URL instead of the profile's
   --root DIR          install below DIR (implies --no-apt)
   --no-apt            do not install Debian packages
   --no-venv           only write the profile (the client is already installed)
@@ -160,9 +205,10 @@ help_profile() {
     cat <<'EOF'
 Usage: install.sh profile [--instance NAME] [--url URL] [--root DIR]
 
-Print the client profile of an installed server instance again: knock URL,
-ports, time and the secret keys. Paste it into `install.sh client` on a client,
-over a private channel only.
+Print the v1 client profile of an installed server instance again: knock URL,
+ports, time and the shared secret keys (an instance with v1 on: installed with
+--v1). Paste it into `install.sh client` on a client, over a private channel
+only. v2 clients get their profile from `webknockctl client add`.
 EOF
 }
 
@@ -184,7 +230,8 @@ Options:
   --all             every installed instance
   --purge           also delete keys, config, state and log files
   --client          remove the client instead (venv, `webknock`; --purge also
-                    the profiles install.sh client wrote)
+                    the profiles, v1 keys files and v2 private keys (NAME.key)
+                    install.sh client wrote)
   --root DIR        remove an installation made with --root DIR (nothing is
                     stopped, the firewall is not touched)
   -y, --yes         do not ask
@@ -394,6 +441,7 @@ print(f"backend={cfg.backend}")
 print(f"web_user={cfg.web_user}")
 print("protect=" + ("yes" if cfg.protect else "no"))
 print("audit_log=" + str(cfg.audit_log or ""))
+print(f"url={cfg.url}")
 '
 
 PY_SPOOL='
@@ -422,13 +470,20 @@ from pathlib import Path
 from webknock.config import load
 from webknock.keys import load_keys
 cfg = load(sys.argv[1])
+if cfg.keys_file is None:
+    sys.exit(f"instance {cfg.instance} speaks protocol v2 only (no keys_file in {cfg.source}): "
+             "enrol each client with webknockctl client add, which prints its profile; "
+             "for v1 clients re-run install.sh server --v1")
 keys = load_keys(cfg.keys_file)
+url = sys.argv[2] or cfg.url
+if not url:
+    sys.exit(f"no knock URL recorded for instance {cfg.instance}: give --url")
 ports = [f"tcp/{p}" for p in sorted(cfg.tcp_ports)] + [f"udp/{p}" for p in sorted(cfg.udp_ports)]
 print("-----BEGIN WEBKNOCK CLIENT PROFILE-----")
 print(f"# instance {cfg.instance} on {socket.gethostname()}: contains the secret keys,")
 print("# copy it over a private channel only. Use: install.sh client --profile NAME")
 print("[client]")
-print(f"url = {sys.argv[2]}")
+print(f"url = {url}")
 print("ports = " + ", ".join(ports))
 print(f"time = {cfg.max_time}")
 print("[v1]")
@@ -437,51 +492,117 @@ for name, value in keys.to_hex().items():
 print("-----END WEBKNOCK CLIENT PROFILE-----")
 '
 
-# argv: profile-path keys-path mode url-override; the blob on stdin
+# argv: profile-path keys-path mode url-override kind (v1: the blob of install.sh server --v1,
+# v2: the profile of webknockctl client add); the text on stdin. Writes the profile (and for
+# v1 the keys), checked by the client's own loader; prints url=, client=, instance=, kid=.
 PY_CLIENT_PROFILE='
 import configparser, os, re, sys
 from pathlib import Path
+from webknock.client.errors import ConfigError
+from webknock.client.profile import load_profile
 from webknock.keys import format_keys
+from webknock.protocol import v2
 from webknock.protocol.v1 import Keys
-profile, keys_path, mode, url_override = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3], 8), sys.argv[4]
+profile, keys_path, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3], 8)
+url_override, kind = sys.argv[4], sys.argv[5]
 lines = sys.stdin.read().splitlines()
 begin = [i for i, ln in enumerate(lines) if ln.strip() == "-----BEGIN WEBKNOCK CLIENT PROFILE-----"]
 end = [i for i, ln in enumerate(lines) if ln.strip() == "-----END WEBKNOCK CLIENT PROFILE-----"]
 if begin and end and end[-1] > begin[-1]:
     lines = lines[begin[-1] + 1 : end[-1]]
+lines = [ln.strip() for ln in lines]
+# "# webknock profile: client NAME of instance INSTANCE (key id HEX)", from client add
+enrolled = None
+for ln in lines:
+    enrolled = enrolled or re.match(
+        r"#\s*webknock profile: client (\S+) of instance (\S+) \(key id ([0-9a-f]{16})\)", ln)
+# What came before the first section (a prompt, a notice) is not part of the profile.
+first = next((i for i, ln in enumerate(lines) if ln.startswith("[")), 0)
 parser = configparser.ConfigParser(interpolation=None)
 try:
-    parser.read_string("\n".join(ln.strip() for ln in lines), source="profile blob")
-    url = url_override or parser.get("client", "url").strip()
+    parser.read_string("\n".join(lines[first:]), source="profile")
+    url = url_override or parser.get("client", "url", fallback="").strip()
     ports = parser.get("client", "ports").strip()
     seconds = parser.get("client", "time", fallback="").strip()
-    keys = Keys.from_hex(dict(parser.items("v1")))
+    extra = {k: parser.get("client", k, fallback="").strip() for k in ("verify", "timeout", "family")}
+    if kind == "v1":
+        keys = Keys.from_hex(dict(parser.items("v1")))
+    else:
+        server_key = parser.get("client", "server_key").strip()
 except (configparser.Error, ValueError) as exc:
     sys.exit(f"profile blob: {str(exc).splitlines()[0]}")
+if not url:
+    print("profile: it has no url (the server has no [server] url): pass the knock URL "
+          "with --url https://HOST/PATH", file=sys.stderr)
+    sys.exit(2)
 if not re.fullmatch(r"https?://[^\s/]+/\S*", url):
     sys.exit(f"profile blob: url {url!r} is not an http(s) URL")
 if not re.fullmatch(r"(tcp|udp)/\d{1,5}(\s*,\s*(tcp|udp)/\d{1,5})*", ports):
     sys.exit(f"profile blob: ports {ports!r} is not a list like tcp/22, udp/51820")
 if seconds and not seconds.isdigit():
     sys.exit(f"profile blob: time {seconds!r} is not a number of seconds")
+if kind == "v2":
+    try:
+        v2.parse_public_key(server_key)
+    except v2.V2Error as exc:
+        sys.exit(f"profile blob: server_key {server_key[:60]!r} is not a v2 public key: {exc}")
 def write(path, text, mode):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "w") as fh:
         os.fchmod(fh.fileno(), mode)
         fh.write(text)
-    os.replace(tmp, path)
-write(keys_path, format_keys(keys), 0o600)
-text = [f"# webknock client profile {profile.stem}, written by install.sh client.",
-        f"# Use: webknock --profile {profile.stem} knock|keep|exec -- CMD|info (see webknock --help)",
-        "[client]", f"url = {url}", f"keys_file = {keys_path}", f"ports = {ports}"]
+    return tmp
+name = profile.stem
+text = [f"# webknock client profile {name} (protocol {kind}), written by install.sh client."]
+if enrolled and kind == "v2":
+    text.append(f"# Enrolled as client {enrolled[1]} of instance {enrolled[2]} (key id {enrolled[3]}).")
+text += [f"# Use: webknock --profile {name} knock|keep|exec -- CMD|info (see webknock --help)",
+         "[client]", f"url = {url}"]
+if kind == "v1":
+    text.append(f"keys_file = {keys_path}")
+else:
+    text += [f"server_key = {server_key}",
+             "# the private key of this client (made by webknock keygen; it never leaves this host)",
+             f"key_file = {name}.key"]
+text.append(f"ports = {ports}")
 if seconds:
     text.append(f"time = {seconds}")
-text += ["# verify = yes       # check the server certificate (https)",
-         "# timeout = 10       # seconds per request",
-         "# family = ...       # address family to knock from: see webknock --help"]
-write(profile, "\n".join(text) + "\n", mode)
-print(url)
+defaults = {"verify": "yes       # check the server certificate (https)",
+            "timeout": "10       # seconds per request",
+            "family": "...       # address family to knock from: see webknock --help"}
+for key, value in extra.items():
+    text.append(f"{key} = {value}" if value else f"# {key} = {defaults[key]}")
+tmp = write(profile, "\n".join(text) + "\n", mode)
+try:
+    load_profile(tmp, name)
+except ConfigError as exc:
+    os.unlink(tmp)
+    sys.exit(f"profile blob: {str(exc).replace(str(tmp), str(profile))}")
+if kind == "v1":
+    os.replace(write(keys_path, format_keys(keys), 0o600), keys_path)
+os.replace(tmp, profile)
+print(f"url={url}")
+print("client=" + (enrolled[1] if enrolled else ""))
+print("instance=" + (enrolled[2] if enrolled else ""))
+print("kid=" + (enrolled[3] if enrolled else ""))
+'
+
+# argv: profile-path; prints the path of its v2 key (as webknock keygen picks it) and the
+# client name webknock keygen suggests to the admin (the host name's first label)
+PY_CLIENT_KEYPATH='
+import sys
+from pathlib import Path
+from webknock.client.keygen import client_name, key_path
+print(key_path(Path(sys.argv[1])))
+print(client_name())
+'
+
+# argv: a public key line wk2:...; prints its key id (hex), as client add puts it in profiles
+PY_KID='
+import sys
+from webknock.protocol import v2
+print(v2.key_id(v2.parse_public_key(sys.argv[1])[0]).hex())
 '
 
 # -- server --------------------------------------------------------------------------------
@@ -489,7 +610,7 @@ print(url)
 server_defaults() {
     INSTANCE_OPT=webknock
     TCP_PORTS="" TCP_SET=0 UDP_PORTS="" UDP_SET=0 MAX_TIME="" BACKEND="" PROTECT="" WEB_USER=""
-    WEB_SERVER="" CGI_DIR="" URL="" NO_APT=0 NO_START=0 YES=0
+    WEB_SERVER="" CGI_DIR="" URL="" URL_SET=0 NO_APT=0 NO_START=0 YES=0 V1=0
 }
 
 parse_server_args() {
@@ -504,7 +625,8 @@ parse_server_args() {
             --web-user) WEB_USER=${2?--web-user needs a value}; shift ;;
             --web-server) WEB_SERVER=${2?--web-server needs a value}; shift ;;
             --cgi-dir) CGI_DIR=${2?--cgi-dir needs a value}; shift ;;
-            --url) URL=${2?--url needs a value}; shift ;;
+            --url) URL=${2?--url needs a value}; URL_SET=1; shift ;;
+            --v1) V1=1 ;;
             --root) ROOT=${2?--root needs a value}; shift ;;
             --no-apt) NO_APT=1 ;;
             --no-start) NO_START=1 ;;
@@ -533,8 +655,7 @@ validate_server_args() {
         [[ $CGI_DIR =~ $PATH_RE ]] || usage_error "--cgi-dir: $CGI_DIR must be an absolute path of letters, digits and ._/+-"
     fi
     if [ -n "$URL" ]; then
-        [[ $URL =~ ^https?://[^[:space:]/]+/[^[:space:]]+$ ]] \
-            || usage_error "--url: $URL must look like https://HOST/PATH"
+        [[ $URL =~ $URL_RE ]] || usage_error "--url: $URL must look like https://HOST/PATH"
     fi
     if [ -n "$WEB_USER" ]; then
         id -u -- "$WEB_USER" >/dev/null 2>&1 || usage_error "--web-user: no such user $WEB_USER"
@@ -682,7 +803,12 @@ write_config() {
         [ -z "$TCP_PORTS" ] || printf 'tcp_ports = %s\n' "$TCP_PORTS"
         [ -z "$UDP_PORTS" ] || printf 'udp_ports = %s\n' "$UDP_PORTS"
         printf 'max_time = %s\n' "$MAX_TIME"
-        printf 'keys_file = %s\n' "$KEYS"
+        printf '# the knock URL, printed in the profiles of webknockctl client add\n'
+        printf 'url = %s\n' "$URL"
+        if [ "$V1_ON" = 1 ]; then
+            printf '# protocol v1 (shared keys; install.sh server --v1): the original PHP clients\n'
+            printf 'keys_file = %s\n' "$KEYS"
+        fi
         printf 'spool_dir = %s\n' "$SPOOL_BASE/$INSTANCE"
         printf 'state_file = %s\n' "$STATE_DIR/$INSTANCE.db"
         printf 'backend = %s\n' "$BACKEND"
@@ -697,6 +823,29 @@ write_config() {
     mv -n -- "$tmp" "$CONFIG"
     [ ! -e "$tmp" ] || { rm -f -- "$tmp"; die "$CONFIG appeared while writing it; re-run"; }
     CONFIG_STATUS="new"
+}
+
+# --v1 on an installed instance without v1: add keys_file to its [server] section (the
+# only change install.sh ever makes to an existing config), validated before it replaces it.
+enable_v1_in_config() {
+    local tmp out
+    tmp=$(mktemp "$ETC/.config.XXXXXX")
+    awk -v line="keys_file = $KEYS" -v date="$(date -u +%Y-%m-%d)" '
+        { print }
+        !done && /^[[:space:]]*\[server\][[:space:]]*$/ {
+            print "# protocol v1 (shared keys), added by install.sh server --v1 on " date
+            print line
+            done = 1
+        }
+        END { if (!done) exit 1 }' "$CONFIG" >"$tmp" \
+        || { rm -f -- "$tmp"; die "$CONFIG: no [server] line found; add keys_file = $KEYS to it yourself"; }
+    chown --reference="$CONFIG" -- "$tmp"
+    chmod --reference="$CONFIG" -- "$tmp"
+    if ! out=$(pyrun "$PY" "$PY_CONFIG" "$tmp" 2>&1) || ! grep -qxF "keys_file=$KEYS" <<<"$out"; then
+        rm -f -- "$tmp"
+        die "could not add keys_file to $CONFIG ($out); add keys_file = $KEYS under [server] yourself and re-run"
+    fi
+    mv -f -- "$tmp" "$CONFIG"
 }
 
 declare -A CFG=()
@@ -724,6 +873,9 @@ report_config_differences() {
             warn "kept $CONFIG: its $key is '${CFG[$key]}', not '$value' from $flag; edit the file to change it"
         fi
     done
+    if [ "$URL_SET" = 1 ] && [ -n "${CFG[url]}" ] && [ "$URL" != "${CFG[url]}" ]; then
+        warn "kept $CONFIG: its url is '${CFG[url]}', not '$URL' from --url; edit the file to change it"
+    fi
 }
 
 manifest_get() { # manifest_get FILE KEY: every value of KEY
@@ -1003,6 +1155,24 @@ print_web_instructions() {
     esac
 }
 
+print_enrol_instructions() {
+    local ctl=webknockctl
+    [ -z "$ROOT" ] || ctl=$SBIN/webknockctl
+    if [ -n "$ROOT" ] || [ "$INSTANCE" != webknock ]; then
+        ctl="$ctl --config $CONFIG"
+    fi
+    say "Enrol clients (protocol v2: one key per client; no secret leaves either side):"
+    say "  1. on the client: install.sh client --profile NAME --keygen-only"
+    say "     (or, with the client installed: webknock --profile NAME keygen)"
+    say "     prints its public key line wk2:... and the command to send you"
+    say "  2. here: $ctl client add NAME --key 'wk2:...' [--ports tcp/22]"
+    say "     [--max-time S] [--from NETWORKS] [--expires YYYY-MM-DD] prints the client's"
+    say "     profile (url, server_key, ports): send it back to the client"
+    say "  3. on the client: install.sh client --profile NAME, and paste it (or --from"
+    say "     FILE); then: webknock --profile NAME knock"
+    say "  Later: $ctl client list | disable NAME | remove NAME --revoke"
+}
+
 cmd_server() {
     server_defaults
     ROOT=""
@@ -1051,11 +1221,18 @@ cmd_server() {
     # Record the instance before creating its files, so an interrupted run can be uninstalled.
     write_manifest
 
+    # Protocol v1 (the shared keys): on for a new instance only with --v1; an instance that
+    # has it keeps it (never turned off here); --v1 adds it to one that has not.
+    V1_ON=$V1 V1_ADDED=0
     if [ "$config_exists" = 1 ]; then
         load_config "$CONFIG"
         report_config_differences
         WEB_USER=${CFG[web_user]}
-        KEYS=${CFG[keys_file]}
+        if [ -n "${CFG[keys_file]}" ]; then
+            KEYS=${CFG[keys_file]} V1_ON=1
+        elif [ "$V1" = 1 ]; then
+            V1_ADDED=1
+        fi
     else
         [ "$TCP_SET" = 1 ] || TCP_PORTS=22
         [ -n "$TCP_PORTS$UDP_PORTS" ] || usage_error "no ports: give --tcp-ports and/or --udp-ports"
@@ -1064,16 +1241,32 @@ cmd_server() {
     WEB_GROUP=$(id -gn -- "$WEB_USER") || die "web user $WEB_USER does not exist"
 
     step "keys and config in $ETC"
-    [ -d "$(dirname -- "$KEYS")" ] || die "the directory of keys_file $KEYS does not exist"
-    write_keys
+    if [ "$V1_ON" = 1 ]; then
+        [ -d "$(dirname -- "$KEYS")" ] || die "the directory of keys_file $KEYS does not exist"
+        write_keys
+    fi
     write_config
+    if [ "$V1_ADDED" = 1 ]; then
+        enable_v1_in_config
+        CONFIG_STATUS="kept, keys_file added (--v1)"
+    fi
     load_config "$CONFIG"
-    say "    $KEYS: $KEYS_STATUS"
+    [ "$V1_ON" = 0 ] || say "    $KEYS: $KEYS_STATUS"
     # Protocol v2: the server's own signing key (0600 root), made once, kept after.
     SERVER_KEY=$(pyrun "$PY" "$PY_SERVERKEY" "$CONFIG") \
         || die "the v2 server key of $CONFIG is not usable (see above)"
     say "    v2 server key: ${SERVER_KEY%% *} (public ${SERVER_KEY#* })"
     say "    $CONFIG: $CONFIG_STATUS"
+    if [ "$V1_ON" = 0 ]; then
+        say "    protocol v1: off (no keys file; --v1 turns it on, for the original PHP clients)"
+    elif [ "$V1_ADDED" = 1 ] || [ "$config_exists" = 0 ]; then
+        say "    protocol v1: on (keys_file ${CFG[keys_file]}; for the original PHP clients and v1 profiles)"
+    else
+        say "    protocol v1: on (kept: $CONFIG has keys_file ${CFG[keys_file]}; remove that line to turn it off)"
+    fi
+    if [ -z "${CFG[url]}" ]; then
+        say "    (no url in $CONFIG: add url = $URL under [server] to have webknockctl client add print it)"
+    fi
 
     step "spool ${CFG[spool_dir]} (group $WEB_GROUP), state ${CFG[state_file]}"
     # Its own bounded tmpfs only on this host's real /run, not under --root.
@@ -1113,14 +1306,14 @@ cmd_server() {
     say ""
     print_web_instructions
     say ""
-    say "Client profile - on each client run \`install.sh client --profile NAME\` and paste"
-    say "this (or save it to a file for --from FILE). It holds the secret keys:"
-    pyrun "$PY" "$PY_PROFILE" "$CONFIG" "$URL"
-    say ""
-    say "Protocol v2 (one key per client): on the client, \`webknock keygen --profile NAME\`"
-    say "prints its public key; enrol it here with"
-    say "    webknockctl --config $CONFIG client add NAME --key 'wk2:...'"
-    say "which prints the profile to paste on the client."
+    print_enrol_instructions
+    if [ "$V1_ON" = 1 ]; then
+        say ""
+        say "Protocol v1 is on (shared keys, for the original PHP clients and v1 profiles)."
+        say "v1 client profile - on each v1 client run \`install.sh client --profile NAME\` and"
+        say "paste this (or save it to a file for --from FILE). It holds the secret keys:"
+        pyrun "$PY" "$PY_PROFILE" "$CONFIG" "$URL"
+    fi
     say ""
     say "Done: instance $INSTANCE. Status: webknockctl --config $CONFIG status"
 }
@@ -1149,20 +1342,148 @@ cmd_profile() {
         die "instance $inst is not installed (no $CONFIG)"
     fi
     [ -n "$url" ] || url=$(manifest_get "$MANIFEST" url | head -n1)
-    [ -n "$url" ] || die "no URL recorded for $inst; give --url"
-    pyrun "$PY" "$PY_PROFILE" "$CONFIG" "$url"
+    pyrun "$PY" "$PY_PROFILE" "$CONFIG" "$url" || exit 1
 }
 
 # -- client --------------------------------------------------------------------------------
 
+BLOB_HELP="pass the profile \`webknockctl client add\` printed (v2) or the blob \`install.sh server --v1\` printed (v1) with --from FILE, on stdin with --from - (e.g. --from - < FILE), or paste it on a terminal"
+
+refuse_profile() { # refuse_profile MESSAGE: a wrong or missing profile (exit 2), and how to pass one
+    printf '%s: error: %s\n' "$PROG" "$1" >&2
+    printf '%s: %s\n' "$PROG" "$BLOB_HELP" >&2
+    exit 2
+}
+
+# paste_profile: copy a profile pasted on the terminal to stdout. Reading stops by itself after
+# the profile's last line - the END line of a v1 blob, or once [client] has its ports and its
+# server_key (v2) or the last v1 key - taking whatever else the same paste held; Ctrl-D ends
+# it at any time.
+paste_profile() {
+    local line t begin=0 client=0 ports=0 keyed=0 complete=0
+    while IFS= read -r line; do
+        printf '%s\n' "$line"
+        t=${line//[[:space:]]/}
+        case $t in
+            -----BEGINWEBKNOCKCLIENTPROFILE-----) begin=1 ;;
+            -----ENDWEBKNOCKCLIENTPROFILE-----) complete=1 ;;
+            '[client]') client=1 ;;
+            ports=* | ports:*) ports=1 ;;
+            server_key=* | server_key:* | sign=* | sign:*) keyed=1 ;;
+        esac
+        if [ "$begin" = 0 ] && [ "$client$ports$keyed" = 111 ]; then
+            complete=1
+        fi
+        if [ "$complete" = 1 ]; then
+            while IFS= read -r -t 0.5 line; do # the rest of the same paste, if any
+                printf '%s\n' "$line"
+            done
+            return 0
+        fi
+    done
+    [ -z "$line" ] || printf '%s\n' "$line" # a last line ended by Ctrl-D instead of Enter
+}
+
+read_profile() { # read_profile FROM DEST: the profile text from FILE, stdin or the terminal
+    local from=$1 dest=$2
+    if [ -n "$from" ] && [ "$from" != - ]; then
+        [ -r "$from" ] && [ ! -d "$from" ] || refuse_profile "--from $from: no such readable file"
+        cat -- "$from" >"$dest" || die "cannot read $from"
+    elif [ -z "$from" ] && [ -t 0 ]; then
+        say "Paste the client profile: the one \`webknockctl client add\` printed on the server"
+        say "([client] ... ports = ...), or the v1 blob of \`install.sh server --v1\` (BEGIN to END)."
+        say "Reading stops by itself after its last line (press Enter if the cursor stays on"
+        say "that line; Ctrl-D also ends the input):"
+        paste_profile >"$dest"
+        say "(profile read)"
+    elif [ "$from" = - ] || [ -f /dev/stdin ]; then
+        cat >"$dest"
+    elif [ -p /dev/stdin ] || [ -S /dev/stdin ]; then
+        say "(reading the profile from stdin, to its end)" >&2
+        cat >"$dest"
+    else
+        refuse_profile "no profile given: stdin is no terminal to paste it into, and no --from"
+    fi
+    grep -q '[^[:space:]]' "$dest" || refuse_profile "no profile given: the input was empty"
+}
+
+# profile_kind FILE: v1 or v2; a profile with both v1 keys and a server_key, or with neither,
+# or a v2 one without url (and no --url), is refused (exit 2)
+profile_kind() {
+    local file=$1 url=$2 text v1=0 v2=0
+    if grep -q -- '-----BEGIN WEBKNOCK CLIENT PROFILE-----' "$file" \
+        && grep -q -- '-----END WEBKNOCK CLIENT PROFILE-----' "$file"; then
+        text=$(sed -n '/-----BEGIN WEBKNOCK CLIENT PROFILE-----/,/-----END WEBKNOCK CLIENT PROFILE-----/p' "$file")
+    else
+        text=$(cat -- "$file")
+    fi
+    if grep -Eq '^[[:space:]]*\[v1\][[:space:]]*$|^[[:space:]]*keys_file[[:space:]]*[=:]' <<<"$text"; then
+        v1=1
+    fi
+    if grep -Eq '^[[:space:]]*server_key[[:space:]]*[=:]' <<<"$text"; then
+        v2=1
+    fi
+    case $v1$v2 in
+        11) refuse_profile "the profile has both v1 keys ([v1] or keys_file) and a v2 server_key: a profile speaks v1 or v2, not both (send the one you mean)" ;;
+        00) refuse_profile "no client profile in the input: neither the [v1] keys of a v1 blob nor the server_key = wk2:... line of a v2 profile" ;;
+        10) echo v1 ;;
+        01)
+            if [ -z "$url" ] && ! grep -Eq '^[[:space:]]*url[[:space:]]*[=:][[:space:]]*[^[:space:]]' <<<"$text"; then
+                printf '%s: error: %s\n' "$PROG" "the profile has no url (its server has no [server] url set): give the knock URL with --url https://HOST/PATH" >&2
+                exit 2
+            fi
+            echo v2
+            ;;
+    esac
+}
+
+client_list_add() { # client_list_add KIND PATH: what install.sh client wrote, for uninstall --purge
+    local list=$CONF_DIR/$CLIENT_LIST
+    { grep -E '^(profile|key)=' "$list" 2>/dev/null || true; printf '%s=%s\n' "$1" "$2"; } \
+        | sort -u | write_file 0644 "$list"
+}
+
+# client_key PROFILE: this client's v2 key for PROFILE, made by `webknock keygen` when there is
+# none, else read by `webknock pubkey`; sets PUBKEY, KID, KEY_FILE, KEY_STATE and SUGGESTED.
+client_key() {
+    local ini=$1 out
+    out=$(pyrun "$CPY" "$PY_CLIENT_KEYPATH" "$ini") || die "cannot tell where the key of $ini goes (see above)"
+    KEY_FILE=$(sed -n 1p <<<"$out") SUGGESTED=$(sed -n 2p <<<"$out")
+    if [ -e "$KEY_FILE" ] || [ -L "$KEY_FILE" ]; then
+        out=$("${WEBKNOCK[@]}" --config "$ini" pubkey) \
+            || die "cannot use this client's key $KEY_FILE (see above): fix its mode or move it away, then re-run"
+        KEY_STATE="kept: it existed"
+    else
+        out=$("${WEBKNOCK[@]}" --config "$ini" keygen -q) || die "webknock keygen failed (see above)"
+        KEY_STATE="new, made by webknock keygen"
+        client_list_add key "$KEY_FILE"
+    fi
+    PUBKEY=$(sed -n 1p <<<"$out")
+    KID=$(pyrun "$CPY" "$PY_KID" "$PUBKEY") || die "webknock printed no usable public key: $PUBKEY"
+}
+
+print_send() { # print_send NAME [remove]: the command the admin runs to enrol this client's key
+    say "Send this to the server's admin, to run on the server:"
+    if [ "${2:-}" = remove ]; then
+        say "    webknockctl client remove $1 && webknockctl client add $1 --key '$PUBKEY'"
+        say "(with the --ports, --max-time, --from and --expires $1 had; the public key holds no secret)"
+    else
+        say "    webknockctl client add $1 --key '$PUBKEY'"
+        say "(the admin adds --ports, --max-time, --from, --expires as wanted and may choose another"
+        say "name than $1; the public key holds no secret)"
+    fi
+}
+
 cmd_client() {
-    local profile=default from="" url="" no_venv=0 home bin conf_dir blob mode shown
+    local profile=default from="" url="" no_venv=0 keygen_only=0 home bin blob mode kind ini out
+    local shown client instance kid rc=0
     ROOT="" NO_APT=0 YES=0
     while [ $# -gt 0 ]; do
         case $1 in
             --profile) profile=${2?--profile needs a value}; shift ;;
             --from) from=${2?--from needs a value}; shift ;;
             --url) url=${2?--url needs a value}; shift ;;
+            --keygen-only) keygen_only=1 ;;
             --root) ROOT=${2?--root needs a value}; shift ;;
             --no-apt) NO_APT=1 ;;
             --no-venv) no_venv=1 ;;
@@ -1173,28 +1494,27 @@ cmd_client() {
         shift
     done
     [[ $profile =~ $NAME_RE ]] || usage_error "--profile: $profile: use letters, digits, _ or - (at most 16)"
+    if [ "$keygen_only" = 1 ] && [ -n "$from$url" ]; then
+        usage_error "--keygen-only reads no profile: leave out --from and --url"
+    fi
     check_root_dir
     [ -z "$ROOT" ] || NO_APT=1
     if [ "$(id -u)" = 0 ]; then
-        home=$ROOT/opt/webknock-client bin=$ROOT/usr/local/bin conf_dir=$ROOT/etc/webknock/client.d mode=644
+        home=$ROOT/opt/webknock-client bin=$ROOT/usr/local/bin CONF_DIR=$ROOT/etc/webknock/client.d mode=644
     else
         [ -z "$ROOT" ] || usage_error "--root needs root"
-        home=$HOME/.local/share/webknock-client bin=$HOME/.local/bin conf_dir=$HOME/.config/webknock mode=600
+        home=$HOME/.local/share/webknock-client bin=$HOME/.local/bin CONF_DIR=$HOME/.config/webknock mode=600
         NO_APT=1
     fi
+    ini=$CONF_DIR/$profile.ini
 
-    # Read the blob first: a wrong paste should not cost a venv build.
-    blob=$WORK/blob
-    if [ -n "$from" ] && [ "$from" != - ]; then
-        cat -- "$from" >"$blob" || die "cannot read $from"
-    elif [ -z "$from" ] && [ -t 0 ]; then
-        say "Paste the client profile printed by \`install.sh server\` (BEGIN to END line), then"
-        say "press Enter and Ctrl-D:"
-        cat >"$blob"
-    else
-        cat >"$blob"
+    # Read the profile first: a wrong paste should not cost a venv build.
+    kind=keygen
+    if [ "$keygen_only" = 0 ]; then
+        blob=$WORK/blob
+        read_profile "$from" "$blob"
+        kind=$(profile_kind "$blob" "$url") || exit $?
     fi
-    grep -q '^\[v1\]' "$blob" || die "no profile found in the input (it must contain the [v1] keys)"
 
     if [ "$no_venv" = 0 ]; then
         [ "$(id -u)" != 0 ] || apt_install python3-venv
@@ -1202,17 +1522,59 @@ cmd_client() {
         mkdir -p -- "$bin"
         install_shim "$SRC/client/webknock" "$bin/webknock" "$home/venv/bin/python3"
     fi
-    [ -x "$home/venv/bin/python3" ] || die "the client is not installed ($home/venv); run without --no-venv"
-    mkdir -p -- "$conf_dir"
-    [ "$mode" = 644 ] || chmod 0700 -- "$conf_dir"
-    shown=$(pyrun "$home/venv/bin/python3" "$PY_CLIENT_PROFILE" \
-        "$conf_dir/$profile.ini" "$conf_dir/$profile.keys" "$mode" "$url" <"$blob") \
-        || die "the profile was not written (see above)"
+    CPY=$home/venv/bin/python3
+    [ -x "$CPY" ] || die "the client is not installed ($home/venv); run without --no-venv"
+    # The installed command; the venv's module where that is gone.
+    if is_our_shim "$bin/webknock" "$CPY"; then
+        WEBKNOCK=("$bin/webknock")
+    else
+        WEBKNOCK=("$CPY" -I -m webknock.client)
+    fi
+    mkdir -p -- "$CONF_DIR"
+    [ "$mode" = 644 ] || chmod 0700 -- "$CONF_DIR"
+
+    if [ "$kind" = keygen ]; then
+        client_key "$ini"
+        say "==> key of profile $profile: $KEY_FILE (0600, $KEY_STATE)"
+        say "This client's public key:"
+        say "    $PUBKEY"
+        print_send "$SUGGESTED"
+        say "\`webknockctl client add\` prints this client's profile; install it here with"
+        say "    $PROG client --profile $profile --no-venv     (paste it, or --from FILE)"
+        return 0
+    fi
+
+    out=$(pyrun "$CPY" "$PY_CLIENT_PROFILE" "$ini" "$CONF_DIR/$profile.keys" "$mode" "$url" "$kind" <"$blob") \
+        || rc=$?
+    [ "$rc" != 2 ] || exit 2
+    [ "$rc" = 0 ] || die "the profile was not written (see above)"
+    shown=$(sed -n 's/^url=//p' <<<"$out")
     # Remembered beside the profiles, so that a later uninstall --purge still finds them.
-    { manifest_get "$conf_dir/$CLIENT_LIST" profile; printf '%s\n' "$conf_dir/$profile.ini"; } \
-        | sort -u | sed 's/^/profile=/' | write_file 0644 "$conf_dir/$CLIENT_LIST"
-    say "==> profile $profile: $conf_dir/$profile.ini, keys $conf_dir/$profile.keys (0600)"
-    say "    knock URL $shown"
+    client_list_add profile "$ini"
+    if [ "$kind" = v1 ]; then
+        say "==> profile $profile (protocol v1): $ini, keys $CONF_DIR/$profile.keys (0600)"
+        say "    knock URL $shown"
+    else
+        client=$(sed -n 's/^client=//p' <<<"$out") instance=$(sed -n 's/^instance=//p' <<<"$out")
+        kid=$(sed -n 's/^kid=//p' <<<"$out")
+        client_key "$ini"
+        say "==> profile $profile (protocol v2): $ini"
+        say "    knock URL $shown"
+        say "    private key $KEY_FILE (0600, $KEY_STATE)"
+        say "This client's public key:"
+        say "    $PUBKEY"
+        if [ "$kid" = "$KID" ]; then
+            say "The server's admin enrolled this very key (client $client of instance $instance,"
+            say "key id $KID): nothing to send."
+        elif [ -n "$kid" ]; then
+            say "The profile is for another key (client $client, key id $kid), not this client's"
+            say "(key id $KID): the server refuses its knocks until the admin enrols this one."
+            print_send "$client" remove
+        else
+            print_send "${client:-$SUGGESTED}"
+            say "(nothing to send if the admin enrolled this very key already)"
+        fi
+    fi
     say "Try: $bin/webknock --profile $profile info     then: webknock --profile $profile knock"
     [[ :$PATH: == *":$bin:"* ]] || say "(add $bin to your PATH)"
 }
@@ -1339,7 +1701,7 @@ remove_shared() {
 }
 
 uninstall_client() {
-    local home bin conf_dir p
+    local home bin conf_dir p kind
     if [ "$(id -u)" = 0 ]; then
         home=$ROOT/opt/webknock-client bin=$ROOT/usr/local/bin conf_dir=$ROOT/etc/webknock/client.d
     else
@@ -1354,11 +1716,16 @@ uninstall_client() {
             [ -n "$p" ] || continue
             rm -f -- "$p" "${p%.ini}.keys"
         done < <(manifest_get "$conf_dir/$CLIENT_LIST" profile)
+        while IFS= read -r p; do # the v2 private keys webknock keygen made for install.sh
+            [ -z "$p" ] || rm -f -- "$p"
+        done < <(manifest_get "$conf_dir/$CLIENT_LIST" key)
         rm -f -- "$conf_dir/$CLIENT_LIST"
         rmdir -- "$conf_dir" 2>/dev/null || true
-        say "    purged the profiles install.sh client wrote"
+        say "    purged the profiles and keys install.sh client wrote"
     else
-        manifest_get "$conf_dir/$CLIENT_LIST" profile | sed 's/^/    kept (--purge deletes it) /'
+        for kind in profile key; do
+            manifest_get "$conf_dir/$CLIENT_LIST" "$kind" | sed 's/^/    kept (--purge deletes it) /'
+        done
     fi
     rm -rf --one-file-system -- "$home"
     [ "$(id -u)" != 0 ] || rmdir -- "$ROOT/etc/webknock" 2>/dev/null || true

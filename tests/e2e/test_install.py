@@ -1,18 +1,21 @@
 """install.sh: server install (twice), client install and uninstall, checked file by file.
 
 Two settings, never the real host paths:
-* ``--root DIR``: a throwaway root prefix below /var/tmp; owners, modes (keys root's
-  alone), the venv the web user runs (a real getinfo through the installed CGI as
-  www-data, answered by webknockd played in-process on the installed config), re-run
-  keeps the keys and tightens an older version's group-readable keys file, check-config
-  refuses keys others can read, a second instance, the client profile, uninstall leaves
-  nothing.
+* ``--root DIR``: a throwaway root prefix below /var/tmp; an instance installed with --v1
+  (shared keys): owners, modes (keys root's alone), the venv the web user runs (a real
+  getinfo through the installed CGI as www-data, answered by webknockd played in-process
+  on the installed config), a re-run without --v1 keeps v1, the keys and the config and
+  tightens an older version's group-readable keys file, check-config refuses keys others
+  can read, the v1 client profile; a second instance without --v1 speaks v2 only (no keys
+  file) until a re-run with --v1 adds v1; the client: a v1 blob, a v2 profile of
+  `webknockctl client add` with its key made by keygen (first, or when the profile comes),
+  profiles with both or neither refused; uninstall leaves nothing.
 * a host-like install without --root inside the lab's server network namespace and a
   private mount namespace whose /etc, /opt, /usr/local, /var and /run are overlays on a
   tmpfs: the spool on its own bounded tmpfs, the daemon started without systemd,
-  protect = yes granting the SSH session first, a real knock through nginx + fcgiwrap
-  with the installed snippet, uninstall removing the firewall chain, the spool's mount
-  and every file.
+  protect = yes granting the SSH session first, a client enrolled with the installed
+  webknockctl knocking with v2 through nginx + fcgiwrap and the installed snippet with the
+  installed client, uninstall removing the firewall chain, the spool's mount and every file.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from tests.lab import (
     shared_venv,
     stop_process,
 )
+from webknock.client import keygen
+from webknock.client.profile import load_profile
 from webknock.config import SpoolPaths, load
 from webknock.keys import load_keys
 from webknock.protocol import messages, transport, v1
@@ -165,10 +170,10 @@ def rooted() -> Iterator[Rooted]:
     root = Path(tempfile.mkdtemp(prefix="webknock-install-", dir="/var/tmp"))
     try:
         os.chmod(root, 0o755)
-        first = ok(install_server(root))
+        first = ok(install_server(root, "--v1"))
         keys = (root / "etc/webknock/webknock.keys").read_bytes()
         config = (root / "etc/webknock/webknock.ini").read_bytes()
-        second = ok(install_server(root))
+        second = ok(install_server(root))  # without --v1: an instance with v1 keeps it
         yield Rooted(root, first, second, keys, config)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -190,6 +195,7 @@ def test_usage_errors_name_the_option(tmp_path: Path) -> None:
         (["--instance", "bad name"], "--instance"),
         (["--backend", "pf"], "--backend"),
         (["--url", "ftp://x"], "--url"),
+        (["--url", "https://x/webknock#frag"], "--url"),
     ):
         proc = sh([INSTALL, "server", "--root", tmp_path, "--yes", *args])
         assert proc.returncode == 2 and needle in proc.stderr, proc
@@ -222,6 +228,7 @@ def test_files_owners_and_modes(rooted: Rooted) -> None:
         600,
     )
     assert cfg.keys_file == r.path("/etc/webknock/webknock.keys")
+    assert cfg.url == URL, "webknockctl client add prints it in each profile"
     assert cfg.spool_dir == r.path("/run/webknock/webknock")
     assert cfg.state_file == r.path("/var/lib/webknock/webknock.db")
     assert (cfg.backend, cfg.protect, cfg.web_user) == ("auto", False, "www-data")
@@ -289,6 +296,11 @@ def test_rerun_keeps_keys_and_config(rooted: Rooted) -> None:
     assert f"{keys}: new, from the OS random generator (owner root:root, mode 0600)" in rooted.first
     assert f"{keys}: kept (owner root:root, mode 600)" in rooted.second
     assert "webknock.ini: kept" in rooted.second
+    assert f"protocol v1: on (keys_file {keys}; for the original PHP clients" in rooted.first
+    assert f"protocol v1: on (kept: {rooted.config} has keys_file {keys};" in rooted.second
+    for out in (rooted.first, rooted.second):
+        assert "Protocol v1 is on" in out and BEGIN in out
+        assert "client add NAME --key 'wk2:...'" in out, "how to enrol v2 clients"
     assert "--root: nothing started, firewall untouched" in rooted.second
     # the v2 server key: made once, then kept (the same public key both times)
     made = re.search(r"v2 server key: new \(public (wk2:\S+)\)", rooted.first)
@@ -602,10 +614,108 @@ def test_client_install_from_the_printed_profile(rooted: Rooted) -> None:
     assert not r.path("/etc/webknock/client.d").exists()
 
 
-def test_second_instance_beside_the_first(rooted: Rooted) -> None:
+def printed_key(out: str) -> str:
+    """The public key line `install.sh client` printed (after "This client's public key:")."""
+    found = re.search(r"^This client's public key:\n    (wk2:\S+ \S+)$", out, re.M)
+    assert found, out
+    return found[1]
+
+
+def test_client_v2_keygen_first_then_the_profile(rooted: Rooted) -> None:
+    """The usual order: the client makes its key and sends the public key; the admin enrols
+    it with the installed webknockctl; the client installs the profile it gets back. And a
+    profile that comes first: its key is made then, and the admin must enrol that one."""
     r = rooted
-    keys_before = r.path("/etc/webknock/webknock.keys").read_bytes()
-    out = ok(
+    conf = r.path("/etc/webknock/client.d")
+    ctl: list[str | Path] = [r.path("/usr/local/sbin/webknockctl"), "--config", r.config]
+    client: list[str | Path] = [INSTALL, "client", "--root", r.root]
+    key, other_key = conf / "lab2.key", conf / "lab3.key"
+    enrolled: list[str] = []
+    try:
+        first = ok(sh([*client, "--profile", "lab2", "--keygen-only"]))
+        assert mode_of(key) == (0o600, "root", "root")
+        assert not (conf / "lab2.ini").exists(), "no profile before the admin sends it"
+        pub = printed_key(first)
+        assert pub.endswith(f" {keygen.comment('lab2')}")
+        assert f"\n    webknockctl client add {keygen.client_name()} --key '{pub}'\n" in first
+        assert "install.sh client --profile lab2 --no-venv" in first
+        private = key.read_bytes()
+        again = ok(sh([*client, "--profile", "lab2", "--keygen-only", "--no-venv"]))
+        assert printed_key(again) == pub and "(0600, kept: it existed)" in again
+        assert key.read_bytes() == private, "never a new key over an existing one"
+
+        # The admin enrols it; its profile (stdout of client add) goes back to the client.
+        profile_text = ok(sh([*ctl, "client", "add", "alice", "--key", pub, "--ports", "tcp/2222"]))
+        enrolled.append("alice")
+        server_key = re.search(r"v2 server key: new \(public (wk2:\S+)\)", r.first)
+        assert server_key and f"server_key = {server_key[1]}" in profile_text
+        out = ok(sh([*client, "--profile", "lab2", "--from", "-", "--no-venv"], input=profile_text))
+        assert printed_key(out) == pub and key.read_bytes() == private
+        assert "enrolled this very key (client alice of instance webknock" in out, out
+        assert "webknockctl client add" not in out, "nothing to send"
+        ini = conf / "lab2.ini"
+        assert mode_of(ini) == (0o644, "root", "root")
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(ini)
+        assert dict(parser.items("client")) == {
+            "url": URL,
+            "server_key": server_key[1],
+            "key_file": "lab2.key",
+            "ports": "tcp/2222",
+        }
+        loaded = load_profile(ini)
+        assert (loaded.protocol, loaded.key_file, loaded.keys_file) == ("v2", key, None)
+        assert loaded.signing_key().public_text(keygen.comment("lab2")) == pub
+
+        # The profile first, no key yet: keygen makes one, which the admin must enrol instead.
+        out = ok(sh([*client, "--profile", "lab3", "--from", "-", "--no-venv"], input=profile_text))
+        new_pub = printed_key(out)
+        assert new_pub != pub and mode_of(other_key) == (0o600, "root", "root")
+        assert "The profile is for another key (client alice, key id" in out
+        assert (
+            f"\n    webknockctl client remove alice && webknockctl client add alice --key "
+            f"'{new_pub}'\n"
+        ) in out
+        # A profile without the enrolment line (written by hand): the add command, as is.
+        bare = "".join(ln for ln in profile_text.splitlines(True) if not ln.startswith("#"))
+        out = ok(sh([*client, "--profile", "lab3", "--from", "-", "--no-venv"], input=bare))
+        assert printed_key(out) == new_pub and "(0600, kept: it existed)" in out
+        assert f"\n    webknockctl client add {keygen.client_name()} --key '{new_pub}'\n" in out
+    finally:
+        for name in enrolled:
+            ok(sh([*ctl, "client", "remove", name]))
+        ok(sh([INSTALL, "uninstall", "--client", "--purge", "--root", r.root]))
+    assert not key.exists() and not other_key.exists(), "--purge removes the keys it made"
+    assert not conf.exists() and not r.path("/opt/webknock-client").exists()
+
+
+def test_client_refuses_a_profile_with_both_protocols_or_neither(rooted: Rooted) -> None:
+    r = rooted
+    v2_profile = f"[client]\nurl = {URL}\nserver_key = wk2:{'A' * 43}\nports = tcp/22\n"
+    how = "with --from FILE, on stdin with --from -"
+    cases: list[tuple[str | None, str]] = [
+        (blob_of(r.first).replace("[v1]", f"server_key = wk2:{'A' * 43}\n[v1]"), "both v1 keys"),
+        (v2_profile + "keys_file = /etc/webknock/client.d/x.keys\n", "both v1 keys"),
+        (f"[client]\nurl = {URL}\nports = tcp/22\n", "neither the [v1] keys"),
+        ("", "no profile given: the input was empty"),
+        (None, "no profile given: stdin is no terminal to paste it into, and no --from"),
+    ]
+    for text, needle in cases:
+        argv: list[str | Path] = [INSTALL, "client", "--root", r.root, "--profile", "bad"]
+        proc = sh([*argv, "--no-venv"] if text is None else [*argv, "--from", "-"], input=text)
+        assert proc.returncode == 2, proc
+        assert needle in proc.stderr and how in proc.stderr, proc.stderr
+    no_url = sh(
+        [INSTALL, "client", "--root", r.root, "--profile", "bad", "--no-venv", "--from", "-"],
+        input=v2_profile.replace(f"url = {URL}\n", ""),
+    )
+    assert no_url.returncode == 2 and "--url https://HOST/PATH" in no_url.stderr, no_url
+    assert not r.path("/etc/webknock/client.d/bad.ini").exists()
+    assert not r.path("/opt/webknock-client").exists(), "refused before building anything"
+
+
+def install_office(r: Rooted, *extra: str) -> str:
+    return ok(
         sh(
             [
                 INSTALL,
@@ -623,11 +733,23 @@ def test_second_instance_beside_the_first(rooted: Rooted) -> None:
                 "--url",
                 f"http://{SERVER4}/webknock-office",
                 "--yes",
+                *extra,
             ]
         )
     )
+
+
+def test_second_instance_speaks_v2_only_until_rerun_with_v1(rooted: Rooted) -> None:
+    """Without --v1 a new instance has no shared keys: the server key alone (v2), the URL in
+    its config for the profiles of `webknockctl client add`, and the enrol steps printed
+    instead of a v1 profile. A re-run with --v1 adds v1 to it."""
+    r = rooted
+    keys_before = r.path("/etc/webknock/webknock.keys").read_bytes()
+    config = r.path("/etc/webknock/office.ini")
+    keys = r.path("/etc/webknock/office.keys")
+    out = install_office(r)
     try:
-        cfg = load(r.path("/etc/webknock/office.ini"))
+        cfg = load(config)
         assert (cfg.instance, cfg.chain, cfg.protect, cfg.tcp_ports) == (
             "office",
             "WK-office",
@@ -635,23 +757,55 @@ def test_second_instance_beside_the_first(rooted: Rooted) -> None:
             frozenset({2222}),
         )
         assert cfg.spool_dir == r.path("/run/webknock/office")
-        assert (
-            load_keys(v1_keys_file(cfg)).to_hex()
-            != load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
-        )
+        assert cfg.keys_file is None and not keys.exists(), "no v1 keys without --v1"
+        assert "keys_file" not in config.read_text()
+        assert cfg.url == f"http://{SERVER4}/webknock-office"
+        assert mode_of(cfg.server_key_file) == (0o600, "root", "root")
+        assert re.search(r"v2 server key: new \(public wk2:\S+\)", out), out
+        assert "protocol v1: off (no keys file; --v1 turns it on" in out
+        assert BEGIN not in out and "secret keys" not in out, "no v1 profile printed"
+        ctl = f"{r.path('/usr/local/sbin/webknockctl')} --config {config}"
+        assert f"here: {ctl} client add NAME --key 'wk2:...'" in out, out
+        assert "install.sh client --profile NAME --keygen-only" in out
+        refused = sh([INSTALL, "profile", "--root", r.root, "--instance", "office"])
+        assert refused.returncode == 1 and "speaks protocol v2 only" in refused.stderr, refused
+
         snippet = r.path("/etc/webknock/apache-office.conf").read_text()
         assert (
             "ScriptAlias /webknock-office " in snippet and "<Location /webknock-office>" in snippet
         )
-        assert f"SetEnv WEBKNOCK_CONFIG {r.path('/etc/webknock/office.ini')}" in snippet
+        assert f"SetEnv WEBKNOCK_CONFIG {config}" in snippet
         jobs = [
             ln for ln in r.path("/etc/cron.d/webknock").read_text().splitlines() if ln[:1] == "*"
         ]
         assert len(jobs) == 2 and "office.ini reap" in jobs[1]
-        assert "url = http://192.0.2.1/webknock-office" in out
+
+        # A re-run without --v1 leaves it v2 only; with --v1 it adds the keys and keys_file.
+        again = install_office(r)
+        assert "protocol v1: off" in again and not keys.exists()
+        before = config.read_text()
+        added = install_office(r, "--v1")
+        assert f"{keys}: new, from the OS random generator" in added
+        assert "office.ini: kept, keys_file added (--v1)" in added
+        assert BEGIN in added and "Protocol v1 is on" in added
+        # the one change install.sh makes to a config it keeps: keys_file below [server]
+        lines, after = before.splitlines(), config.read_text().splitlines()
+        at = lines.index("[server]") + 1
+        assert after[at].startswith("# protocol v1 (shared keys), added by install.sh server --v1")
+        assert after == [*lines[:at], after[at], f"keys_file = {keys}", *lines[at:]]
+        cfg = load(config)
+        assert v1_keys_file(cfg) == keys and mode_of(keys) == (0o600, "root", "root")
+        assert load_keys(keys).to_hex() != load_keys(r.path("/etc/webknock/webknock.keys")).to_hex()
+        blob = configparser.ConfigParser(interpolation=None)
+        blob.read_string(blob_of(added).split("\n", 1)[1].rsplit(END, 1)[0])
+        assert dict(blob.items("v1")) == load_keys(keys).to_hex()
+        assert blob.get("client", "url") == f"http://{SERVER4}/webknock-office"
+        assert "url = http://192.0.2.1/webknock-office" in ok(
+            sh([INSTALL, "profile", "--root", r.root, "--instance", "office"])
+        )
     finally:
         ok(sh([INSTALL, "uninstall", "--root", r.root, "--instance", "office", "--purge"]))
-    assert not r.path("/etc/webknock/office.ini").exists()
+    assert not config.exists() and not keys.exists()
     assert not r.path("/run/webknock/office").exists()
     assert r.path("/etc/webknock/webknock.keys").read_bytes() == keys_before
     assert r.python.exists(), "the first instance still needs the venv"
@@ -934,8 +1088,20 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         "PIP_NO_INDEX": "1",
         "PIP_FIND_LINKS": str(wheels),
     }
+    # The client, installed the usual way on this host (below --root, so nothing of the host
+    # changes) and run in the lab's client namespace: first its key (v2), then, once the admin
+    # enrolled it, its profile.
+    croot = work / "client"
+    client_install: list[str | Path] = [INSTALL, "client", "--root", croot, "--profile", "lab"]
+    webknock = [
+        str(croot / "usr/local/bin/webknock"),
+        "--config",
+        str(croot / "etc/webknock/client.d/lab.ini"),
+        "--no-cache",
+    ]
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
+        pub = printed_key(ok(sh([*client_install, "--keygen-only"])))
         lab = Lab("i")
         stack.callback(lab.close)
         lab.add_client_address(OTHER4)
@@ -985,9 +1151,21 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         assert {"nosuid", "nodev", "noexec", "size=16384k", "nr_inodes=16384"} <= set(
             options.split(",")
         ), options
-        assert ok(sb.run(["stat", "-c", "%a %U:%G", "/etc/webknock/webknock.keys"])) == (
+        # v2 only (no --v1): the server key, no shared keys
+        assert ok(sb.run(["stat", "-c", "%a %U:%G", "/etc/webknock/webknock.server-key"])) == (
             "600 root:root\n"
         )
+        assert sb.run(["test", "-e", "/etc/webknock/webknock.keys"]).returncode == 1
+        assert "protocol v1: off" in out and BEGIN not in out
+        # The admin enrols the client's key with the installed webknockctl; it prints the
+        # profile (with the url install.sh put in the config) to send back.
+        ctl = "/usr/local/sbin/webknockctl"
+        profile = ok(
+            sb.run([ctl, "client", "add", "lab", "--key", pub, "--ports", "tcp/22,tcp/2222"])
+        )
+        assert f"url = {URL}\n" in profile
+        installed = ok(sh([*client_install, "--no-venv", "--from", "-"], input=profile))
+        assert "enrolled this very key (client lab of instance webknock" in installed, installed
         checked = sb.run(["/usr/local/sbin/webknockctl", "check-config"])
         assert checked.returncode == 0 and checked.stdout.endswith("OK (instance webknock)\n"), (
             checked
@@ -1006,39 +1184,30 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         assert held.still_works(), "an established connection never drops"
 
         start_web(sb, work)
-        keys_text = ok(sb.run(["cat", "/etc/webknock/webknock.keys"]))
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read_string(keys_text)
-        keys = v1.Keys.from_hex(dict(parser.items("v1")))
-        reply = agent(
-            lab,
-            {
-                "action": "openports",
-                "server": SERVER4,
-                "src": OTHER4,
-                "ip": OTHER4,
-                "ports": [["tcp", 22], ["tcp", 2222]],
-                "time": 300,
-            },
-            keys,
-        )
-        assert reply["status"] == 200 and reply["reply"]["success"] is True, reply  # type: ignore[index]
-        assert tcp_open(lab, OTHER4, 22) and tcp_open(lab, OTHER4, 2222)
-        listed = json.loads(ok(sb.run(["/usr/local/sbin/webknockctl", "list", "--json"])))
-        assert sorted((g["ip"], g["port"]) for g in listed) == [
-            (CLIENT4, 22),
-            (OTHER4, 22),
-            (OTHER4, 2222),
+        # The installed client knocks with v2 (from CLIENT4, the client's first address).
+        knocked = lab.client.run([*webknock, "knock", "--json", "--time", "300"], check=False)
+        assert knocked.returncode == 0, knocked
+        grants = json.loads(knocked.stdout)["grants"]
+        assert [(g["ip"], sorted(g["ports"])) for g in grants] == [
+            (CLIENT4, ["tcp/22", "tcp/2222"])
         ]
+        assert tcp_open(lab, CLIENT4, 2222), "the knock opened tcp/2222"
+        assert not tcp_open(lab, OTHER4, 2222), "for the client's address only"
+        listed = json.loads(ok(sb.run(["/usr/local/sbin/webknockctl", "list", "--json"])))
+        assert sorted((g["ip"], g["port"]) for g in listed) == [(CLIENT4, 22), (CLIENT4, 2222)]
+        assert {g["port"]: g.get("client") for g in listed}[2222] == "lab", listed
 
+        server_key = ok(sb.run(["cat", "/etc/webknock/webknock.server-key"]))
         second = ok(sb.run(server_args, env=ssh_env))
-        assert (
-            "webknock.keys: kept (owner root:root, mode 600)" in second
-            and ok(sb.run(["cat", "/etc/webknock/webknock.keys"])) == keys_text
-        )
+        assert "v2 server key: kept" in second and "protocol v1: off" in second
+        assert ok(sb.run(["cat", "/etc/webknock/webknock.server-key"])) == server_key
         new_pid = daemon_pid(sb)
         assert new_pid and new_pid != pid, "a re-run restarts webknockd"
-        assert tcp_open(lab, OTHER4, 2222), "grants survive the restart"
+        assert tcp_open(lab, CLIENT4, 2222), "grants survive the restart"
+        info = lab.client.run([*webknock, "info", "--json"], check=False)
+        assert info.returncode == 0 and json.loads(info.stdout)["servers"][0]["client"] == "lab", (
+            info
+        )
 
         # backend = auto chose nftables (usable in this lab): table inet webknock
         assert "webknock" in ok(lab.server.run(["nft", "list", "tables"])).split()
@@ -1056,3 +1225,5 @@ def test_host_install_in_namespaces_protects_knocks_and_uninstalls() -> None:
         )
         left = {f for f in sb.upper_files() if not RUNTIME_NOISE.match(f)}
         assert left == set(), f"uninstall --purge left {sorted(left)}"
+        ok(sh([INSTALL, "uninstall", "--client", "--purge", "--root", croot]))
+        assert files_below(croot) == set(), "uninstall --client --purge leaves nothing"
