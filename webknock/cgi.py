@@ -113,7 +113,7 @@ def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
     and a fresh CSP nonce in it, and its headers; raises Reply."""
     import binascii
 
-    from webknock import cgiconf, spool
+    from webknock import cgiconf
 
     config = environ.get(cgiconf.ENV_CONFIG) or cgiconf.DEFAULT_CONFIG
     try:
@@ -122,8 +122,10 @@ def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
         spool_dir, _ = cgiconf.read_cgi_settings(config)
     except cgiconf.CgiConfigError as exc:
         raise Reply(500, f"configuration: {exc}") from None
+    from webknock.spool import SERVER_KEY_NAME
+
     try:
-        with open(os.path.join(spool_dir, spool.SERVER_KEY_NAME), "rb") as fh:
+        with open(os.path.join(spool_dir, SERVER_KEY_NAME), "rb") as fh:
             server_key = fh.read(200).strip()
         with open(os.path.join(os.path.dirname(__file__), "web", "page.html"), "rb") as fh:
             page = fh.read()

@@ -160,7 +160,7 @@ def test_the_probe_starts_python_as_the_shim_does() -> None:
 @pytest.mark.parametrize(
     ("method", "body", "status"),
     [
-        ("GET", b"", 400),
+        ("PUT", b"", 400),
         ("POST", b"x=1", 400),
         ("POST", b"data=" + b"!" * 683, 403),
         ("POST", b"data=" + b"A" * 100, 403),  # base64, but not a multiple of 512 bytes
@@ -269,7 +269,7 @@ def test_web_server_gets_end_of_file_and_the_process_ends_with_the_answer() -> N
         "os.write(1, b'late')\n"
         "time.sleep(3)\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "REQUEST_METHOD": "GET", "PYTHONPATH": str(REPO)}
+    env = {"PATH": "/usr/bin:/bin", "REQUEST_METHOD": "PUT", "PYTHONPATH": str(REPO)}
     t0 = time.monotonic()
     with subprocess.Popen(
         [sys.executable, "-c", code],
@@ -285,3 +285,15 @@ def test_web_server_gets_end_of_file_and_the_process_ends_with_the_answer() -> N
     assert out.startswith(b"Status: 400 Bad Request\r\n") and b"late" not in out
     assert b"is not POST" in err, "the log line was flushed before the process ended"
     assert time.monotonic() - t0 < 2.5, "the process ended with its answer, before the sleep"
+
+
+def test_a_get_with_the_browser_page_off_reads_only_its_setting(
+    tmp_path: Path, instance: Path
+) -> None:
+    """A GET is the browser page's: with ``browser_page`` off it is refused after reading
+    that one setting, before anything of the spool is loaded."""
+    got = probe(tmp_path, instance, b"", "GET")
+    assert got["status"] == 400
+    assert "webknock.cgiconf" in got["modules"] and "webknock.spool" not in got["modules"]
+    assert top_level(got["modules"]) & NEVER == set()
+    assert got["spawned"] == []
