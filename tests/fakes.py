@@ -73,7 +73,9 @@ class MemoryFirewall(Firewall):
 
 
 class RecordingRunner:
-    """Records (argv, stdin) and answers from a table of canned outputs."""
+    """Records (argv, stdin) and answers from a table of canned outputs, keyed by program
+    (``ipset``) or by a longer command line (``ipset save WEBKNOCK4``): the longest key the
+    command starts with answers."""
 
     def __init__(self, outputs: dict[str, str] | None = None, fail: str | None = None) -> None:
         self.calls: list[tuple[list[str], str | None]] = []
@@ -84,7 +86,9 @@ class RecordingRunner:
         self.calls.append((list(argv), stdin))
         if self.fail and argv[0] == self.fail:
             raise FirewallError(f"{argv[0]} failed: injected")
-        return self.outputs.get(argv[0], "")
+        line = " ".join(argv)
+        keys = [k for k in self.outputs if line == k or line.startswith(f"{k} ")]
+        return self.outputs[max(keys, key=len)] if keys else ""
 
     def stdin_of(self, program: str) -> list[str]:
         return [stdin or "" for argv, stdin in self.calls if argv[0] == program]

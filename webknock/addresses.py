@@ -33,10 +33,34 @@ def grantable(addr: Address) -> str | None:
 PREFIX_LENGTH = {4: 32, 6: 64}
 
 
-def prefix_of(addr: Address) -> str:
-    """The prefix `addr` is counted under, as text (``192.0.2.10/32``, ``2001:db8::/64``)."""
+def prefix_of(addr: Address, length: int | None = None) -> str:
+    """The prefix `addr` is counted under, as text (``192.0.2.10/32``, ``2001:db8::/64``).
+
+    `length`: `addr` stands for its network of that length (a network grant), which is
+    counted under the wider of that network and the usual prefix (``198.51.100.0/24``)."""
+    bits = PREFIX_LENGTH[addr.version]
+    if length is not None:
+        bits = min(bits, length)
     cls = ipaddress.IPv4Network if addr.version == 4 else ipaddress.IPv6Network
-    return str(cls((addr.packed, PREFIX_LENGTH[addr.version]), strict=False))
+    return str(cls((addr.packed, bits), strict=False))
+
+
+def full_length(version: int) -> int:
+    """The prefix length of one address alone: 32 or 128."""
+    return 32 if version == 4 else 128
+
+
+def parse_opened(text: str) -> tuple[Address, int | None]:
+    """What a grant opens, as the state file, the kernel and the audit trail write it: an
+    address (``192.0.2.10``: (address, None)) or a network (``198.51.100.0/24``: (its
+    network address, 24)); a /32 or /128 is the address alone. Raises ValueError, also for
+    a network with host bits set (the text is never ambiguous)."""
+    if "/" not in text:
+        return parse_address(text), None
+    net = ipaddress.ip_network(text.strip(), strict=True)
+    if net.prefixlen == full_length(net.version):
+        return net.network_address, None
+    return net.network_address, net.prefixlen
 
 
 class AddressError(ValueError):

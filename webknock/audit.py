@@ -228,11 +228,12 @@ def matches(
         return False
     if kinds and rec.get("event") not in kinds:
         return False
-    if network is not None:
+    if network is not None:  # an address, or the network of an open_prefix grant
         try:
-            return ipaddress.ip_address(str(rec.get("ip", ""))) in network
+            opened = ipaddress.ip_network(str(rec.get("ip", "")), strict=False)
         except ValueError:
             return False
+        return opened.version == network.version and opened.overlaps(network)
     return True
 
 
@@ -257,7 +258,7 @@ def print_table(records: list[dict[str, Any]]) -> None:
             (
                 _local(rec["time"]),
                 _clean(str(rec.get("event", "?")), 10),
-                _clean(str(rec.get("ip", "")), 39),
+                _clean(str(rec.get("ip", "")), 43),
                 _clean(port, 12),
                 _local(rec.get("expires")),
                 _clean(str(detail)),
@@ -330,7 +331,11 @@ def add_log_command(sub: Any) -> None:
     )
     p.add_argument("--since", metavar="WHEN", help="only events at or after WHEN")
     p.add_argument("--until", metavar="WHEN", help="only events at or before WHEN")
-    p.add_argument("--ip", metavar="ADDR|CIDR", help="only this address or network")
+    p.add_argument(
+        "--ip",
+        metavar="ADDR|CIDR",
+        help="only grants of this address or network (also network grants that overlap it)",
+    )
     p.add_argument(
         "--event",
         action="append",

@@ -7,8 +7,17 @@ Ansible, Salt or a git checkout; one ``key = value`` per line, ``#`` comments::
     ports = tcp/22, udp/51820      # a subset of the instance's; default: all of them
     max_time = 3600                # capped to the instance's max_time; default: that
     from = 192.0.2.0/24, 2001:db8::/32   # source networks; default: anywhere
+    open_prefix = 24, 64           # open its IPv4 /24, IPv6 /64; default: the address
     expires = 2027-06-30           # the key is refused after this day (UTC); default: never
     enabled = yes
+
+``open_prefix = V4[, V6]``: a knock opens the ports for the network of that length around
+the client's address instead of the address alone, for a carrier-grade NAT whose later
+connections may leave from another address of its pool (IPv4) and for IPv6 privacy
+addresses that change within their /64. The knock itself must still come from the address
+it names. The first number is the IPv4 length (16-32), the second the IPv6 length (32-128);
+a full length opens the address alone, so ``24`` (or ``24, 128``) widens IPv4 only and
+``32, 64`` IPv6 only.
 
 A file that does not parse, a duplicate key or an unusable name is a :class:`Problem`
 naming the file and line; that client is skipped and the others are served.
@@ -30,7 +39,9 @@ from webknock.protocol.v2 import PORT, V2Error, key_id, parse_public_key, public
 
 SUFFIX = ".conf"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-KEYS = ("key", "ports", "max_time", "from", "expires", "enabled")
+KEYS = ("key", "ports", "max_time", "from", "open_prefix", "expires", "enabled")
+#: The prefix lengths open_prefix accepts per family: at most a /16 or a /32 opened.
+OPEN_PREFIX_RANGE = {4: (16, 32), 6: (32, 128)}
 MAX_FILE = 65536
 
 Port = tuple[str, int]
@@ -69,6 +80,7 @@ class Client:
     sources: tuple[Network, ...] = ()  # empty: anywhere
     expires: datetime.date | None = None  # refused after this day (UTC)
     enabled: bool = True
+    open_prefix: tuple[int, int] | None = None  # (IPv4, IPv6) lengths; None: the address
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -90,6 +102,13 @@ class Client:
     def admits(self, addr: Address) -> bool:
         return not self.sources or any(addr in net for net in self.sources)
 
+    def prefix_for(self, addr: Address) -> int | None:
+        """The prefix length a knock from `addr` opens; None: the address alone."""
+        if self.open_prefix is None:
+            return None
+        length = self.open_prefix[0 if addr.version == 4 else 1]
+        return None if length == (32 if addr.version == 4 else 128) else length
+
     def render(self) -> str:
         """The client's file."""
         lines = [f"key = {public_key_text(self.public, self.comment)}"]
@@ -99,6 +118,8 @@ class Client:
             lines.append(f"max_time = {self.max_time}")
         if self.sources:
             lines.append(f"from = {', '.join(str(n) for n in self.sources)}")
+        if self.open_prefix is not None:
+            lines.append(f"open_prefix = {format_open_prefix(self.open_prefix)}")
         if self.expires is not None:
             lines.append(f"expires = {self.expires.isoformat()}")
         lines.append(f"enabled = {'yes' if self.enabled else 'no'}")
@@ -131,6 +152,30 @@ def parse_sources(text: str) -> tuple[Network, ...]:
             except ValueError:
                 raise ValueError(f"{item!r} is not a network (CIDR)") from None
     return tuple(nets)
+
+
+def parse_open_prefix(text: str) -> tuple[int, int]:
+    """``24`` (IPv4 only), ``24, 64`` or ``32, 64`` (IPv6 only): (IPv4, IPv6) lengths;
+    raises ValueError."""
+    items = [i for i in text.replace(" ", ",").split(",") if i]
+    if not 1 <= len(items) <= 2:
+        raise ValueError("must be an IPv4 prefix length, optionally followed by an IPv6 one")
+    lengths = [OPEN_PREFIX_RANGE[4][1], OPEN_PREFIX_RANGE[6][1]]
+    for i, (item, family) in enumerate(zip(items, (4, 6), strict=False)):
+        low, high = OPEN_PREFIX_RANGE[family]
+        if not (item.isascii() and item.isdigit()) or not low <= int(item) <= high:
+            raise ValueError(
+                f"{item!r} is not an IPv{family} prefix length from {low} to {high}"
+                f" ({high}: the address alone)"
+            )
+        lengths[i] = int(item)
+    return lengths[0], lengths[1]
+
+
+def format_open_prefix(lengths: tuple[int, int]) -> str:
+    """The open_prefix value: ``24, 64``, or ``24`` when IPv6 opens the address alone."""
+    v4, v6 = lengths
+    return str(v4) if v6 == OPEN_PREFIX_RANGE[6][1] else f"{v4}, {v6}"
 
 
 def parse_date(text: str) -> datetime.date:
@@ -187,6 +232,7 @@ def parse_client(name: str, text: str, path: Path | None = None) -> Client:
         ("ports", parse_ports),
         ("max_time", parse_max_time),
         ("from", parse_sources),
+        ("open_prefix", parse_open_prefix),
         ("expires", parse_date),
         ("enabled", parse_enabled),
     ):
@@ -212,6 +258,7 @@ def parse_client(name: str, text: str, path: Path | None = None) -> Client:
         sources=converted.get("from", ()),  # type: ignore[arg-type]
         expires=converted.get("expires"),  # type: ignore[arg-type]
         enabled=converted.get("enabled", True),  # type: ignore[arg-type]
+        open_prefix=converted.get("open_prefix"),  # type: ignore[arg-type]
         path=path,
     )
 

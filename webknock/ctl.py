@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ log = logging.getLogger("webknockctl")
 
 def grant_json(g: Grant, now: float) -> dict[str, Any]:
     return {
-        "ip": str(g.key.ip),
+        "ip": g.key.ip_text,  # an address, or the network of a client's open_prefix
         "proto": g.key.proto,
         "port": g.key.port,
         "expires": int(g.expires),
@@ -53,7 +54,7 @@ def print_table(grants: Sequence[Grant], now: float) -> None:
     for g in grants:
         rows.append(
             (
-                str(g.key.ip),
+                g.key.ip_text,
                 g.key.proto,
                 str(g.key.port),
                 fmt_time(g.expires),
@@ -183,7 +184,7 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
     except OSError:
         backlog = -1
     drift = engine.drift(now)
-    addresses = len({g.key.ip for g in live})
+    addresses = len({g.key.ip_text for g in live})  # a network grant counts once
     report: dict[str, Any] = {
         "instance": cfg.instance,
         "daemon": {
@@ -266,6 +267,16 @@ def address(text: str) -> Any:
     return addr
 
 
+def address_or_network(text: str) -> Any:
+    """An address, or a network in CIDR notation (host bits may be set: 192.0.2.7/24)."""
+    if "/" not in text:
+        return address(text)
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address or a CIDR network") from None
+
+
 def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
@@ -299,8 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include expired grants not yet reaped")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("revoke", help="close the grants of an address or a client now")
-    p.add_argument("ip", type=address, nargs="?", help="client address")
+    p = sub.add_parser(
+        "revoke",
+        help="close the grants of an address, a network or a client now",
+        description="Close grants now. ADDRESS closes its own grants and every network grant "
+        "(a client's open_prefix) that contains it; a CIDR network closes every grant of an "
+        "address in it and every network grant overlapping it: afterwards no address of it "
+        "is let in.",
+    )
+    p.add_argument(
+        "ip",
+        type=address_or_network,
+        nargs="?",
+        metavar="ADDRESS|CIDR",
+        help="client address, or network (e.g. 198.51.100.0/24 as list shows it)",
+    )
     p.add_argument("--client", metavar="NAME", help="every grant of this enrolled client")
     p.add_argument("--proto", choices=("tcp", "udp"), help="only this protocol")
     p.add_argument("--port", type=port, help="only this port")

@@ -28,11 +28,13 @@ from webknock.clients import (
     Client,
     ClientError,
     check_name,
+    format_open_prefix,
     format_ports,
     load_clients,
     parse_client,
     parse_date,
     parse_max_time,
+    parse_open_prefix,
     parse_ports,
     parse_sources,
 )
@@ -219,7 +221,15 @@ def _build_client(cfg: ServerConfig, args: argparse.Namespace) -> Client:
             raise Refused(f"--expires: {exc}") from None
         if expires < _today():
             raise Refused(f"--expires: {expires} is past: the key would be refused already")
-    client = Client(name, public, comment, ports, max_time, sources, expires)
+    open_prefix = None
+    if args.open_prefix is not None:
+        try:
+            open_prefix = parse_open_prefix(args.open_prefix)
+        except ValueError as exc:
+            raise Refused(f"--open-prefix: {exc}") from None
+    client = Client(
+        name, public, comment, ports, max_time, sources, expires, open_prefix=open_prefix
+    )
     try:  # what the daemon will read back is exactly this client
         same = parse_client(name, client.render()) == client
     except ClientError:
@@ -261,9 +271,21 @@ def client_json(cfg: ServerConfig, client: Client) -> dict[str, Any]:
         "ports": [f"{p}/{n}" for p, n in sorted(client.allowed(cfg.offered()))],
         "max_time": client.longest(cfg.max_time),
         "from": [str(n) for n in client.sources],
+        "open_prefix": dict(zip(("ipv4", "ipv6"), client.open_prefix or (32, 128), strict=True)),
         "expires": client.expires.isoformat() if client.expires else None,
         "kid": client.kid.hex(),
     }
+
+
+def _opens_text(client: Client) -> str:
+    """What a knock opens: ``the address alone``, or ``its IPv4 /24, its IPv6 /64 (open_prefix
+    = 24, 64)`` (either family may be the address alone)."""
+    if client.open_prefix is None or client.open_prefix == (32, 128):
+        return "the address alone"
+    v4, v6 = client.open_prefix
+    four = "the IPv4 address alone" if v4 == 32 else f"its IPv4 /{v4}"
+    six = "the IPv6 address alone" if v6 == 128 else f"its IPv6 /{v6}"
+    return f"{four}, {six} (open_prefix = {format_open_prefix(client.open_prefix)})"
 
 
 def _expires_text(client: Client, now: float) -> str:
@@ -284,7 +306,7 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
         print(f"no clients enrolled in {cfg.clients_dir}")
         return ctl.EXIT_OK
     now = time.time()
-    rows = [("NAME", "ENABLED", "PORTS", "MAX_TIME", "FROM", "EXPIRES", "COMMENT")]
+    rows = [("NAME", "ENABLED", "PORTS", "MAX_TIME", "FROM", "OPEN_PREFIX", "EXPIRES", "COMMENT")]
     for c in ordered:
         rows.append(
             (
@@ -293,6 +315,7 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
                 format_ports(c.allowed(cfg.offered())).replace(" ", "") or "-",
                 str(c.longest(cfg.max_time)),
                 ",".join(str(n) for n in c.sources) or "any",
+                format_open_prefix(c.open_prefix).replace(" ", "") if c.open_prefix else "-",
                 _expires_text(c, now),
                 c.comment or "-",
             )
@@ -337,6 +360,7 @@ def cmd_show(cfg: ServerConfig, args: argparse.Namespace) -> int:
         ("ports", ports),
         ("max_time", max_time),
         ("from", ", ".join(str(n) for n in client.sources) or "anywhere"),
+        ("opens", _opens_text(client)),
         ("expires", _expires_text(client, now)),
     ):
         print(f"{label + ':':<10}{value}")
@@ -468,6 +492,12 @@ def add_client_command(sub: Any) -> None:
         "--max-time", metavar="S", help="longest grant in seconds (default: the instance's)"
     )
     p.add_argument("--from", dest="sources", metavar="CIDR,...", help="networks it may knock from")
+    p.add_argument(
+        "--open-prefix",
+        metavar="V4[,V6]",
+        help="open the knocking address's network of these prefix lengths instead of the "
+        "address (IPv4 16-32, IPv6 32-128; 32 or 128: the address alone), e.g. 24,64",
+    )
     p.add_argument("--expires", metavar="YYYY-MM-DD", help="last day (UTC) the key is accepted")
     p.set_defaults(func=_run(cmd_add, "add"))
 

@@ -336,7 +336,9 @@ class Daemon:
     def _open(self, grants: list[Verified], now: float) -> dict[str, Outcome]:
         """Apply the batch's grants: an outcome per request id."""
         requests = [
-            GrantRequest(v.id, v.peer, v.ports, v.time, "knock", v.client, v.user_agent)
+            GrantRequest(
+                v.id, v.peer, v.ports, v.time, "knock", v.client, v.user_agent, v.prefixlen
+            )
             for v in grants
         ]
         try:

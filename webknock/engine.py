@@ -8,12 +8,13 @@ our back); if that fails too, the transaction rolls back and the caller is told.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from webknock.addresses import Address, prefix_of
+from webknock.addresses import Address, Network, prefix_of
 from webknock.events import Event, EventBus
 from webknock.firewall import Firewall, FirewallError
 from webknock.grants import Entry, Grant, GrantKey, GrantRequest
@@ -108,12 +109,12 @@ class GrantEngine:
                 self._undo_on_state_error(now, added, ()),
                 self.store.transaction() as tx,
             ):
-                current = tx.get({GrantKey(r.ip, p, n) for r in requests for p, n in r.ports})
+                current = tx.get({r.key(p, n) for r in requests for p, n in r.ports})
                 admitted = self._within_limits(tx, requests, current, now, outcomes)
                 wanted: dict[GrantKey, tuple[float, GrantRequest]] = {}
                 for req in admitted:
                     for proto, port in req.ports:
-                        key = GrantKey(req.ip, proto, port)
+                        key = req.key(proto, port)
                         expires = now + req.time
                         if key not in wanted or wanted[key][0] < expires:
                             wanted[key] = (expires, req)
@@ -147,6 +148,7 @@ class GrantEngine:
                             user_agent=req.user_agent,
                             source=req.source,
                             client=req.client,
+                            peer=req.ip if key.prefixlen is not None else None,
                         )
                     )
                 if changed:
@@ -167,7 +169,7 @@ class GrantEngine:
         for req in admitted:
             outcomes[req.id] = Outcome(
                 True,
-                expires=int(min(expiry[GrantKey(req.ip, p, n)] for p, n in req.ports)),
+                expires=int(min(expiry[req.key(p, n)] for p, n in req.ports)),
                 ports=req.ports,
             )
         return outcomes
@@ -181,7 +183,9 @@ class GrantEngine:
         refused: dict[str, Outcome],
     ) -> list[GrantRequest]:
         """The requests that fit the limits, in order; the others get a LIMIT outcome in
-        `refused`. Renewals never count; the counts are read only when something is new."""
+        `refused`. Renewals never count; the counts are read only when something is new.
+        A network grant (``open_prefix``) counts as one grant of its prefix (the wider of
+        the network and the usual prefix: :func:`prefix_of`)."""
         admitted: list[GrantRequest] = []
         counted: set[GrantKey] = set()
         total: int | None = None
@@ -189,13 +193,13 @@ class GrantEngine:
         for req in requests:
             new = {
                 key
-                for key in (GrantKey(req.ip, p, n) for p, n in req.ports)
+                for key in (req.key(p, n) for p, n in req.ports)
                 if key not in counted and (key not in current or current[key].expires <= now)
             }
             if new:
                 if total is None:
                     total = tx.live_total(now)
-                prefix = prefix_of(req.ip)
+                prefix = prefix_of(req.ip, req.prefixlen)
                 if prefix not in per_prefix:
                     per_prefix[prefix] = tx.live_in_prefix(prefix, now)
                 if total + len(new) > self.limits.total:
@@ -205,7 +209,7 @@ class GrantEngine:
                 else:
                     why = ""
                 if why:
-                    log.warning("refused %s: %s", req.ip, why)
+                    log.warning("refused %s: %s", req.opened, why)
                     refused[req.id] = Outcome(False, error=why, errorcode="LIMIT")
                     continue
                 total += len(new)
@@ -235,10 +239,17 @@ class GrantEngine:
             raise
 
     def _remove(
-        self, kind: str, select: str, params: tuple[object, ...], now: float, reason: str = ""
+        self,
+        kind: str,
+        select: str,
+        params: tuple[object, ...],
+        now: float,
+        reason: str = "",
+        keep: Callable[[Grant], bool] | None = None,
     ) -> list[Grant]:
-        """Remove the grants `select` finds. A revoke is a durable commit: it must not come
-        back after a power loss (an expiry that does is simply repeated)."""
+        """Remove the grants `select` finds (and `keep` keeps, when given). A revoke is a
+        durable commit: it must not come back after a power loss (an expiry that does is
+        simply repeated)."""
         removed: list[Grant] = []  # what the kernel lost, for an undo if the commit fails
         with (
             self.store.locked(),
@@ -246,6 +257,8 @@ class GrantEngine:
             self.store.transaction(durable=kind == "revoke") as tx,
         ):
             gone = tx.select(select, params)
+            if keep is not None:
+                gone = [g for g in gone if keep(g)]
             if not gone:
                 return []
             tx.delete(g.key for g in gone)
@@ -271,20 +284,29 @@ class GrantEngine:
 
     def revoke(
         self,
-        ip: Address,
+        ip: Address | Network,
         proto: str | None,
         port: int | None,
         now: float,
         reason: str = "revoked by admin",
     ) -> list[Grant]:
-        """Remove the grants of `ip` (optionally one proto and/or port) at once."""
-        where = "ip = ?"
-        params: list[object] = [str(ip)]
+        """Remove at once every grant that lets some address of `ip` in (optionally of one
+        proto and/or port): for an address, its own grants and the network grants
+        (``open_prefix``) that contain it; for a network, every grant of an address in it
+        and every network grant overlapping it. Afterwards no address of `ip` is let in."""
+        net = ipaddress.ip_network(ip)
+        where = "1"
+        params: list[object] = []
+        if net.num_addresses == 1:  # its own row, or a network's (the text has a '/')
+            where = "(ip = ? OR instr(ip, '/') > 0)"
+            params.append(str(net.network_address))
         if proto:
             where, params = where + " AND proto = ?", [*params, proto]
         if port:
             where, params = where + " AND port = ?", [*params, port]
-        return self._remove("revoke", where, tuple(params), now, reason)
+        return self._remove(
+            "revoke", where, tuple(params), now, reason, lambda g: g.key.overlaps(net)
+        )
 
     def revoke_client(
         self, client: str, now: float, reason: str = "client revoked by admin"

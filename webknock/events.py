@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from webknock.addresses import Address
 from webknock.grants import GrantKey
 
 log = logging.getLogger("webknock.events")
@@ -21,7 +22,10 @@ KINDS = ("open", "renew", "expire", "revoke", "reject")
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened to one grant (or one rejected request)."""
+    """One thing that happened to one grant (or one rejected request).
+
+    `ip`: the address, or the network of a client's ``open_prefix`` (``198.51.100.0/24``);
+    then ``extra["peer"]`` of an open or renew is the address the knock came from."""
 
     kind: str
     time: float
@@ -49,12 +53,13 @@ class Event:
         reason: str = "",
         source: str = "",
         client: str | None = None,
+        peer: Address | None = None,
     ) -> Event:
         return cls(
             kind,
             time,
             instance,
-            str(key.ip),
+            key.ip_text,
             key.proto,
             key.port,
             expires,
@@ -62,6 +67,7 @@ class Event:
             user_agent,
             source,
             client,
+            {"peer": str(peer)} if peer is not None else {},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,8 +94,11 @@ class Event:
 
     def describe(self) -> str:
         what = f"{self.ip} {self.proto}/{self.port}" if self.proto else self.ip
-        if self.client:
-            what += f" (client {self.client})"
+        who = [f"client {self.client}"] if self.client else []
+        if self.extra.get("peer"):
+            who.append(f"from {self.extra['peer']}")
+        if who:
+            what += f" ({', '.join(who)})"
         tail = f" until {int(self.expires)}" if self.expires is not None else ""
         why = f": {self.reason}" if self.reason else ""
         return f"{self.kind} {what}{tail}{why}"

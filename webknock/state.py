@@ -24,11 +24,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from webknock.addresses import parse_address, prefix_of
+from webknock.addresses import parse_opened, prefix_of
 from webknock.grants import Grant, GrantKey
 from webknock.instancelock import InstanceLock
 
-#: `net` is the prefix the address is counted under (:func:`webknock.addresses.prefix_of`),
+#: `ip` is what the grant opens: an address (``192.0.2.10``) or, for a client with
+#: ``open_prefix``, a network (``198.51.100.0/24``), as :attr:`GrantKey.ip_text` writes it
+#: (state files of earlier versions hold addresses only: nothing to migrate).
+#: `net` is the prefix the grant is counted under (:func:`webknock.addresses.prefix_of`),
 #: for the per-prefix grant limit. `replay` holds the replay marks of verified packets
 #: until their timestamp window has passed; `failures` the bad-packet counts per prefix.
 #: Both are root's alone: the web user can neither create, delete nor date them.
@@ -74,7 +77,7 @@ class StateError(Exception):
 
 def _row_to_grant(row: tuple[str, str, int, float, float, float, int, str | None]) -> Grant:
     ip, proto, port, first, last, expires, count, client = row
-    return Grant(GrantKey(parse_address(ip), proto, port), first, last, expires, count, client)
+    return Grant(GrantKey.parse(ip, proto, port), first, last, expires, count, client)
 
 
 class StateTx:
@@ -89,7 +92,7 @@ class StateTx:
             row = self.db.execute(
                 f"SELECT {COLUMNS} FROM grants WHERE"  # noqa: S608
                 " ip = ? AND proto = ? AND port = ?",
-                (str(key.ip), key.proto, key.port),
+                (key.ip_text, key.proto, key.port),
             ).fetchone()
             if row:
                 found[key] = _row_to_grant(row)
@@ -104,14 +107,14 @@ class StateTx:
             "renew_count = excluded.renew_count, client = excluded.client",
             [
                 (
-                    str(g.key.ip),
+                    g.key.ip_text,
                     g.key.proto,
                     g.key.port,
                     g.first_opened,
                     g.last_renewed,
                     g.expires,
                     g.renew_count,
-                    prefix_of(g.key.ip),
+                    prefix_of(g.key.ip, g.key.prefixlen),
                     g.client,
                 )
                 for g in grants
@@ -121,7 +124,7 @@ class StateTx:
     def delete(self, keys: Iterable[GrantKey]) -> None:
         self.db.executemany(
             "DELETE FROM grants WHERE ip = ? AND proto = ? AND port = ?",
-            [(str(k.ip), k.proto, k.port) for k in keys],
+            [(k.ip_text, k.proto, k.port) for k in keys],
         )
 
     def select(self, where: str = "1", params: tuple[object, ...] = ()) -> list[Grant]:
@@ -159,7 +162,7 @@ class StateTx:
         return int(row[0])
 
     def live_in_prefix(self, prefix: str, now: float) -> int:
-        """Live grants of addresses counted under `prefix` (:func:`prefix_of`)."""
+        """Live grants counted under `prefix` (:func:`prefix_of`)."""
         row = self.db.execute(
             "SELECT COUNT(*) FROM grants WHERE net = ? AND expires > ?", (prefix, now)
         ).fetchone()
@@ -223,7 +226,7 @@ def _add_columns(db: sqlite3.Connection) -> None:
         return
     db.execute("ALTER TABLE grants ADD COLUMN net TEXT NOT NULL DEFAULT ''")
     for (ip,) in db.execute("SELECT DISTINCT ip FROM grants").fetchall():
-        db.execute("UPDATE grants SET net = ? WHERE ip = ?", (prefix_of(parse_address(ip)), ip))
+        db.execute("UPDATE grants SET net = ? WHERE ip = ?", (prefix_of(*parse_opened(ip)), ip))
     db.execute("COMMIT")
 
 

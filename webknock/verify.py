@@ -11,6 +11,7 @@ request's protocol, so the daemon never needs to know which one it is answering.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -116,16 +117,18 @@ class V2Replies(Replies):
         )
 
     def granted(self, ip: Address, ports: tuple[Port, ...], expires: int, now: float) -> Answer:
-        return self._seal(
-            {
-                "success": True,
-                "client": self.client.name,
-                "ip": str(ip),
-                "ports": [v2.port_text(p) for p in ports],
-                "expires": expires,
-                "time": int(now),
-            }
-        )
+        reply: dict[str, object] = {
+            "success": True,
+            "client": self.client.name,
+            "ip": str(ip),
+            "ports": [v2.port_text(p) for p in ports],
+            "expires": expires,
+            "time": int(now),
+        }
+        prefixlen = self.client.prefix_for(ip)
+        if prefixlen is not None:  # open_prefix: the network opened around `ip`
+            reply["net"] = str(ipaddress.ip_network((ip, prefixlen), strict=False))
+        return self._seal(reply)
 
     def refused(self, code: str, error: str, now: float) -> Answer:
         code = self.CODES.get(code, code)
@@ -147,6 +150,7 @@ class Verified:
     time: int = 0  # openports: seconds, already capped to max_time
     client: str | None = None  # v2: the enrolled client's name
     user_agent: str = field(default="", compare=False)
+    prefixlen: int | None = None  # openports of a client with open_prefix: open peer's network
 
 
 class Verifier:
@@ -321,4 +325,5 @@ class Verifier:
             time=seconds if request.api == "openports" else 0,
             client=client.name,
             user_agent=req.agent,
+            prefixlen=client.prefix_for(peer) if request.api == "openports" else None,
         )

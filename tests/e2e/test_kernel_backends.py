@@ -9,6 +9,12 @@ closes it with the daemon stopped. The kernel's elements are read back with ``nf
 For nftables the host policy is an nft table of the host's own that accepts the offered
 ports (they are delegated to webknock) and webknock runs with ``protect = yes``; for
 iptables + ipset the host policy is the lab's iptables INPUT DROP.
+
+Network grants (a v2 client's ``open_prefix``) are checked on every backend, the linear
+iptables chain included: another address of the network gets through, one outside does
+not, an address grant inside a network grant lives beside it, and revoke by client, by
+address or by expiry closes it. An ipset of the layout before network grants
+(``hash:ip,port``) is replaced on start with its grant kept and no connection refused.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_v2 import posts, v2_form
 from tests.lab import (
     CLIENT4,
     CLIENT6,
     OTHER4,
+    OTHER6,
     SERVER4,
     SERVER6,
     Deployment,
@@ -34,6 +42,7 @@ from tests.lab import (
     deployment,
     wait_until,
 )
+from webknock.protocol import transport, v2
 
 pytestmark = pytest.mark.kernel
 
@@ -304,3 +313,190 @@ def test_teardown_removes_only_ours_and_auto_prefers_nftables() -> None:
         finally:
             for site in sites:
                 site.close()
+
+
+# -- network grants (open_prefix) ---------------------------------------------------------
+
+#: Every backend, the linear iptables chain (the lab's default: ipset = no) too.
+ALL_BACKENDS: dict[str, dict[str, Any]] = {**BACKENDS, "iptables": {"backend": "iptables"}}
+#: In the /28 of CLIENT4 (192.0.2.0/28) and the /124 of CLIENT6 (2001:db8::10/124);
+#: OTHER4 (192.0.2.20) and OTHER6 (2001:db8::20) are outside them, on the same link.
+INSIDE4, INSIDE6 = "192.0.2.11", "2001:db8::11"
+
+
+def knock_v2(d: Deployment, key: v2.SigningKey, src: str, ports: list[str], seconds: int) -> Any:
+    """One v2 openports from `src` for `src`; the verified reply body."""
+    server = d.site.server_key
+    body = {
+        "api": "openports",
+        "ts": int(time.time()),
+        "nonce": v2.new_nonce(),
+        "ip": src,
+        "ports": ports,
+        "time": seconds,
+    }
+    form = v2_form(key, server, body)
+    ((status, raw),) = posts(d, [(src, form)])
+    assert status == 200, status
+    return json.loads(v2.verify_reply(server.public, transport.decode_v2_field(form[3:]), raw))
+
+
+def opened(d: Deployment) -> set[str]:
+    """What the kernel lets in, read from whichever backend runs: ``ADDR[/LEN] proto/port``."""
+    ns, found = d.lab.server, set()
+    if is_nft(d):
+        out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", "webknock"]).stdout)
+        for item in out["nftables"]:
+            spec = item.get("set") or {}
+            m = re.fullmatch(r"(tcp|udp)[46](?:_(\d+))?", spec.get("name", ""))
+            if m is None:
+                continue
+            for elem in spec.get("elem", []):
+                ip, port = (elem["elem"]["val"] if "elem" in elem else elem)["concat"]
+                found.add(f"{ip}{'/' + m[2] if m[2] else ''} {m[1]}/{port}")
+    elif d.site.settings["ipset"] == "yes":
+        for name in ("WEBKNOCK4", "WEBKNOCK6"):
+            for line in ns.run(["ipset", "save", name]).stdout.splitlines():
+                m = re.fullmatch(rf"add {name} (\S+),(tcp|udp):(\d+) timeout \d+", line)
+                if m:
+                    found.add(f"{m[1]} {m[2]}/{m[3]}")
+    else:
+        rule = (
+            r"-A WEBKNOCK-GRANTS -s (\S+?)(?:/32|/128)? -p (tcp|udp) -m \2 --dport (\d+) -j ACCEPT"
+        )
+        for family in (4, 6):
+            for line in d.iptables_rules(family):
+                m = re.fullmatch(rule, line)
+                if m:
+                    found.add(f"{m[1]} {m[2]}/{m[3]}")
+    return found
+
+
+@pytest.mark.parametrize("backend", sorted(ALL_BACKENDS))
+def test_a_network_grant_lets_its_network_in_until_revoked_or_expired(backend: str) -> None:
+    with deployment("nginx", **ALL_BACKENDS[backend]) as d:
+        try:
+            for addr in (INSIDE4, OTHER4, INSIDE6, OTHER6):
+                d.lab.add_client_address(addr)
+            a = d.agent
+            alice, bob = v2.SigningKey.generate(), v2.SigningKey.generate()
+            d.ctl("client", "add", "alice", "--key", alice.public_text(), "--open-prefix", "28,124")
+            d.ctl("client", "add", "bob", "--key", bob.public_text())
+            assert not a.tcp_open(SERVER4, INSIDE4, 22), "port must start closed"
+
+            reply = knock_v2(d, alice, CLIENT4, ["tcp/22"], 600)
+            assert (reply["ip"], reply["net"]) == (CLIENT4, "192.0.2.0/28")
+            assert a.tcp_open(SERVER4, CLIENT4, 22)
+            assert a.tcp_open(SERVER4, INSIDE4, 22), "another address of the network"
+            assert not a.tcp_open(SERVER4, OTHER4, 22), "an address outside it"
+            assert not a.tcp_open(SERVER4, INSIDE4, 2222), "a port not asked for"
+            assert opened(d) == {"192.0.2.0/28 tcp/22"}
+            (grant,) = d.list_json()
+            assert (grant["ip"], grant["client"]) == ("192.0.2.0/28", "alice")
+
+            # from another address of the network: the same grant, renewed
+            assert knock_v2(d, alice, INSIDE4, ["tcp/22"], 900)["net"] == "192.0.2.0/28"
+            (grant,) = d.list_json()
+            assert grant["renew_count"] == 1 and 890 <= grant["remaining"] <= 900
+            # bob, without open_prefix, from inside alice's network: a grant of its own
+            assert "net" not in knock_v2(d, bob, INSIDE4, ["tcp/22"], 600)
+            assert opened(d) == {"192.0.2.0/28 tcp/22", f"{INSIDE4} tcp/22"}
+            code, report = status(d)
+            assert code == 0 and report["firewall_agrees"] is True, report
+
+            # our objects emptied behind our back: the running daemon puts the network back
+            if is_nft(d):  # the chain loses its rules (the network set's among them)
+                d.lab.server.run(["nft", "flush", "table", "inet", "webknock"])
+            elif d.site.settings["ipset"] == "yes":
+                d.lab.server.run(["ipset", "flush", "WEBKNOCK4"])
+            else:
+                d.lab.server.run(["iptables", "-F", "WEBKNOCK-GRANTS"])
+
+            def repaired() -> bool:
+                return (
+                    opened(d) == {"192.0.2.0/28 tcp/22", f"{INSIDE4} tcp/22"}
+                    and status(d)[0] == 0
+                    and a.tcp_open(SERVER4, CLIENT4, 22, timeout=0.3)
+                    and not a.tcp_open(SERVER4, OTHER4, 22, timeout=0.3)
+                )
+
+            assert wait_until(repaired, 15), "the running daemon did not repair it"
+
+            out = d.ctl("revoke", "--client", "alice").stdout
+            assert out == "revoked 192.0.2.0/28:tcp/22\n"
+            assert not a.tcp_open(SERVER4, CLIENT4, 22), "the network closed"
+            assert a.tcp_open(SERVER4, INSIDE4, 22), "bob's own grant stays"
+            knock_v2(d, alice, CLIENT4, ["tcp/22"], 600)
+            assert a.tcp_open(SERVER4, CLIENT4, 22)
+            assert d.ctl("revoke", CLIENT4).stdout == "revoked 192.0.2.0/28:tcp/22\n", (
+                "an address revokes the network grant that contains it"
+            )
+            assert not a.tcp_open(SERVER4, CLIENT4, 22) and a.tcp_open(SERVER4, INSIDE4, 22)
+            assert opened(d) == {f"{INSIDE4} tcp/22"}
+
+            # IPv6, UDP, and an expiry (by the kernel's timeout, or by the reaper)
+            reply = knock_v2(d, alice, CLIENT6, ["udp/51820"], 3)
+            assert reply["net"] == "2001:db8::10/124"
+            assert a.udp_open(SERVER6, INSIDE6, 51820), "another address of the network"
+            assert not a.udp_open(SERVER6, OTHER6, 51820), "an address outside it"
+            assert "2001:db8::10/124 udp/51820" in opened(d)
+            assert wait_until(lambda: not a.udp_open(SERVER6, INSIDE6, 51820, timeout=0.3), 8)
+            assert wait_until(lambda: opened(d) == {f"{INSIDE4} tcp/22"}, 5), opened(d)
+            assert wait_until(lambda: len(d.ctl("list", "--all", "--json").stdout) < 500, 5)
+            assert [g["ip"] for g in d.list_json()] == [INSIDE4]
+            assert status(d)[0] == 0
+        except BaseException:
+            print(d.diagnostics())
+            raise
+
+
+OLD_LAYOUT = """*filter
+:WEBKNOCK - [0:0]
+-I INPUT 1 -j WEBKNOCK
+-A WEBKNOCK -m set --match-set WEBKNOCK{family} src,dst -j ACCEPT
+COMMIT
+"""
+
+
+def test_an_ipset_of_the_layout_before_network_grants_is_replaced_keeping_its_grant(
+    d: Deployment,
+) -> None:
+    """The sets and chain as the version before network grants made them (hash:ip,port),
+    holding a live grant: webknockd's start replaces each set while connections go on."""
+    if is_nft(d):
+        pytest.skip("the nftables layout only gained sets: nothing to replace")
+    a, site, ns = d.agent, d.site, d.lab.server
+    d.ctl("grant", CLIENT4, "--port", "22", "--time", "600")
+    site.stop_daemon()
+    d.ctl("teardown")  # ours gone; the state file keeps the grant
+    for family, tool, addr in ((4, "iptables-restore", CLIENT4), (6, "ip6tables-restore", "")):
+        name = f"WEBKNOCK{family}"
+        inet = "inet" if family == 4 else "inet6"
+        ns.run(["ipset", "create", name, "hash:ip,port", "family", inet, "timeout", "0"])
+        if addr:
+            ns.run(["ipset", "add", name, f"{addr},tcp:22", "timeout", "500"])
+        ns.run([tool, "--noflush"], input=OLD_LAYOUT.format(family=family))
+    assert "Type: hash:ip,port" in ns.run(["ipset", "list", "-t", "WEBKNOCK4"]).stdout
+    assert a.tcp_open(SERVER4, CLIENT4, 22)
+
+    out = site.root / "probe.out"
+    drops = listen_drops(d)
+    probe = d.lab.client.popen([str(site.python), "-c", PROBE, "4", CLIENT4, SERVER4], log=out)
+    try:
+        time.sleep(0.5)
+        site.start_daemon(ns)
+    finally:
+        probe.wait(15)
+    ok, refused = map(int, out.read_text().split())
+    gap = refused - (listen_drops(d) - drops)
+    assert ok > 20 and gap <= 0, f"{gap} of {ok + refused} connects refused while replacing"
+    for name in ("WEBKNOCK4", "WEBKNOCK6"):
+        assert "Type: hash:net,port" in ns.run(["ipset", "list", "-t", name]).stdout
+    assert set(ns.run(["ipset", "list", "-n"]).stdout.split()) == {"WEBKNOCK4", "WEBKNOCK6"}
+    ((key, left),) = held(d)
+    assert key == (CLIENT4, "tcp", 22) and 400 <= left <= 600
+    assert status(d)[0] == 0
+    alice = v2.SigningKey.generate()
+    d.ctl("client", "add", "alice", "--key", alice.public_text(), "--open-prefix", "28")
+    assert knock_v2(d, alice, CLIENT4, ["tcp/2222"], 60)["net"] == "192.0.2.0/28"
+    assert a.tcp_open(SERVER4, OTHER4, 22) is False and a.tcp_open(SERVER4, CLIENT4, 2222)

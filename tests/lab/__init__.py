@@ -523,12 +523,19 @@ def _wait_listening(
 
 
 class Nginx:
-    """nginx + fcgiwrap in the server namespace, configured from etc/nginx/webknock.conf."""
+    """nginx + fcgiwrap in the server namespace, configured from etc/nginx/webknock.conf.
+
+    Plain HTTP on port 80. `https` (or :meth:`enable_https` on a running one) also serves
+    the site on port 443 with a self-signed certificate for SERVER4 and SERVER6; the host
+    firewall (:func:`close_server_firewall`) lets only port 80 in, so a test opens 443."""
 
     name = "nginx"
+    HTTPS_PORT = 443
 
-    def __init__(self, ns: Netns, site: Site) -> None:
+    def __init__(self, ns: Netns, site: Site, *, https: bool = False) -> None:
         self.ns, self.site = ns, site
+        self.cert: Path | None = None  # the self-signed certificate (PEM) once HTTPS is on
+        self.spki: str | None = None  # base64 of SHA-256 over its public key (for pinning)
         self.dir = site.root / "nginx"
         self.dir.mkdir(mode=0o755)
         rundir = self.dir / "run"  # fcgiwrap runs as the web user and creates its socket here
@@ -542,26 +549,10 @@ class Nginx:
         )
         (self.dir / "webknock.conf").write_text(snippet)
         shutil.copy("/etc/nginx/fastcgi_params", self.dir)  # as in Debian's /etc/nginx
-        conf = self.dir / "nginx.conf"
-        conf.write_text(f"""user www-data;
-worker_processes 1;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {self.dir}/body;
-    fastcgi_temp_path {self.dir}/fastcgi;
-    proxy_temp_path {self.dir}/proxy;
-    scgi_temp_path {self.dir}/scgi;
-    uwsgi_temp_path {self.dir}/uwsgi;
-    server {{
-        listen {SERVER4}:80;
-        listen [{SERVER6}]:80;
-        include {self.dir}/webknock.conf;
-    }}
-}}
-""")
+        conf = self.conf = self.dir / "nginx.conf"
+        if https:
+            self._make_certificate()
+        self._write_conf()
         self.log = self.dir / "error.log"
         self.fcgi = ns.popen(
             [
@@ -585,6 +576,89 @@ http {{
             raise LabError("fcgiwrap did not create its socket")
         self.proc = ns.popen(["nginx", "-c", str(conf), "-g", "daemon off;"], log=self.log)
         _wait_listening(ns, 80, self.proc, "nginx", self.log)
+        if https:
+            _wait_listening(ns, self.HTTPS_PORT, self.proc, "nginx (https)", self.log)
+
+    def _write_conf(self) -> None:
+        tls = ""
+        if self.cert is not None:
+            tls = f"""    server {{
+        listen {SERVER4}:{self.HTTPS_PORT} ssl;
+        listen [{SERVER6}]:{self.HTTPS_PORT} ssl;
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.dir}/tls.key;
+        include {self.dir}/webknock.conf;
+    }}
+"""
+        self.conf.write_text(f"""user www-data;
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.dir}/body;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    proxy_temp_path {self.dir}/proxy;
+    scgi_temp_path {self.dir}/scgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    server {{
+        listen {SERVER4}:80;
+        listen [{SERVER6}]:80;
+        include {self.dir}/webknock.conf;
+    }}
+{tls}}}
+""")
+
+    def _make_certificate(self) -> None:
+        """A self-signed P-256 certificate for SERVER4 and SERVER6, valid for two days."""
+        import base64
+        import hashlib
+
+        key, cert = self.dir / "tls.key", self.dir / "tls.crt"
+        run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=webknock-lab",
+                "-addext",
+                f"subjectAltName=IP:{SERVER4},IP:{SERVER6}",
+            ]
+        )
+        os.chmod(key, 0o600)  # nginx's master (root) reads it
+        public = run(["openssl", "x509", "-in", str(cert), "-noout", "-pubkey"]).stdout
+        der = subprocess.run(
+            ["openssl", "pkey", "-pubin", "-outform", "DER"],
+            input=public.encode(),
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        self.spki = base64.b64encode(hashlib.sha256(der).digest()).decode()
+        self.cert = cert
+
+    def enable_https(self) -> Path:
+        """Also serve the site on port 443 (nginx reloads); return the certificate."""
+        if self.cert is None:
+            self._make_certificate()
+            self._write_conf()
+            self.ns.run(["nginx", "-c", str(self.conf), "-s", "reload"])
+            _wait_listening(self.ns, self.HTTPS_PORT, self.proc, "nginx (https)", self.log)
+        assert self.cert is not None
+        return self.cert
 
     def close(self) -> None:
         for proc in (self.proc, self.fcgi):

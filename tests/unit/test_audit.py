@@ -407,3 +407,22 @@ def test_parse_when_relative_units() -> None:
     assert parse_when("45s", 1000.0) == 955.0
     assert parse_when("2d", 1_000_000.0) == 1_000_000.0 - 2 * 86400
     assert parse_when("1700000000.5", 0) == 1_700_000_000.5
+
+
+@pytest.mark.parametrize(
+    ("ip", "found"),
+    [
+        ("198.51.100.7", True),  # an address inside the network grant
+        ("198.51.100.0/24", True),
+        ("198.51.0.0/16", True),
+        ("198.51.100.128/25", True),
+        ("198.51.101.7", False),
+        ("::/0", False),  # never across families
+    ],
+)
+def test_log_ip_matches_network_grants_that_overlap_it(ip: str, found: bool) -> None:
+    from webknock.audit import matches, parse_network
+
+    rec = {"time": 1.0, "event": "open", "ip": "198.51.100.0/24", "peer": "198.51.100.7"}
+    kw: dict[str, Any] = {"since": None, "until": None, "kinds": frozenset()}
+    assert matches(rec, network=parse_network(ip), **kw) is found

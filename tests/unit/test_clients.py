@@ -31,6 +31,7 @@ key = {ALICE.public_text("alice@laptop")}
 ports = tcp/22, udp/51820
 max_time = 600
 from = 192.0.2.0/24, 2001:db8::/32
+open_prefix = 24, 64
 expires = 2027-06-30
 enabled = yes
 """
@@ -69,6 +70,7 @@ def test_every_field() -> None:
         ),
         expires=datetime.date(2027, 6, 30),
         enabled=True,
+        open_prefix=(24, 64),
     )
     assert client.path == Path("/x/alice.conf") and client.kid == ALICE.kid
 
@@ -77,6 +79,8 @@ def test_the_defaults() -> None:
     client = parse_client("alice", f"key = {ALICE.public_text()}\n")
     assert (client.comment, client.ports, client.max_time, client.sources) == ("", None, None, ())
     assert (client.expires, client.enabled, client.path) == (None, True, None)
+    assert client.open_prefix is None
+    assert client.prefix_for(ipaddress.ip_address("198.51.100.1")) is None
     offered = frozenset({("tcp", 22), ("tcp", 2222), ("udp", 51820)})
     assert client.allowed(offered) == offered
     assert client.longest(3600) == 3600
@@ -142,7 +146,18 @@ def test_values_are_normalised() -> None:
         ("expires = 30.06.2027", "expires: '30.06.2027' is not a date"),
         ("expires = 2027-02-30", "expires: '2027-02-30' is not a date"),
         ("enabled = maybe", "enabled: must be yes or no"),
-        ("colour = blue", "expected one of key, ports, max_time, from, expires, enabled"),
+        (
+            "colour = blue",
+            "expected one of key, ports, max_time, from, open_prefix, expires, enabled",
+        ),
+        ("open_prefix = 15", "open_prefix: '15' is not an IPv4 prefix length from 16 to 32"),
+        ("open_prefix = 33", "open_prefix: '33' is not an IPv4 prefix length"),
+        ("open_prefix = 24, 31", "open_prefix: '31' is not an IPv6 prefix length from 32 to 128"),
+        ("open_prefix = 24, 129", "open_prefix: '129' is not an IPv6 prefix length"),
+        ("open_prefix = /24", "open_prefix: '/24' is not an IPv4 prefix length"),
+        ("open_prefix = 24, 64, 64", "open_prefix: must be an IPv4 prefix length, optionally"),
+        ("open_prefix =", "open_prefix: must be an IPv4 prefix length"),
+        ("open_prefix = 2\u0664", "open_prefix: '2\u0664' is not an IPv4 prefix length"),
         ("just some words", "expected one of"),
         ("ports tcp/22", "expected one of"),
         ("= tcp/22", "expected one of"),
@@ -230,7 +245,31 @@ def test_render_is_parse_clients_own_format() -> None:
     assert f"key = {ALICE.public_text('alice@laptop')}\n" in text
     assert "ports = tcp/22, udp/51820\n" in text
     assert "from = 192.0.2.0/24, 2001:db8::/32\n" in text
+    assert "open_prefix = 24, 64\n" in text
     assert "expires = 2027-06-30\n" in text and text.endswith("enabled = yes\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "lengths", "rendered", "v4", "v6"),
+    [
+        ("24, 64", (24, 64), "24, 64", 24, 64),
+        ("24 64", (24, 64), "24, 64", 24, 64),
+        ("24", (24, 128), "24", 24, None),  # IPv4 only
+        ("24, 128", (24, 128), "24", 24, None),
+        ("32, 64", (32, 64), "32, 64", None, 64),  # IPv6 only
+        ("32", (32, 128), "32", None, None),  # the address alone, said explicitly
+        ("16,32", (16, 32), "16, 32", 16, 32),
+    ],
+)
+def test_open_prefix(
+    value: str, lengths: tuple[int, int], rendered: str, v4: int | None, v6: int | None
+) -> None:
+    client = parse_client("alice", f"key = {ALICE.public_text()}\nopen_prefix = {value}\n")
+    assert client.open_prefix == lengths
+    assert f"open_prefix = {rendered}\n" in client.render()
+    assert parse_client("alice", client.render()) == client
+    assert client.prefix_for(ipaddress.ip_address("198.51.100.7")) == v4
+    assert client.prefix_for(ipaddress.ip_address("2001:db8::7")) == v6
 
 
 def test_problem_names_file_and_line() -> None:

@@ -143,3 +143,51 @@ def test_grant_and_revoke_print_only_what_they_did(
     out, err = capsys.readouterr()
     assert "granted 192.0.2.10 tcp/22 until" in out and "revoked 192.0.2.10:tcp/22" in out
     assert err == "", err
+
+
+def test_network_grants_are_listed_as_networks_and_revoked_by_address_or_network(
+    instance_config: Path, fw: MemoryFirewall, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client's open_prefix grant (made here through the engine, as webknockd would)."""
+    import ipaddress
+
+    from webknock.config import load
+    from webknock.grants import GrantRequest
+
+    engine = ctl._engine(load(instance_config))
+
+    def open_net(addr: str, prefixlen: int | None, rid: str) -> None:
+        ip = ipaddress.ip_address(addr)
+        request = GrantRequest(rid, ip, (("tcp", 22),), 60, client="alice", prefixlen=prefixlen)
+        assert engine.open([request], time.time())[rid].ok
+
+    open_net("198.51.100.7", 24, "1" * 32)
+    open_net("2001:db8::7", 64, "2" * 32)
+    code, out, _ = run(capsys, instance_config, "list", "--json")
+    assert [g["ip"] for g in json.loads(out)] == ["198.51.100.0/24", "2001:db8::/64"]
+    code, out, _ = run(capsys, instance_config, "list")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        "198.51.100.0/24",
+        "2001:db8::/64",
+    ]
+    code, out, _ = run(capsys, instance_config, "status", "--json")
+    assert json.loads(out)["grants"]["addresses"] == 2
+    code, out, _ = run(capsys, instance_config, "revoke", "198.51.100.200")
+    assert code == 0 and out == "revoked 198.51.100.0/24:tcp/22\n", "an address inside it"
+    code, out, _ = run(capsys, instance_config, "revoke", "2001:db8::/64", "--proto", "udp")
+    assert code == 1, "another protocol: nothing"
+    code, out, _ = run(capsys, instance_config, "revoke", "2001:db8::/64")
+    assert code == 0 and out == "revoked [2001:db8::/64]:tcp/22\n" and fw.held == {}
+    open_net("198.51.100.7", None, "3" * 32)
+    open_net("198.51.101.7", None, "4" * 32)
+    code, out, _ = run(capsys, instance_config, "revoke", "198.51.100.0/23")
+    assert code == 0 and out == "revoked 198.51.100.7:tcp/22\nrevoked 198.51.101.7:tcp/22\n"
+
+
+@pytest.mark.parametrize("bad", ["198.51.100.0/33", "2001:db8::/129", "x/24"])
+def test_bad_network_is_usage_error(
+    instance_config: Path, fw: MemoryFirewall, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--config", str(instance_config), "revoke", bad])
+    assert info.value.code == 2 and "not an address or a CIDR network" in capsys.readouterr().err

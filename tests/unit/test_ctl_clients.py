@@ -79,6 +79,8 @@ def add_alice(capsys: pytest.CaptureFixture[str], config: Path, key: str) -> str
         "600",
         "--from",
         "192.0.2.0/24, 2001:db8::/32",
+        "--open-prefix",
+        "24,64",
         "--expires",
         "2099-06-30",
     )
@@ -210,6 +212,10 @@ TOMORROW = (datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days
         (["bob", "--from", "192.0.2.0/33"], "--from"),
         (["bob", "--from", " "], "no network given"),
         (["bob", "--expires", "2020-01-01"], "past"),
+        (["bob", "--open-prefix", "8"], "--open-prefix: '8' is not an IPv4 prefix length"),
+        (["bob", "--open-prefix", "24,16"], "'16' is not an IPv6 prefix length from 32 to 128"),
+        (["bob", "--open-prefix", "/24"], "--open-prefix: '/24' is not"),
+        (["bob", "--open-prefix", "24,64,64"], "--open-prefix: must be"),
         (["bob", "--expires", "tomorrow"], "YYYY-MM-DD"),
     ],
 )
@@ -292,6 +298,7 @@ def test_list_json_shape(
         "ports": ["tcp/22", "udp/51820"],
         "max_time": 600,
         "from": ["192.0.2.0/24", "2001:db8::/32"],
+        "open_prefix": {"ipv4": 24, "ipv6": 64},
         "expires": "2099-06-30",
         "kid": "56475aa75463474c",
     }
@@ -302,23 +309,43 @@ def test_list_json_shape(
         "ports": ["tcp/22", "tcp/2222", "udp/51820"],
         "max_time": 3600,
         "from": [],
+        "open_prefix": {"ipv4": 32, "ipv6": 128},  # the address alone
         "expires": None,
         "kid": key_id(parse_public_key(OTHER)[0]).hex(),
     }
 
     code, out, _ = run(capsys, config, "list")
     header, row_a, row_b = out.splitlines()
-    assert header.split() == ["NAME", "ENABLED", "PORTS", "MAX_TIME", "FROM", "EXPIRES", "COMMENT"]
+    assert header.split() == [
+        "NAME",
+        "ENABLED",
+        "PORTS",
+        "MAX_TIME",
+        "FROM",
+        "OPEN_PREFIX",
+        "EXPIRES",
+        "COMMENT",
+    ]
     assert row_a.split() == [
         "alice",
         "yes",
         "tcp/22,udp/51820",
         "600",
         "192.0.2.0/24,2001:db8::/32",
+        "24,64",
         "2099-06-30",
         "alice@laptop",
     ]
-    assert row_b.split() == ["bob", "no", "tcp/22,tcp/2222,udp/51820", "3600", "any", "never", "-"]
+    assert row_b.split() == [
+        "bob",
+        "no",
+        "tcp/22,tcp/2222,udp/51820",
+        "3600",
+        "any",
+        "-",
+        "never",
+        "-",
+    ]
 
 
 def test_list_names_files_not_served(
@@ -352,6 +379,7 @@ def test_show(
         "ports": "tcp/22, udp/51820",
         "max_time": "600",
         "from": "192.0.2.0/24, 2001:db8::/32",
+        "opens": "its IPv4 /24, its IPv6 /64 (open_prefix = 24, 64)",
         "expires": "2099-06-30",
     }
     run(capsys, config, "disable", "alice")
@@ -366,6 +394,29 @@ def test_show_a_client_skipped_for_a_duplicate_key(
     code, out, _ = run(capsys, config, "show", "copy")
     assert code == 0 and "NOT SERVED: same key as alice" in out
     assert "(every port the instance offers)" in out and "(the instance's max_time)" in out
+    assert "opens:    the address alone\n" in out
+
+
+@pytest.mark.parametrize(
+    ("value", "line", "opens"),
+    [
+        ("24", "open_prefix = 24", "its IPv4 /24, the IPv6 address alone (open_prefix = 24)"),
+        ("32,64", "open_prefix = 32, 64", "the IPv4 address alone, its IPv6 /64"),
+        ("32,128", "open_prefix = 32", "the address alone"),
+    ],
+)
+def test_add_open_prefix_writes_its_line_and_show_says_what_a_knock_opens(
+    cfg: ServerConfig,
+    config: Path,
+    value: str,
+    line: str,
+    opens: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, config, "add", "bob", "--key", OTHER, "--open-prefix", value)
+    assert code == 0, err
+    assert f"\n{line}\nenabled = yes\n" in (cfg.clients_dir / "bob.conf").read_text()
+    assert f"opens:    {opens}" in run(capsys, config, "show", "bob")[1]
 
 
 @pytest.mark.parametrize("command", ["show", "enable", "disable", "remove"])

@@ -12,7 +12,7 @@ from tests.fakes import MemoryFirewall
 from webknock.addresses import Address
 from webknock.engine import GrantEngine, Limits
 from webknock.events import Event, EventBus
-from webknock.grants import GrantKey, GrantRequest
+from webknock.grants import Entry, GrantKey, GrantRequest
 from webknock.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
@@ -383,3 +383,140 @@ def test_in_one_batch_the_longer_request_names_the_client(
     )
     assert out["1" * 32].ok and out["2" * 32].ok
     assert [g.client for g in engine.store.read().all()] == ["bob"]
+
+
+# -- network grants (a v2 client's open_prefix) ------------------------------------------
+
+NET4 = GrantKey(ipaddress.ip_address("198.51.100.0"), "tcp", 22, 24)
+
+
+def net_req(
+    addr: str, prefixlen: int | None = 24, rid: str = "n" * 32, time: int = 60
+) -> GrantRequest:
+    return GrantRequest(rid, ip(addr), (("tcp", 22),), time, "knock", "alice", prefixlen=prefixlen)
+
+
+def test_a_network_grant_opens_the_network_and_says_who_knocked(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    out = engine.open([net_req("198.51.100.7")], NOW)
+    assert out["n" * 32].ok and out["n" * 32].expires == int(NOW + 60)
+    assert set(fw.held) == {NET4}
+    ((grant),) = engine.store.read().live(NOW)
+    assert grant.key == NET4 and grant.client == "alice"
+    (event,) = events
+    assert (event.kind, event.ip, event.extra) == (
+        "open",
+        "198.51.100.0/24",
+        {"peer": "198.51.100.7"},
+    )
+    assert event.describe().startswith(
+        "open 198.51.100.0/24 tcp/22 (client alice, from 198.51.100.7)"
+    )
+
+
+def test_another_address_of_the_network_renews_the_same_grant(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    engine.open([net_req("198.51.100.7")], NOW)
+    out = engine.open([net_req("198.51.100.200", rid="m" * 32, time=600)], NOW + 5)
+    assert out["m" * 32].expires == int(NOW + 605)
+    assert fw.batches[-1][1] == [Entry(NET4, NOW + 605)] and set(fw.held) == {NET4}
+    assert [(e.kind, e.extra.get("peer")) for e in events] == [
+        ("open", "198.51.100.7"),
+        ("renew", "198.51.100.200"),
+    ]
+
+
+def test_an_address_grant_and_a_network_grant_around_it_are_two_grants(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    engine.open([net_req("198.51.100.7"), net_req("198.51.100.7", None, rid="h" * 32)], NOW)
+    assert set(fw.held) == {NET4, GrantKey(ip("198.51.100.7"), "tcp", 22)}
+    assert sorted((e.ip, e.extra.get("peer")) for e in events) == [
+        ("198.51.100.0/24", "198.51.100.7"),
+        ("198.51.100.7", None),  # the address alone: who knocked is the address itself
+    ]
+
+
+def test_a_network_grant_counts_once_under_its_network(tmp_path: Path) -> None:
+    engine, fw, _ = engine_with(tmp_path, Limits(total=100, per_prefix=1))
+    out = engine.open([net_req("198.51.100.7"), net_req("198.51.100.8", rid="m" * 32)], NOW)
+    assert out["n" * 32].ok and out["m" * 32].ok, "the same network grant: counted once"
+    out = engine.open([net_req("198.51.100.7", None, rid="h" * 32)], NOW)
+    assert out["h" * 32].ok, "the address alone is counted under 198.51.100.7/32"
+    out = engine.open([net_req("198.51.100.9", 25, rid="w" * 32)], NOW)
+    assert out["w" * 32].ok, "198.51.100.0/25 is a prefix of its own"
+    v6 = [net_req(f"2001:db8::{i}", 64, rid=f"{i:032x}") for i in (1, 2)]
+    v6.append(net_req("2001:db8::3", None, rid="3" * 32))  # counted under the same /64
+    out = engine.open(v6, NOW)
+    assert [out[r.id].ok for r in v6] == [True, True, False]
+    assert out["3" * 32].error == "2001:db8::/64 holds its limit of 1 grants"
+    assert len(fw.held) == 4
+
+
+def test_revoke_an_address_closes_the_network_grants_containing_it(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    inner = GrantKey(ip("198.51.100.7"), "tcp", 22)
+    other = GrantKey(ip("203.0.113.0"), "tcp", 22, 24)
+    engine.open(
+        [
+            net_req("198.51.100.7"),
+            net_req("198.51.100.7", None, rid="h" * 32),
+            net_req("203.0.113.5", rid="o" * 32),
+        ],
+        NOW,
+    )
+    assert engine.revoke(ip("198.51.100.9"), "udp", None, NOW) == [], "another protocol"
+    gone = engine.revoke(ip("198.51.100.9"), None, None, NOW)
+    assert [g.key for g in gone] == [NET4], "the network contains it; the other address stays"
+    assert set(fw.held) == {inner, other}
+    assert (events[-1].kind, events[-1].ip) == ("revoke", "198.51.100.0/24")
+    engine.open([net_req("198.51.100.7")], NOW)
+    gone = engine.revoke(ip("198.51.100.7"), None, None, NOW)
+    assert {g.key for g in gone} == {NET4, inner}
+    assert set(fw.held) == {other}
+
+
+def test_revoke_a_network_closes_every_grant_overlapping_it(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, _ = setup
+    engine.open(
+        [
+            net_req("198.51.100.7"),
+            net_req("198.51.100.7", None, rid="h" * 32),
+            net_req("198.51.101.7", None, rid="x" * 32),
+            net_req("2001:db8::7", 64, rid="6" * 32),
+        ],
+        NOW,
+    )
+    net = ipaddress.ip_network("198.51.100.0/24")
+    gone = engine.revoke(net, None, None, NOW)
+    assert sorted(g.key.ip_text for g in gone) == ["198.51.100.0/24", "198.51.100.7"]
+    gone = engine.revoke(ipaddress.ip_network("198.51.101.0/28"), None, None, NOW)
+    assert [g.key.ip_text for g in gone] == ["198.51.101.7"]
+    gone = engine.revoke(ipaddress.ip_network("2001:db8::4/126"), None, None, NOW)
+    assert [g.key.ip_text for g in gone] == ["2001:db8::/64"], "inside the network grant"
+    assert fw.held == {}
+
+
+def test_revoke_client_reap_reconcile_and_drift_handle_network_grants(
+    setup: tuple[GrantEngine, MemoryFirewall, list[Event]],
+) -> None:
+    engine, fw, events = setup
+    engine.open([net_req("198.51.100.7", time=10), net_req("2001:db8::7", 64, rid="6" * 32)], NOW)
+    fw.held.clear()
+    drift = engine.drift(NOW)
+    assert [str(k) for k in drift.missing] == ["198.51.100.0/24:tcp/22", "[2001:db8::/64]:tcp/22"]
+    assert engine.check(NOW) is not None
+    assert engine.reconcile(NOW) == 2 and engine.drift(NOW).clean
+    assert [g.key for g in engine.reap(NOW + 10)] == [NET4]
+    assert [(e.kind, e.ip) for e in events[-1:]] == [("expire", "198.51.100.0/24")]
+    assert [g.key.ip_text for g in engine.revoke_client("alice", NOW)] == ["2001:db8::/64"]
+    assert fw.held == {} and engine.check(NOW) is None

@@ -15,6 +15,9 @@ from webknock.grants import Entry, GrantKey
 V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)
 V6 = GrantKey(ipaddress.ip_address("2001:db8::10"), "tcp", 22)
+NET4 = GrantKey(ipaddress.ip_address("198.51.100.0"), "tcp", 22, 24)
+NET6 = GrantKey(ipaddress.ip_address("2001:db8:5::"), "udp", 51820, 64)
+INNER4 = GrantKey(ipaddress.ip_address("198.51.100.7"), "tcp", 22)
 NOW = 1_800_000_000.0
 
 EMPTY_SAVE = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
@@ -151,6 +154,54 @@ def test_instance_chain_names() -> None:
     runner = RecordingRunner()
     fw(runner, chain="WK-office").apply([Entry(V4, NOW + 1)], now=NOW)
     assert "-A WK-office-GRANTS -s 192.0.2.10/32" in runner.calls[0][1]  # type: ignore[operator]
+
+
+def test_network_grants_are_rules_of_their_network_beside_addresses_inside() -> None:
+    runner = RecordingRunner()
+    fw(runner).apply([Entry(NET4, NOW + 60), Entry(INNER4, NOW + 60)], [], [NET6], now=NOW)
+    assert runner.stdin_of("iptables-restore") == [
+        "*filter\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.0/24 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.7/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "COMMIT\n"
+    ]
+    assert runner.stdin_of("ip6tables-restore") == [
+        "*filter\n"
+        "-D WEBKNOCK-GRANTS -s 2001:db8:5::/64 -p udp -m udp --dport 51820 -j ACCEPT\n"
+        "COMMIT\n"
+    ]
+
+
+def test_listed_reads_network_grants_back() -> None:
+    saved = (
+        "*filter\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.0/24 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.7/32 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    )
+    saved6 = (
+        "*filter\n"
+        "-A WEBKNOCK-GRANTS -s 2001:db8:5::/64 -p udp -m udp --dport 51820 -j ACCEPT\nCOMMIT\n"
+    )
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": saved6})
+    assert fw(runner).listed() == [NET4, INNER4, NET6]
+    held, _ = fw(runner).census()
+    assert held == {4: 2, 6: 1}, "a network grant is one grant"
+
+
+def test_sync_refills_network_grants() -> None:
+    runner = RecordingRunner({"iptables-save": EMPTY_SAVE, "ip6tables-save": EMPTY_SAVE})
+    fw(runner).sync([Entry(INNER4, NOW + 5), Entry(NET4, NOW + 5), Entry(NET6, NOW + 5)], now=NOW)
+    assert runner.stdin_of("iptables-restore")[-1] == (
+        "*filter\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.0/24 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A WEBKNOCK-GRANTS -s 198.51.100.7/32 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "COMMIT\n"
+    )
+    assert runner.stdin_of("ip6tables-restore")[-1] == (
+        "*filter\n:WEBKNOCK-GRANTS - [0:0]\n"
+        "-A WEBKNOCK-GRANTS -s 2001:db8:5::/64 -p udp -m udp --dport 51820 -j ACCEPT\n"
+        "COMMIT\n"
+    )
 
 
 @pytest.mark.parametrize("token", ["a b", "x;y", "$(id)", "", "a\nb"])

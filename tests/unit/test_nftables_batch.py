@@ -1,4 +1,5 @@
-"""nftables backend: the exact JSON transactions it hands libnftables (or ``nft -j -f -``)."""
+"""nftables backend: the exact JSON transactions it hands libnftables (or ``nft -j -f -``),
+network grants in sets of their own prefix length included."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 V4B = GrantKey(ipaddress.ip_address("192.0.2.11"), "tcp", 22)
 V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)
 V6 = GrantKey(ipaddress.ip_address("2001:db8::10"), "tcp", 22)
+NET4 = GrantKey(ipaddress.ip_address("198.51.100.0"), "tcp", 22, 24)
+NET4B = GrantKey(ipaddress.ip_address("203.0.113.0"), "tcp", 22, 24)
+NET6 = GrantKey(ipaddress.ip_address("2001:db8:5::"), "udp", 51820, 64)
 NOW = 1_800_000_000.0
 T = {"family": "inet", "table": "webknock"}
+LIST_CHAIN = [{"list": {"chain": {**T, "name": "input"}}}]  # apply: the rules, to know the sets
+LIST_TABLE = [{"list": {"table": {"family": "inet", "name": "webknock"}}}]  # ensure, sync
 
 
 class FakeLib:
@@ -46,16 +52,19 @@ def fw(lib: FakeLib, **kw: Any) -> NftablesFirewall:
     return NftablesFirewall(dataclasses.replace(SETTINGS, **kw), RecordingRunner(), lib=lib)
 
 
-def grant_rule(proto: str, family: int) -> dict[str, Any]:
+def grant_rule(proto: str, family: int, length: int | None = None) -> dict[str, Any]:
     ip = "ip" if family == 4 else "ip6"
-    left = {
-        "concat": [
-            {"payload": {"protocol": ip, "field": "saddr"}},
-            {"payload": {"protocol": proto, "field": "dport"}},
-        ]
-    }
-    expr = [{"match": {"op": "==", "left": left, "right": f"@{proto}{family}"}}, {"accept": None}]
+    saddr: dict[str, Any] = {"payload": {"protocol": ip, "field": "saddr"}}
+    name = f"{proto}{family}"
+    if length is not None:
+        saddr = {"&": [saddr, MASKS[family, length]]}
+        name += f"_{length}"
+    left = {"concat": [saddr, {"payload": {"protocol": proto, "field": "dport"}}]}
+    expr = [{"match": {"op": "==", "left": left, "right": f"@{name}"}}, {"accept": None}]
     return {"add": {"rule": {**T, "chain": "input", "expr": expr}}}
+
+
+MASKS = {(4, 24): "255.255.255.0", (6, 64): "ffff:ffff:ffff:ffff::", (4, 28): "255.255.255.240"}
 
 
 def protect_rules(proto: str, ports: list[int]) -> list[dict[str, Any]]:
@@ -75,20 +84,24 @@ def protect_rules(proto: str, ports: list[int]) -> list[dict[str, Any]]:
     ]
 
 
-def skeleton(protect: bool) -> list[dict[str, Any]]:
+def skeleton(protect: bool, nets: list[tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
+    """The table as ensure() makes it; `nets`: network sets (proto, family, length), in order."""
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": "webknock"}}}]
-    for name, addr in (
+    named = [
         ("tcp4", "ipv4_addr"),
         ("tcp6", "ipv6_addr"),
         ("udp4", "ipv4_addr"),
         ("udp6", "ipv6_addr"),
-    ):
+    ]
+    named += [(f"{p}{f}_{n}", "ipv4_addr" if f == 4 else "ipv6_addr") for p, f, n in nets or []]
+    for name, addr in named:
         spec = {**T, "name": name, "type": [addr, "inet_service"], "flags": ["timeout"]}
         cmds.append({"add": {"set": spec}})
     chain = {**T, "name": "input", "type": "filter", "hook": "input", "prio": -1}
     cmds.append({"add": {"chain": {**chain, "policy": "accept"}}})
     cmds.append({"flush": {"chain": {**T, "name": "input"}}})
     cmds += [grant_rule(p, f) for p in ("tcp", "udp") for f in (4, 6)]
+    cmds += [grant_rule(p, f, n) for p, f, n in nets or []]
     if protect:
         cmds += protect_rules("tcp", [22, 2222]) + protect_rules("udp", [51820])
     return cmds
@@ -162,7 +175,7 @@ def test_empty_batch_touches_nothing() -> None:
 def test_ensure_builds_table_sets_chain_and_rules(protect: bool) -> None:
     lib = FakeLib()
     fw(lib, protect=protect).ensure()
-    assert lib.batches == [skeleton(protect)]
+    assert lib.batches == [LIST_TABLE, skeleton(protect)], "no table yet: no network set"
 
 
 def test_sync_is_one_transaction_flushing_and_refilling_each_set() -> None:
@@ -177,7 +190,7 @@ def test_sync_is_one_transaction_flushing_and_refilling_each_set() -> None:
         {"flush": {"set": {**T, "name": "udp4"}}},
         {"flush": {"set": {**T, "name": "udp6"}}},
     ]
-    assert lib.batches == [[*skeleton(False), *refill]]
+    assert lib.batches == [LIST_TABLE, [*skeleton(False), *refill]]
 
 
 def test_teardown_deletes_only_our_table() -> None:
@@ -286,3 +299,157 @@ def test_auto_prefers_nftables_then_iptables_with_ipset(
     usable.update(nft=None, ipt=None, ipset=None)
     assert teardown_all(dataclasses.replace(cfg, ipset="no"), RecordingRunner()) == torn
     assert [t.split(" ")[0] for t in torn] == ["nftables", "iptables+ipset"]
+
+
+def table_listing(
+    nets: list[tuple[str, int, int]], elements: dict[str, list[Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Our table as nft lists it, with network sets `nets` and set elements by set name."""
+    items: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
+    items.append({"table": {"family": "inet", "name": "webknock", "handle": 1}})
+    for cmd in skeleton(False, nets):
+        kind, spec = next(iter(cmd.items()))
+        if kind == "add" and "set" in spec:
+            elem = (elements or {}).get(spec["set"]["name"])
+            items.append({"set": {**spec["set"], **({"elem": elem} if elem else {})}})
+        if kind == "add" and ("chain" in spec or "rule" in spec):
+            items.append(dict(spec))
+    return items
+
+
+def timed(key: dict[str, Any], seconds: int) -> dict[str, Any]:
+    return {"elem": {"val": key, "timeout": seconds}}
+
+
+def test_the_first_network_grant_of_its_length_brings_its_set_and_rule() -> None:
+    """One transaction: the set tcp4_24 and its rule (the chain rebuilt, protect rules last),
+    then the element: the network's address, matched by the masked source address."""
+    lib = FakeLib()  # no table yet
+    firewall = fw(lib)
+    firewall.apply([Entry(NET4, NOW + 60), Entry(V4, NOW + 60)], now=NOW)
+    k4, n4 = {"concat": ["192.0.2.10", 22]}, {"concat": ["198.51.100.0", 22]}
+    assert lib.batches == [
+        LIST_CHAIN,
+        [
+            *skeleton(False, [("tcp", 4, 24)]),
+            elems("add", "tcp4", [timed(k4, 60)]),
+            elems("add", "tcp4_24", [timed(n4, 60)]),
+        ],
+    ]
+    lib.batches.clear()
+    firewall.apply([Entry(NET4B, NOW + 30)], [Entry(NET4, NOW + 90)], now=NOW)
+    m4 = {"concat": ["203.0.113.0", 22]}
+    assert lib.batches == [
+        [
+            elems("add", "tcp4_24", [n4]),
+            elems("delete", "tcp4_24", [n4]),
+            elems("add", "tcp4_24", [timed(n4, 90), timed(m4, 30)]),
+        ]
+    ], "the set is known now: no listing, no rebuild, a renewal as for an address"
+
+
+def test_a_network_set_another_process_made_keeps_its_rule() -> None:
+    """The chain is listed on a miss, so a rebuild never drops another process's set."""
+    lib = FakeLib(table_listing([("udp", 6, 64)]))
+    fw(lib, protect=True).apply([Entry(NET4, NOW + 60)], now=NOW)
+    assert lib.batches[0] == LIST_CHAIN
+    rebuilt = skeleton(True, [("tcp", 4, 24), ("udp", 6, 64)])
+    assert lib.batches[1] == [
+        *rebuilt,
+        elems("add", "tcp4_24", [timed({"concat": ["198.51.100.0", 22]}, 60)]),
+    ]
+
+
+def test_removing_a_network_grant_whose_set_is_gone_touches_nothing() -> None:
+    lib = FakeLib(table_listing([]))
+    fw(lib).apply([], [], [NET6], now=NOW)
+    assert lib.batches == [LIST_CHAIN], "no set udp6_64: its element is not there either"
+    lib = FakeLib(table_listing([("udp", 6, 64)]))
+    fw(lib).apply([], [], [NET6], now=NOW)
+    n6 = {"concat": ["2001:db8:5::", 51820]}
+    assert lib.batches[1] == [elems("add", "udp6_64", [n6]), elems("delete", "udp6_64", [n6])]
+
+
+def test_a_failed_batch_forgets_the_known_sets() -> None:
+    lib = FakeLib()
+    firewall = fw(lib)
+    firewall.apply([Entry(NET4, NOW + 60)], now=NOW)
+    lib.rc = 1
+    with pytest.raises(FirewallError):
+        firewall.apply([Entry(NET4, NOW + 60)], now=NOW)
+    lib.rc, lib.listing = 0, table_listing([])
+    lib.batches.clear()
+    firewall.apply([Entry(NET4, NOW + 60)], now=NOW)
+    assert lib.batches[0] == LIST_CHAIN and lib.batches[1][0] == skeleton(False)[0]
+
+
+def test_ensure_keeps_the_network_sets_and_their_rules() -> None:
+    lib = FakeLib(table_listing([("tcp", 4, 24), ("udp", 6, 64)]))
+    fw(lib, protect=True).ensure()
+    assert lib.batches == [LIST_TABLE, skeleton(True, [("tcp", 4, 24), ("udp", 6, 64)])]
+
+
+def test_sync_makes_the_network_sets_it_needs_and_drops_the_others() -> None:
+    lib = FakeLib(table_listing([("tcp", 4, 28), ("udp", 6, 64)]))
+    fw(lib).sync([Entry(NET4, NOW + 20), Entry(NET6, NOW + 10), Entry(V4, NOW + 5)], now=NOW)
+    n4, n6 = {"concat": ["198.51.100.0", 22]}, {"concat": ["2001:db8:5::", 51820]}
+    assert lib.batches == [
+        LIST_TABLE,
+        [
+            *skeleton(False, [("tcp", 4, 24), ("udp", 6, 64)]),
+            {"flush": {"set": {**T, "name": "tcp4"}}},
+            elems("add", "tcp4", [timed({"concat": ["192.0.2.10", 22]}, 5)]),
+            {"flush": {"set": {**T, "name": "tcp6"}}},
+            {"flush": {"set": {**T, "name": "udp4"}}},
+            {"flush": {"set": {**T, "name": "udp6"}}},
+            {"flush": {"set": {**T, "name": "tcp4_24"}}},
+            elems("add", "tcp4_24", [timed(n4, 20)]),
+            {"flush": {"set": {**T, "name": "udp6_64"}}},
+            elems("add", "udp6_64", [timed(n6, 10)]),
+            {"delete": {"set": {**T, "name": "tcp4_28"}}},  # after its rule went
+        ],
+    ]
+
+
+def test_listed_and_census_read_network_sets() -> None:
+    nets = [("tcp", 4, 24), ("udp", 6, 64)]
+    elements: dict[str, list[Any]] = {
+        "tcp4": [{"concat": ["198.51.100.7", 22]}],
+        "tcp4_24": [{"elem": {"val": {"concat": ["198.51.100.0", 22]}, "timeout": 9}}],
+        "udp6_64": [{"concat": ["2001:db8:5::", 51820]}, {"concat": ["2001:db8:5::1", 51820]}],
+    }
+    lib = FakeLib(table_listing(nets, elements))
+    inner = GrantKey(ipaddress.ip_address("198.51.100.7"), "tcp", 22)
+    assert fw(lib).listed() == [inner, NET4, NET6], "an element with host bits set is not ours"
+    assert fw(lib).census() == ({4: 2, 6: 2}, [])
+    broken = table_listing(nets, elements)
+    broken.remove({"rule": grant_rule("tcp", 4, 24)["add"]["rule"]})
+    broken.append({"rule": grant_rule("tcp", 4)["add"]["rule"]})  # the count alone is right
+    _, problems = fw(FakeLib(broken)).census()
+    assert problems == ["chain webknock input does not hold its 6 rule(s)"]
+
+
+def test_set_names() -> None:
+    from webknock.firewall.nftables import mask, parse_set_name, set_name
+
+    assert set_name("tcp", 4) == "tcp4" and set_name("udp", 6, 64) == "udp6_64"
+    assert parse_set_name("udp6_64") == ("udp", 6, 64)
+    assert parse_set_name("tcp4") == ("tcp", 4, None)
+    for other in ("tcp4_32", "tcp4_0", "udp6_128", "tcp4_024", "icmp4_8", "tcp4_", "x"):
+        assert parse_set_name(other) is None, other
+    assert {k: mask(*k) for k in MASKS} == MASKS
+    assert mask(6, 124) == "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fff0"
+
+
+def test_a_network_set_left_without_its_rule_is_repaired_not_looped_on() -> None:
+    """Someone flushed our chain: census names the set's missing rule, ensure gives it back,
+    and a sync that needs no such set deletes it."""
+    orphaned = [i for i in table_listing([("tcp", 4, 24)]) if "rule" not in i]
+    _, problems = fw(FakeLib(orphaned)).census()
+    assert problems == ["chain webknock input does not hold its 5 rule(s)"]
+    lib = FakeLib(orphaned)
+    fw(lib).ensure()
+    assert lib.batches == [LIST_TABLE, skeleton(False, [("tcp", 4, 24)])]
+    lib = FakeLib(orphaned)
+    fw(lib).sync([], now=NOW)
+    assert lib.batches[1][-1] == {"delete": {"set": {**T, "name": "tcp4_24"}}}

@@ -650,3 +650,23 @@ def test_mail_names_the_enrolled_client(tmp_path: Path, smtp: tuple[Inbox, int])
     (msg,) = inbox.messages
     assert "(client alice)" in msg["Subject"]
     assert "enrolled client: alice" in msg.get_content()
+
+
+def test_mail_of_a_network_grant_names_the_network_and_who_knocked(tmp_path: Path) -> None:
+    from webknock.notify.mail import compose
+
+    events: list[Event] = []
+    engine = engine_with(tmp_path, events.append)
+    request = GrantRequest(
+        "n" * 32,
+        ipaddress.ip_address("198.51.100.7"),
+        (("tcp", 22),),
+        60,
+        client="alice",
+        prefixlen=24,
+    )
+    engine.open([request], NOW)
+    msg = compose(settings(tmp_path), events)
+    assert msg["Subject"] == "webknock lab: 198.51.100.0/24 (client alice) opened tcp/22"
+    body = msg.get_content()
+    assert "knocked from: 198.51.100.7 (the network 198.51.100.0/24 is open)" in body

@@ -402,3 +402,59 @@ def test_the_client_of_a_grant_round_trips(tmp_path: Path) -> None:
         (A, None),
         (B, None),
     }
+
+
+NET4 = GrantKey(ipaddress.ip_address("198.51.100.0"), "tcp", 22, 24)
+NET6 = GrantKey(ipaddress.ip_address("2001:db8:5::"), "udp", 51820, 48)
+INNER4 = GrantKey(ipaddress.ip_address("198.51.100.7"), "tcp", 22)
+
+
+def test_a_network_grant_round_trips_beside_an_address_inside_it(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    with store.transaction() as tx:
+        tx.upsert([Grant(NET4, 1.0, 1.0, 100.0, 0, "alice"), Grant(INNER4, 1.0, 1.0, 90.0)])
+        tx.upsert([Grant(NET6, 1.0, 1.0, 80.0, 0, "bob")])
+    assert net_of(store) == {
+        "198.51.100.0/24": "198.51.100.0/24",  # counted as one grant of its own network
+        "198.51.100.7": "198.51.100.7/32",
+        "2001:db8:5::/48": "2001:db8:5::/48",  # wider than the /64 of addresses
+    }
+    store.close()
+    store = StateStore(tmp_path / "s.db")
+    assert [(g.key, g.client) for g in store.read().all()] == [
+        (NET6, "bob"),
+        (INNER4, None),
+        (NET4, "alice"),
+    ]
+    with store.transaction() as tx:
+        assert set(tx.get([NET4, INNER4, NET6])) == {NET4, INNER4, NET6}
+        assert tx.counts(50.0) == {4: (2, 2), 6: (1, 1)}
+        assert tx.live_in_prefix("198.51.100.0/24", 50.0) == 1
+        tx.upsert([Grant(NET4, 1.0, 2.0, 200.0, 1, "alice")])  # a renewal: the same row
+        tx.delete([INNER4, NET6])
+    assert store.read().all() == [Grant(NET4, 1.0, 2.0, 200.0, 1, "alice")]
+
+
+def test_a_network_longer_than_the_counted_prefix_counts_under_that_prefix(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "s.db")
+    narrow = GrantKey(ipaddress.ip_address("2001:db8::10:0"), "tcp", 22, 112)
+    with store.transaction() as tx:
+        tx.upsert([Grant(narrow, 1.0, 1.0, 100.0)])
+    assert net_of(store) == {"2001:db8::10:0/112": "2001:db8::/64"}
+
+
+def test_an_old_state_file_takes_network_grants_after_its_migration(tmp_path: Path) -> None:
+    """The ip column was text from the start: a network is a new value, not a new column."""
+    path = tmp_path / "s.db"
+    old_state_file(path, [("198.51.100.7", "tcp", 22, 1.0, 1.0, 100.0, 0)])
+    store = StateStore(path)
+    with store.transaction() as tx:
+        tx.upsert([Grant(NET4, 5.0, 5.0, 150.0, 0, "alice")])
+    store.close()
+    assert [(g.key, g.client) for g in StateStore(path).read().all()] == [
+        (INNER4, None),
+        (NET4, "alice"),
+    ]
+    assert net_of(StateStore(path))["198.51.100.0/24"] == "198.51.100.0/24"

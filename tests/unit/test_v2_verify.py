@@ -19,6 +19,7 @@ from tests.cgi_side import frame, openports_packet, reply, submit
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
 from webknock import ctl
+from webknock.addresses import parse_address
 from webknock.config import ServerConfig, load
 from webknock.daemon import Daemon
 from webknock.events import Event
@@ -140,11 +141,11 @@ class Instance:
         return self.knock_packet(v2.encode_request(key, self.server.kid, body), remote)
 
     def held(self) -> dict[tuple[str, str, int], float]:
-        return {(str(k.ip), k.proto, k.port): e for k, e in self.fw.held.items()}
+        return {(k.ip_text, k.proto, k.port): e for k, e in self.fw.held.items()}
 
     def grants(self) -> dict[tuple[str, str, int], str | None]:
         return {
-            (str(g.key.ip), g.key.proto, g.key.port): g.client
+            (g.key.ip_text, g.key.proto, g.key.port): g.client
             for g in self.daemon.engine.store.read().all()
         }
 
@@ -695,6 +696,82 @@ def test_revoke_client_closes_only_that_clients_grants(inst: Instance) -> None:
     assert len(revoked) == 4 and {e.client for e in revoked} == {"alice"}
     assert inst.daemon.engine.revoke_client("alice", NOW) == []
     assert inst.daemon.engine.revoke_client("nobody", NOW) == []
+
+
+# -- open_prefix: the client's network instead of its address ------------------------------
+
+
+def test_a_client_with_open_prefix_gets_its_network_one_without_its_address(
+    inst: Instance,
+) -> None:
+    inst.enrol("alice", ALICE, ports="tcp/22", open_prefix="24, 64")
+    inst.enrol("bob", BOB, ports="tcp/22")
+    r = inst.knock(ALICE, remote=OFFICE, time=60)
+    assert r.body == {
+        "success": True,
+        "client": "alice",
+        "ip": OFFICE,  # the address it knocked from, as ever
+        "net": "198.51.100.0/24",  # and what was opened for it
+        "ports": ["tcp/22"],
+        "expires": int(NOW) + 60,
+        "time": int(NOW),
+    }
+    assert inst.knock(ALICE, remote="2001:db8::10", time=60).body["net"] == "2001:db8::/64"
+    r = inst.knock(BOB, remote="198.51.100.9", time=60)
+    assert r.body["ip"] == "198.51.100.9" and "net" not in r.body
+    assert inst.grants() == {
+        ("198.51.100.0/24", "tcp", 22): "alice",
+        ("2001:db8::/64", "tcp", 22): "alice",
+        ("198.51.100.9", "tcp", 22): "bob",  # inside alice's network: a grant of its own
+    }
+    assert set(inst.held()) == set(inst.grants())
+    opened = [(e.ip, e.extra.get("peer")) for e in inst.events if e.kind == "open"]
+    assert opened == [
+        ("198.51.100.0/24", OFFICE),
+        ("2001:db8::/64", "2001:db8::10"),
+        ("198.51.100.9", None),
+    ]
+
+
+def test_another_address_of_the_network_renews_the_network_grant(inst: Instance) -> None:
+    inst.enrol("alice", ALICE, ports="tcp/22", open_prefix="24")
+    inst.knock(remote=OFFICE, time=60)
+    inst.now += 10
+    r = inst.knock(remote="198.51.100.200", time=600)
+    assert r.body["net"] == "198.51.100.0/24" and r.body["expires"] == int(NOW) + 610
+    assert inst.held() == {("198.51.100.0/24", "tcp", 22): NOW + 610}
+    assert [(e.kind, e.extra.get("peer")) for e in inst.events] == [
+        ("open", OFFICE),
+        ("renew", "198.51.100.200"),
+    ]
+    r = inst.knock(remote="2001:db8::10", time=60)  # `24`: IPv6 opens the address alone
+    assert r.body["ip"] == "2001:db8::10" and "net" not in r.body
+    assert ("2001:db8::10", "tcp", 22) in inst.held()
+
+
+def test_open_prefix_keeps_the_address_check(inst: Instance) -> None:
+    """The packet's ip must still be the very address it came from, not one of its network."""
+    inst.enrol("alice", ALICE, ports="tcp/22", open_prefix="24, 64")
+    assert inst.knock(remote=OFFICE, ip="198.51.100.8").code == "ip_mismatch"
+    assert inst.knock(remote=OFFICE, ip="198.51.100.0/24").code == "bad_request"
+    assert inst.fw.held == {}
+    assert inst.knock(api="getinfo", remote=OFFICE).body["ip"] == OFFICE
+
+
+def test_a_network_grant_is_listed_revoked_and_closed_with_its_client(
+    inst: Instance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst.enrol("alice", ALICE, ports="tcp/22", open_prefix="24")
+    inst.knock(remote=OFFICE, time=60)
+    ctl.cmd_list(inst.cfg, argparse.Namespace(all=True, json=True))
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert (printed["ip"], printed["port"], printed["client"]) == ("198.51.100.0/24", 22, "alice")
+    gone = inst.daemon.engine.revoke_client("alice", NOW)
+    assert [str(g.key) for g in gone] == ["198.51.100.0/24:tcp/22"] and inst.fw.held == {}
+    inst.knock(remote=OFFICE, time=60)
+    gone = inst.daemon.engine.revoke(parse_address("198.51.100.77"), None, None, NOW)
+    assert [str(g.key) for g in gone] == ["198.51.100.0/24:tcp/22"], "an address inside it"
+    assert inst.fw.held == {} and inst.grants() == {}
 
 
 # -- v1 beside v2 --------------------------------------------------------------------------

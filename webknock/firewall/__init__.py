@@ -20,6 +20,7 @@ __all__ = [
     "Firewall",
     "FirewallError",
     "FirewallSettings",
+    "build_backend",
     "make_firewall",
     "settings_of",
     "teardown_all",
@@ -52,6 +53,28 @@ def backend_classes() -> dict[str, type[Firewall]]:
     return registry
 
 
+def build_backend(
+    cls: type[Firewall], settings: FirewallSettings, runner: Runner = run_command
+) -> Firewall:
+    """The backend object for `settings`. iptables has two variants, chosen here by the
+    registry so that neither module imports the other: ``ipset = yes`` the ipset variant
+    (or an error), ``auto`` ipset when the ipset tool works, else the linear chain, ``no``
+    the linear chain."""
+    from webknock.firewall.iptables import IptablesFirewall
+
+    if cls is not IptablesFirewall or settings.ipset == "no":
+        return cls.build(settings, runner)
+    from webknock.firewall.ipset import IpsetFirewall
+
+    why = IpsetFirewall.unusable(runner)
+    if why is None:
+        return IpsetFirewall(settings, runner)
+    if settings.ipset == "yes":
+        raise FirewallError(f"ipset = yes but ipset is unusable: {why}")
+    log.info("ipset unusable (%s): using the linear iptables chain", why)
+    return cls.build(settings, runner)
+
+
 def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
     """Build the configured backend; ``auto`` probes and logs its choice once."""
     registry = backend_classes()
@@ -63,12 +86,12 @@ def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
         why = cls.unusable(runner)
         if why:
             raise FirewallError(f"backend {cfg.backend} unusable: {why}")
-        return cls.build(settings, runner)
+        return build_backend(cls, settings, runner)
     reasons = []
     for name, cls in registry.items():
         why = cls.unusable(runner)
         if why is None:
-            fw = cls.build(settings, runner)
+            fw = build_backend(cls, settings, runner)
             log.info("backend auto: chose %s", fw.describe())
             return fw
         reasons.append(f"{name}: {why}")
@@ -85,7 +108,7 @@ def teardown_all(cfg: ServerConfig, runner: Runner = run_command) -> list[str]:
         if cls.unusable(runner) is not None:
             continue
         wide = replace(settings, ipset="auto")  # the ipset variant also removes the linear chain
-        fw = cls.build(wide, runner)
+        fw = build_backend(cls, wide, runner)
         try:
             fw.teardown()
         except FirewallError as exc:

@@ -6,7 +6,9 @@ Layout per family, in table ``filter``::
     INPUT            -j WEBKNOCK                 (exactly once, at the top)
     WEBKNOCK         -j WEBKNOCK-GRANTS
                      [protect] offered ports: ESTABLISHED,RELATED accept, then DROP
-    WEBKNOCK-GRANTS  -s ADDR -p PROTO -m PROTO --dport PORT -j ACCEPT   (one per grant)
+    WEBKNOCK-GRANTS  -s ADDR/LEN -p PROTO -m PROTO --dport PORT -j ACCEPT   (one per grant)
+
+LEN is 32 (128) for an address alone, shorter for a client's ``open_prefix`` network.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import shutil
 from collections.abc import Iterable, Sequence
 
-from webknock.firewall.base import Firewall, FirewallError, FirewallSettings, Runner, run_command
+from webknock.firewall.base import Firewall, FirewallError, Runner, run_command
 from webknock.grants import Entry, GrantKey
 
 log = logging.getLogger(__name__)
@@ -58,22 +60,6 @@ class IptablesFirewall(Firewall):
                 return f"{tool} not found (apt-get install iptables)"
         return None
 
-    @classmethod
-    def build(cls, settings: FirewallSettings, runner: Runner = run_command) -> Firewall:
-        """``ipset = yes``: the ipset variant (or an error); ``auto``: ipset when the ipset
-        tool works, else this linear chain; ``no``: the linear chain."""
-        if cls is not IptablesFirewall or settings.ipset == "no":
-            return cls(settings, runner)
-        from webknock.firewall.ipset import IpsetFirewall
-
-        why = IpsetFirewall.unusable(runner)
-        if why is None:
-            return IpsetFirewall(settings, runner)
-        if settings.ipset == "yes":
-            raise FirewallError(f"ipset = yes but ipset is unusable: {why}")
-        log.info("ipset unusable (%s): using the linear iptables chain", why)
-        return cls(settings, runner)
-
     @property
     def chain(self) -> str:
         return self.settings.chain
@@ -86,10 +72,9 @@ class IptablesFirewall(Firewall):
 
     def grant_rule(self, key: GrantKey) -> Rule:
         """The ACCEPT rule of one grant, exactly as iptables-save prints it back."""
-        prefix = 32 if key.ip.version == 4 else 128
         return (
             "-s",
-            f"{key.ip}/{prefix}",
+            str(key.network),
             "-p",
             key.proto,
             "-m",
@@ -150,8 +135,8 @@ class IptablesFirewall(Firewall):
         ):
             return None
         try:
-            addr = ipaddress.ip_interface(parts[3]).ip
-            return GrantKey(addr, parts[5], int(parts[9]))
+            net = ipaddress.ip_network(parts[3], strict=False)
+            return GrantKey(net.network_address, parts[5], int(parts[9]), net.prefixlen)
         except ValueError:
             return None
 

@@ -1,13 +1,25 @@
-"""nftables backend: one table of our own, four timeout sets, one JSON transaction per batch.
+"""nftables backend: one table of our own, timeout sets, one JSON transaction per batch.
 
 Layout (table ``inet webknock``, or ``inet webknock_<instance>`` for another instance)::
 
     set tcp4 { type ipv4_addr . inet_service; flags timeout; }   (tcp6, udp4, udp6 alike)
+    set tcp4_24 { type ipv4_addr . inet_service; flags timeout; }   (network grants: below)
     chain input { type filter hook input priority filter - 1; policy accept;
         ip saddr . tcp dport @tcp4 accept        (ip6/udp alike)
+        ip saddr & 255.255.255.0 . tcp dport @tcp4_24 accept   (one per network set)
         [protect] tcp dport { OFFERED } ct state established,related accept
         [protect] tcp dport { OFFERED } drop     (udp alike)
     }
+
+Network grants (a client's ``open_prefix``) go into one set per protocol, family and prefix
+length, ``<proto><family>_<length>``, whose elements are network addresses, matched by the
+source address masked to that length. The set and its rule are added, in the batch that
+first needs them, and dropped by a full sync once no grant uses them. Not one interval
+set (``flags interval``) for all networks: its kernel refuses an element that starts
+inside another one (a host grant inside a live /24), so nested grants, which two clients
+behind one carrier-grade NAT make, would fail or succeed by the order they came in.
+Exact sets never overlap, and a table of an earlier version is this layout without
+network sets: nothing to replace.
 
 Every element carries its remaining lifetime, so the kernel closes a grant on time even
 with the daemon and cron dead. A new grant (none in the state file) is one ``add element``
@@ -31,13 +43,15 @@ offered ports and set ``protect = yes``: then this table is what keeps them clos
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Protocol
 
-from webknock.addresses import parse_address
+from webknock.addresses import full_length, parse_address
 from webknock.firewall.base import Firewall, FirewallError, FirewallSettings, Runner, run_command
 from webknock.grants import PROTOS, Entry, GrantKey
 
@@ -82,27 +96,56 @@ def table_name(instance: str) -> str:
     return "webknock" if instance in ("webknock", "default") else f"webknock_{instance}"
 
 
-def set_name(proto: str, family: int) -> str:
-    return f"{proto}{family}"
+#: One set: (proto, family, prefix length), the length None for the addresses alone.
+SetKey = tuple[str, int, int | None]
+_NET_SET: Final = re.compile(r"(tcp|udp)([46])_([1-9][0-9]{0,2})")
+
+
+def set_name(proto: str, family: int, length: int | None = None) -> str:
+    return f"{proto}{family}" if length is None else f"{proto}{family}_{length}"
+
+
+def parse_set_name(name: str) -> SetKey | None:
+    """The set of one of our set names, or None for another name."""
+    if name in HOST_SET_NAMES:
+        return HOST_SET_NAMES[name]
+    m = _NET_SET.fullmatch(name)
+    if m is None or not 1 <= int(m[3]) < full_length(int(m[2])):
+        return None
+    return m[1], int(m[2]), int(m[3])
 
 
 SET_KEYS: Final = [(proto, family) for proto in PROTOS for family in (4, 6)]
+HOST_SETS: Final[list[SetKey]] = [(proto, family, None) for proto, family in SET_KEYS]
+HOST_SET_NAMES: Final = {set_name(p, f): (p, f, None) for p, f in SET_KEYS}
+
+
+def set_of(key: GrantKey) -> SetKey:
+    return key.proto, key.family, key.prefixlen
+
+
+def mask(family: int, length: int) -> str:
+    """The netmask of a prefix length, as nft lists it (``255.255.255.0``, ``ffff::``)."""
+    net = ipaddress.IPv4Network((0, length)) if family == 4 else ipaddress.IPv6Network((0, length))
+    return str(net.netmask)
 
 
 def elem_key(key: GrantKey) -> dict[str, Any]:
+    """The element of a grant in its set: the address, or the network's address."""
     return {"concat": [str(key.ip), key.port]}
 
 
-def parse_elem(proto: str, elem: Any) -> GrantKey | None:
-    """The grant of one listed set element: ``{"elem": {"val": {"concat": ...}, ...}}``
-    or a bare ``{"concat": ...}``."""
+def parse_elem(setkey: SetKey, elem: Any) -> GrantKey | None:
+    """The grant of one listed element of the set `setkey`:
+    ``{"elem": {"val": {"concat": ...}, ...}}`` or a bare ``{"concat": ...}``."""
     if isinstance(elem, dict) and isinstance(elem.get("elem"), dict):
         elem = elem["elem"].get("val")  # an element with a timeout
     concat = elem.get("concat") if isinstance(elem, dict) else None
     if not (isinstance(concat, list) and len(concat) == 2):
         return None
+    proto, _family, length = setkey
     try:
-        return GrantKey(parse_address(str(concat[0])), proto, int(concat[1]))
+        return GrantKey(parse_address(str(concat[0])), proto, int(concat[1]), length)
     except (TypeError, ValueError):
         return None
 
@@ -121,6 +164,7 @@ class NftablesFirewall(Firewall):
         super().__init__(settings, runner)
         self.lib = load_binding() if isinstance(lib, _Auto) else lib
         self.table = table_name(settings.instance)
+        self._nets: set[SetKey] | None = None  # network sets (and rules) known to be there
 
     @classmethod
     def unusable(cls, runner: Runner = run_command) -> str | None:
@@ -161,18 +205,19 @@ class NftablesFirewall(Firewall):
     def _ref(self, **more: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.table, **more}
 
-    def rules(self) -> list[list[dict[str, Any]]]:
-        """The expressions of each rule of our chain, in order."""
-        rules: list[list[dict[str, Any]]] = []
-        for proto, family in SET_KEYS:
-            left = {
-                "concat": [
-                    {"payload": {"protocol": PAYLOAD[family], "field": "saddr"}},
-                    {"payload": {"protocol": proto, "field": "dport"}},
-                ]
-            }
-            right = f"@{set_name(proto, family)}"
-            rules.append([{"match": {"op": "==", "left": left, "right": right}}, {"accept": None}])
+    def grant_rule(self, setkey: SetKey) -> list[dict[str, Any]]:
+        """The rule that accepts what the set `setkey` holds."""
+        proto, family, length = setkey
+        saddr: dict[str, Any] = {"payload": {"protocol": PAYLOAD[family], "field": "saddr"}}
+        if length is not None:
+            saddr = {"&": [saddr, mask(family, length)]}
+        left = {"concat": [saddr, {"payload": {"protocol": proto, "field": "dport"}}]}
+        right = f"@{set_name(*setkey)}"
+        return [{"match": {"op": "==", "left": left, "right": right}}, {"accept": None}]
+
+    def rules(self, nets: Iterable[SetKey] = ()) -> list[list[dict[str, Any]]]:
+        """The expressions of each rule of our chain, in order, with network sets `nets`."""
+        rules = [self.grant_rule(k) for k in [*HOST_SETS, *sorted(nets)]]
         if self.settings.protect:
             for proto in PROTOS:
                 ports = self.settings.ports(proto)
@@ -196,12 +241,14 @@ class NftablesFirewall(Firewall):
                 rules.append([dport, {"drop": None}])
         return rules
 
-    def skeleton(self) -> list[Cmd]:
-        """Create table, sets and chain if missing; rebuild the chain's rules; keep elements."""
+    def skeleton(self, nets: Iterable[SetKey] = ()) -> list[Cmd]:
+        """Create table, sets (the network sets `nets` too) and chain if missing; rebuild
+        the chain's rules; keep elements."""
+        nets = sorted(nets)
         cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": self.table}}}]
-        for proto, family in SET_KEYS:
+        for proto, family, length in [*HOST_SETS, *nets]:
             spec = self._ref(
-                name=set_name(proto, family),
+                name=set_name(proto, family, length),
                 type=[ADDR_TYPE[family], "inet_service"],
                 flags=["timeout"],
             )
@@ -209,11 +256,43 @@ class NftablesFirewall(Firewall):
         chain = self._ref(name=CHAIN, type="filter", hook="input", prio=PRIORITY, policy="accept")
         cmds.append({"add": {"chain": chain}})
         cmds.append({"flush": {"chain": self._ref(name=CHAIN)}})
-        cmds += [{"add": {"rule": self._ref(chain=CHAIN, expr=e)}} for e in self.rules()]
+        cmds += [{"add": {"rule": self._ref(chain=CHAIN, expr=e)}} for e in self.rules(nets)]
         return cmds
 
-    def _elements(self, op: str, proto: str, family: int, elems: list[Any]) -> Cmd:
-        return {op: {"element": self._ref(name=set_name(proto, family), elem=elems)}}
+    @staticmethod
+    def _nets_of(items: Iterable[Any]) -> set[SetKey]:
+        """The network sets the rules of a listing match."""
+        nets: set[SetKey] = set()
+        for item in items:
+            rule = item.get("rule") if isinstance(item, dict) else None
+            exprs = rule.get("expr") if isinstance(rule, dict) else None
+            for expr in exprs if isinstance(exprs, list) else []:
+                match = expr.get("match") if isinstance(expr, dict) else None
+                right = match.get("right") if isinstance(match, dict) else None
+                if isinstance(right, str) and right.startswith("@"):
+                    setkey = parse_set_name(right[1:])
+                    if setkey is not None and setkey[2] is not None:
+                        nets.add(setkey)
+        return nets
+
+    def kernel_nets(self, *, unmatched: bool = False) -> set[SetKey]:
+        """The network sets our chain matches now (one listing of the chain's rules, not of
+        any set's elements); none when there is no table yet. `unmatched`: also the network
+        sets no rule matches (left by someone flushing our chain), from a listing of the
+        whole table, elements included: for ensure and sync, which are rare."""
+        if unmatched:
+            items = self._listing() or []
+            return self._nets_of(items) | {k for k, _ in self._sets(items) if k[2] is not None}
+        try:
+            out = self.run_batch([{"list": {"chain": self._ref(name=CHAIN)}}])
+        except FirewallError as exc:
+            if "No such file or directory" in str(exc):
+                return set()
+            raise
+        return self._nets_of(out.get("nftables", []))
+
+    def _elements(self, op: str, setkey: SetKey, elems: list[Any]) -> Cmd:
+        return {op: {"element": self._ref(name=set_name(*setkey), elem=elems)}}
 
     @staticmethod
     def _timed(entries: Iterable[Entry], now: float) -> list[Any]:
@@ -225,7 +304,9 @@ class NftablesFirewall(Firewall):
     # -- interface --------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        self.run_batch(self.skeleton())
+        nets = self.kernel_nets(unmatched=True)  # a set without its rule gets it back
+        self.run_batch(self.skeleton(nets))
+        self._nets = nets
 
     def apply(
         self,
@@ -236,21 +317,38 @@ class NftablesFirewall(Firewall):
         now: float,
     ) -> None:
         cmds: list[Cmd] = []
-        for proto, family in SET_KEYS:
-            fresh = {e.key: e for e in add if (e.key.proto, e.key.family) == (proto, family)}
-            setting = {e.key: e for e in renew if (e.key.proto, e.key.family) == (proto, family)}
-            gone = {k for k in remove if (k.proto, k.family) == (proto, family)}
+        timed_nets = {set_of(e.key) for e in [*add, *renew] if e.key.prefixlen is not None}
+        removed_nets = {set_of(k) for k in remove if k.prefixlen is not None}
+        nets = timed_nets | removed_nets
+        known = self._nets or set()
+        if nets and (self._nets is None or not nets <= known):  # unknown to this process:
+            known = self._nets = self.kernel_nets()  # another one may have made it since
+        if timed_nets - known:  # the first grant of its length: its set and rule come first
+            cmds += self.skeleton(known | timed_nets)
+        there = known | timed_nets
+        for setkey in [*HOST_SETS, *sorted(there & nets)]:
+            fresh = {e.key: e for e in add if set_of(e.key) == setkey}
+            setting = {e.key: e for e in renew if set_of(e.key) == setkey}
+            gone = {k for k in remove if set_of(k) == setkey}
             gone -= {*setting, *fresh}
             touched = sorted({*setting, *gone})
             if touched:  # present or not: make it absent first (see the module's docstring)
                 keys = [elem_key(k) for k in touched]
-                cmds.append(self._elements("add", proto, family, keys))
-                cmds.append(self._elements("delete", proto, family, keys))
+                cmds.append(self._elements("add", setkey, keys))
+                cmds.append(self._elements("delete", setkey, keys))
             timed = {**fresh, **setting}
             if timed:
-                cmds.append(self._elements("add", proto, family, self._timed(timed.values(), now)))
-        if cmds:
+                cmds.append(self._elements("add", setkey, self._timed(timed.values(), now)))
+        # (a network grant to remove whose set is not there is not in the kernel either)
+        if not cmds:
+            return
+        try:
             self.run_batch(cmds)
+        except FirewallError:
+            self._nets = None  # read the kernel again next time
+            raise
+        if timed_nets:
+            self._nets = there
 
     def _listing(self) -> list[dict[str, Any]] | None:
         """Our table as nft lists it, or None when it does not exist."""
@@ -263,16 +361,22 @@ class NftablesFirewall(Firewall):
         items = out.get("nftables", [])
         return [i for i in items if isinstance(i, dict)]
 
-    def _held(self, items: list[dict[str, Any]]) -> list[GrantKey]:
-        found: list[GrantKey] = []
-        wanted = {set_name(p, f): p for p, f in SET_KEYS}
+    @staticmethod
+    def _sets(items: list[dict[str, Any]]) -> list[tuple[SetKey, dict[str, Any]]]:
+        """Our sets in a listing of our table, with their specs."""
+        found = []
         for item in items:
             spec = item.get("set")
-            if not isinstance(spec, dict) or spec.get("name") not in wanted:
-                continue
-            proto = wanted[spec["name"]]
+            setkey = parse_set_name(str(spec.get("name"))) if isinstance(spec, dict) else None
+            if setkey is not None and isinstance(spec, dict):
+                found.append((setkey, spec))
+        return found
+
+    def _held(self, items: list[dict[str, Any]]) -> list[GrantKey]:
+        found: list[GrantKey] = []
+        for setkey, spec in self._sets(items):
             for elem in spec.get("elem", []):
-                key = parse_elem(proto, elem)
+                key = parse_elem(setkey, elem)
                 if key is not None:
                     found.append(key)
         return found
@@ -288,8 +392,9 @@ class NftablesFirewall(Firewall):
         if items is None:
             return held, [f"table {FAMILY} {self.table} missing"]
         problems: list[str] = []
-        sets = {i["set"].get("name") for i in items if isinstance(i.get("set"), dict)}
-        missing = [set_name(p, f) for p, f in SET_KEYS if set_name(p, f) not in sets]
+        sets = self._sets(items)
+        present = {setkey for setkey, _ in sets}
+        missing = [set_name(*k) for k in HOST_SETS if k not in present]
         if missing:
             problems.append(f"set {', '.join(missing)} missing in table {self.table}")
         chains = [i["chain"] for i in items if isinstance(i.get("chain"), dict)]
@@ -300,30 +405,41 @@ class NftablesFirewall(Firewall):
             for i in items
             if isinstance(i.get("rule"), dict) and i["rule"].get("chain") == CHAIN
         ]
-        want = self.rules()
-        if len(exprs) != len(want) or exprs[:1] != want[:1]:
+        nets = {k for k in present if k[2] is not None}
+        want = self.rules(nets)
+        net_rules = want[len(HOST_SETS) : len(HOST_SETS) + len(nets)]
+        if (
+            len(exprs) != len(want)
+            or exprs[:1] != want[:1]
+            or any(rule not in exprs for rule in net_rules)
+        ):
             problems.append(f"chain {self.table} {CHAIN} does not hold its {len(want)} rule(s)")
-        family_of = {set_name(p, f): f for p, f in SET_KEYS}
-        for item in items:  # a count, not a parse: this runs about once a second
-            spec = item.get("set")
-            if isinstance(spec, dict) and spec.get("name") in family_of:
-                held[family_of[spec["name"]]] += len(spec.get("elem", []))
+        for (_proto, family, _length), spec in sets:  # a count, not a parse: about once a second
+            held[family] += len(spec.get("elem", []))
         return held, problems
 
     def sync(self, entries: Sequence[Entry], *, now: float) -> None:
-        cmds = self.skeleton()
-        for proto, family in SET_KEYS:
-            cmds.append({"flush": {"set": self._ref(name=set_name(proto, family))}})
-            mine = [e for e in entries if e.key.proto == proto and e.key.family == family]
+        """One transaction: the network sets the entries need made, every set flushed and
+        refilled, and the network sets no entry needs deleted (after their rules)."""
+        needed = {set_of(e.key) for e in entries if e.key.prefixlen is not None}
+        stale = self.kernel_nets(unmatched=True) - needed
+        cmds = self.skeleton(needed)
+        for setkey in [*HOST_SETS, *sorted(needed)]:
+            cmds.append({"flush": {"set": self._ref(name=set_name(*setkey))}})
+            mine = [e for e in entries if set_of(e.key) == setkey]
             if mine:
-                cmds.append(self._elements("add", proto, family, self._timed(mine, now)))
+                cmds.append(self._elements("add", setkey, self._timed(mine, now)))
+        cmds += [{"delete": {"set": self._ref(name=set_name(*k))}} for k in sorted(stale)]
+        self._nets = None
         self.run_batch(cmds)
+        self._nets = needed
 
     def teardown(self) -> None:
         out = self.run_batch([{"list": {"tables": None}}])
         tables = [i.get("table", {}) for i in out.get("nftables", []) if isinstance(i, dict)]
         if any(t.get("family") == FAMILY and t.get("name") == self.table for t in tables):
             self.run_batch([{"delete": {"table": {"family": FAMILY, "name": self.table}}}])
+        self._nets = None
 
     def describe(self) -> str:
         via = "libnftables" if self.lib is not None else "nft -j"

@@ -47,6 +47,8 @@ def compose(settings: NotifySettings, events: Sequence[Event]) -> EmailMessage:
             lines.append(f"    {e.proto}/{e.port} opened {_when(e.time)}{until}")
         for name in sorted({e.client for e in evs if e.client}):
             lines.append(f"    enrolled client: {name}")
+        for peer in sorted({str(e.extra["peer"]) for e in evs if e.extra.get("peer")}):
+            lines.append(f"    knocked from: {peer} (the network {ip} is open)")
         agents = sorted({_printable(e.user_agent) for e in evs if e.user_agent})
         for ua in agents:
             lines.append(f"    user agent: {ua}")
