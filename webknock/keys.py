@@ -18,21 +18,27 @@ class KeysError(Exception):
     """The keys file is missing, unreadable, malformed or too widely readable."""
 
 
-def load_keys(path: Path, *, refuse_world_readable: bool = True) -> Keys:
-    """Read the [v1] keys; refuse a file that anyone (other) can read."""
+def _read_secret(path: Path, forbidden: int, who: str, fix: str, kind: str) -> str:
+    """The text of a key file; raises KeysError when its mode has a bit of `forbidden`
+    (readable by `who`; saying to run `fix`), or it cannot be read as ASCII."""
     try:
         with open(path, encoding="ascii") as fh:
-            st = os.fstat(fh.fileno())
-            if refuse_world_readable and st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+            mode = os.fstat(fh.fileno()).st_mode
+            if mode & forbidden:
                 raise KeysError(
-                    f"{path}: readable by everyone (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    f"run: chmod o-rwx {path}"
+                    f"{path}: readable by {who} (mode {stat.S_IMODE(mode):04o}); run: {fix} {path}"
                 )
-            text = fh.read(65536)
+            return fh.read(65536)
     except OSError as exc:
         raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise KeysError(f"{path}: not a text file") from None
+        raise KeysError(f"{path}: not a {kind} file") from None
+
+
+def load_keys(path: Path, *, refuse_world_readable: bool = True) -> Keys:
+    """Read the [v1] keys; refuse a file that anyone (other) can read."""
+    others = stat.S_IROTH | stat.S_IWOTH if refuse_world_readable else 0
+    text = _read_secret(path, others, "everyone", "chmod o-rwx", "text")
     parser = parse_ini(path, text, KeysError)
     if not parser.has_section("v1"):
         raise KeysError(f"{path}: missing section [v1]")
@@ -58,19 +64,7 @@ def format_keys(keys: Keys) -> str:
 def load_server_key(path: Path) -> SigningKey:
     """Read the server's Ed25519 key (PKCS#8 PEM); refuse one that anyone but its owner
     (root) can read. Raises KeysError."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_mode & 0o077:
-                raise KeysError(
-                    f"{path}: readable by others than its owner (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0600 {path}"
-                )
-            text = fh.read(65536)
-    except OSError as exc:
-        raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise KeysError(f"{path}: not a PEM text file") from None
+    text = _read_secret(path, 0o077, "others than its owner", "chmod 0600", "PEM text")
     try:
         return SigningKey.from_pem(text)
     except V2Error as exc:
