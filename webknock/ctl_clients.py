@@ -19,10 +19,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from webknock import ctl_common as ctl
-from webknock.addresses import Network
 from webknock.clients import (
     SUFFIX,
     Client,
@@ -174,6 +173,20 @@ def profile_text(cfg: ServerConfig, client: Client, server_key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+T = TypeVar("T")
+
+
+def _option(value: str | None, parse: Callable[[str], T], flag: str) -> T | None:
+    """`value` parsed, None when the option was not given; a bad one is refused naming
+    `flag`."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise Refused(f"{flag}: {exc}") from None
+
+
 def _build_client(cfg: ServerConfig, args: argparse.Namespace) -> Client:
     """The client `args` describe, every value checked against the instance."""
     name = _checked_name(args.name)
@@ -183,12 +196,8 @@ def _build_client(cfg: ServerConfig, args: argparse.Namespace) -> Client:
         raise Refused(f"--key: {exc}") from None
     if not comment.isprintable():
         raise Refused("--key: the comment has control characters")
-    ports = None
-    if args.ports is not None:
-        try:
-            ports = parse_ports(args.ports)
-        except ValueError as exc:
-            raise Refused(f"--ports: {exc}") from None
+    ports = _option(args.ports, parse_ports, "--ports")
+    if ports is not None:
         if not ports:
             raise Refused("--ports: no port given (leave --ports out for every offered port)")
         unknown = sorted(ports - cfg.offered())
@@ -197,38 +206,18 @@ def _build_client(cfg: ServerConfig, args: argparse.Namespace) -> Client:
                 f"--ports: {format_ports(tuple(unknown))} not offered by instance "
                 f"{cfg.instance} (it offers {format_ports(cfg.offered())})"
             )
-    max_time = None
-    if args.max_time is not None:
-        try:
-            max_time = parse_max_time(args.max_time)
-        except ValueError as exc:
-            raise Refused(f"--max-time: {exc}") from None
-        if max_time > cfg.max_time:
-            raise Refused(f"--max-time: {max_time} is over the instance's max_time {cfg.max_time}")
-    sources: tuple[Network, ...] = ()
-    if args.sources is not None:
-        try:
-            sources = parse_sources(args.sources)
-        except ValueError as exc:
-            raise Refused(f"--from: {exc}") from None
-        if not sources:
-            raise Refused("--from: no network given (leave --from out for anywhere)")
-    expires = None
-    if args.expires is not None:
-        try:
-            expires = parse_date(args.expires)
-        except ValueError as exc:
-            raise Refused(f"--expires: {exc}") from None
-        if expires < _today():
-            raise Refused(f"--expires: {expires} is past: the key would be refused already")
-    open_prefix = None
-    if args.open_prefix is not None:
-        try:
-            open_prefix = parse_open_prefix(args.open_prefix)
-        except ValueError as exc:
-            raise Refused(f"--open-prefix: {exc}") from None
+    max_time = _option(args.max_time, parse_max_time, "--max-time")
+    if max_time is not None and max_time > cfg.max_time:
+        raise Refused(f"--max-time: {max_time} is over the instance's max_time {cfg.max_time}")
+    sources = _option(args.sources, parse_sources, "--from")
+    if sources is not None and not sources:
+        raise Refused("--from: no network given (leave --from out for anywhere)")
+    expires = _option(args.expires, parse_date, "--expires")
+    if expires is not None and expires < _today():
+        raise Refused(f"--expires: {expires} is past: the key would be refused already")
+    open_prefix = _option(args.open_prefix, parse_open_prefix, "--open-prefix")
     client = Client(
-        name, public, comment, ports, max_time, sources, expires, open_prefix=open_prefix
+        name, public, comment, ports, max_time, sources or (), expires, open_prefix=open_prefix
     )
     try:  # what the daemon will read back is exactly this client
         same = parse_client(name, client.render()) == client
