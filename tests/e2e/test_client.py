@@ -252,3 +252,27 @@ def test_failures_have_their_exit_codes(client: Client) -> None:
     client.write_profile("ftp://x/")
     bad = client.run("knock")
     assert bad.returncode == 2 and "[client] url:" in bad.stderr
+
+
+def test_group_of_two_servers_one_down(client: Client) -> None:
+    """Fan-out with one command: the lab's server plus a "server" nobody answers for (port
+    81 on the server address, dropped by the lab's policy: a timeout, exit 3)."""
+    d = client.d
+    folder = client.home / ".config" / "webknock"  # profiles by name, as install.sh puts them
+    folder.mkdir(parents=True)
+    keys = f"keys_file = {client.keys_file}\nports = tcp/22\n"
+    (folder / "lab.ini").write_text(f"[client]\nurl = http://{SERVER4}/webknock\n{keys}")
+    (folder / "down.ini").write_text(
+        f"[client]\nurl = http://{SERVER4}:81/webknock\ntimeout = 1\n{keys}"
+    )
+    (folder / "both.ini").write_text("[group]\nprofiles = lab, down\n")
+    proc = client.run("--config", str(folder / "both.ini"), "knock")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith(f"lab: opened tcp/22 for {CLIENT4} until "), proc.stdout
+    assert proc.stdout.count("\n") == 1
+    assert proc.stderr.startswith("down: error: ") and "timed out after 1s" in proc.stderr
+    assert d.agent.tcp_open(SERVER4, CLIENT4, 22)
+    as_json = client.run("--config", str(folder / "both.ini"), "knock", "--json")
+    assert as_json.returncode == 3
+    lab, down = json.loads(as_json.stdout)
+    assert (lab["profile"], lab["ok"], down["profile"], down["code"]) == ("lab", True, "down", 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,6 +26,7 @@ from webknock.client.errors import (
     ClientError,
     ConfigError,
     clean,
+    worst,
 )
 from webknock.client.keeper import Keeper, describe
 from webknock.client.knocker import Grant, Knocker
@@ -32,8 +35,11 @@ from webknock.client.profile import (
     FAMILIES,
     MAX_TIME,
     Profile,
+    expand_group,
+    expand_profiles,
     find_profile,
     format_ports,
+    group_members,
     load_profile,
     new_profile_path,
     parse_ports,
@@ -48,7 +54,13 @@ The profile (INI, section [client]) comes from --config FILE, else --profile NAM
 ~/.config/webknock/NAME.ini, then /etc/webknock/client.d/NAME.ini (NAME defaults to
 "default"). Keys: url, then keys_file (protocol v1: keys shared with the server) or
 server_key and key_file (protocol v2: the server's public key, pinned, and this client's
-own private key, made by `webknock keygen`), then ports, time, verify, timeout, family."""
+own private key, made by `webknock keygen`), then ports, time, verify, timeout, family.
+
+Several servers at once, in parallel: --profile a,b,c, or a profile group (NAME.ini whose
+only section is [group], with profiles = a, b, c; members are profile names, not groups).
+Each output line starts with the profile's name ("office: opened ..."), each failure is
+"office: error: ..." on stderr, --json prints an array (one object per profile, with its
+"profile"); keep and exec renew each server on its own schedule, whatever the others do."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +81,7 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
         "--profile",
         metavar="NAME",
         default=d("default"),
-        help="profile name (default: default)",
+        help="profile name, a group's, or several: a,b,c (default: default)",
     )
     parser.add_argument(
         "--family",
@@ -188,6 +200,11 @@ def profile_from(args: argparse.Namespace) -> Profile:
         profile = load_profile(args.config)
     else:
         profile = load_profile(find_profile(args.profile), args.profile)
+    return with_overrides(profile, args)
+
+
+def with_overrides(profile: Profile, args: argparse.Namespace) -> Profile:
+    """`profile` with the command line's --family, --ports, --time, --timeout applied."""
     changes: dict[str, Any] = {}
     if args.family is not None:
         changes["family"] = args.family
@@ -243,6 +260,28 @@ def cmd_knock(knockers: list[Knocker], as_json: bool) -> tuple[int, list[Grant]]
     return (errors[0]["code"] if errors else EXIT_OK), grants
 
 
+def _info_entry(knocker: Knocker, info: Any) -> dict[str, Any]:
+    entry = {
+        "family": knocker.family,
+        "url": knocker.profile.url,
+        "ports": [f"{p}/{n}" for p, n in info.offered()],
+        "maxtime": info.maxtime,
+        "ip": info.ip,
+    }
+    if knocker.protocol == "v2":
+        entry["client"] = info.client
+    return entry
+
+
+def _info_text(knocker: Knocker, info: Any) -> str:
+    known_as = f" (client {info.client})" if info.client else ""
+    return (
+        f"{knocker.profile.url} ({knocker.family}): offers "
+        f"{format_ports(info.offered()) or 'no ports'} for up to {info.maxtime} s; "
+        f"sees this host as {info.ip}{known_as}"
+    )
+
+
 def cmd_info(knockers: list[Knocker], as_json: bool) -> int:
     found: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -252,30 +291,17 @@ def cmd_info(knockers: list[Knocker], as_json: bool) -> int:
         except ClientError as exc:
             errors.append(_failure(knocker.family, exc, len(knockers) > 1))
             continue
-        entry = {
-            "family": knocker.family,
-            "url": knocker.profile.url,
-            "ports": [f"{p}/{n}" for p, n in info.offered()],
-            "maxtime": info.maxtime,
-            "ip": info.ip,
-        }
-        if knocker.protocol == "v2":
-            entry["client"] = info.client
-        found.append(entry)
+        found.append(_info_entry(knocker, info))
         if not as_json:
-            known_as = f" (client {info.client})" if info.client else ""
-            print(
-                f"{knocker.profile.url} ({knocker.family}): offers "
-                f"{format_ports(info.offered()) or 'no ports'} for up to {info.maxtime} s; "
-                f"sees this host as {info.ip}{known_as}"
-            )
+            print(_info_text(knocker, info))
     if as_json:
         print(json.dumps({"ok": not errors, "servers": found, "errors": errors}, indent=2))
     return errors[0]["code"] if errors else EXIT_OK
 
 
-def cmd_keep(knockers: list[Knocker], poll: float) -> int:
-    stop = threading.Event()
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP set `stop` while the block runs."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
@@ -284,18 +310,29 @@ def cmd_keep(knockers: list[Knocker], poll: float) -> int:
     sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
-        Keeper(knockers, stop, poll=poll).run()
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def cmd_keep(knockers: list[Knocker], poll: float) -> int:
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        Keeper(knockers, stop, poll=poll).run()
     return EXIT_OK
 
 
-def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
+def _command(argv: list[str]) -> list[str]:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         raise ConfigError("exec: no command given (webknock exec -- CMD [ARGS...])")
+    return argv
+
+
+def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
+    argv = _command(argv)
     code, grants = cmd_knock(knockers, as_json=False)
     if code != EXIT_OK:
         return code
@@ -303,6 +340,11 @@ def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
     keeper = Keeper(knockers, stop, poll=poll)
     for knocker, grant in zip(knockers, grants, strict=True):
         keeper.adopt(grant, knocker, knocker.transport.local_address())
+    return _run_renewing(argv, [keeper], stop)
+
+
+def _run_renewing(argv: list[str], keepers: list[Keeper], stop: threading.Event) -> int:
+    """Run `argv` while each keeper renews in a thread of its own; its exit status."""
     try:
         child = subprocess.Popen(argv)
     except FileNotFoundError:
@@ -318,22 +360,200 @@ def cmd_exec(knockers: list[Knocker], poll: float, argv: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # CMD gets it too
 
-    def renew() -> None:
+    def renew(keeper: Keeper) -> None:
         try:
             keeper.run(quiet=True)
         except ClientError as exc:
-            log.error("renewals stopped: %s", exc.message)
+            keeper.log.error("renewals stopped: %s", exc.message)
 
-    thread = threading.Thread(target=renew, name="webknock-keep", daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=renew, args=(k,), name="webknock-keep", daemon=True)
+        for k in keepers
+    ]
+    for thread in threads:
+        thread.start()
     try:
         rc = child.wait()
     finally:
         stop.set()
-        thread.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         for sig, old in previous.items():
             signal.signal(sig, old)
     return 128 - rc if rc < 0 else rc
+
+
+# -- fan-out: several profiles, one thread each ----------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    """One server of a fan-out: its profile's name and that profile's knockers."""
+
+    name: str
+    knockers: list[Knocker]
+
+
+def targets_from(args: argparse.Namespace) -> list[Target] | None:
+    """The profiles of a fan-out (--profile a,b,c, or a group by --profile or --config),
+    overrides applied; None for one plain profile. Any bad profile stops all (exit 2)."""
+    if args.config is not None:
+        if group_members(args.config) is None:
+            return None
+        pairs = expand_group(args.config)
+    else:
+        pairs, fan_out = expand_profiles(args.profile)
+        if not fan_out:
+            return None
+    targets = []
+    for name, path in pairs:
+        profile = with_overrides(load_profile(path, name), args)
+        targets.append(Target(name, knockers_for(profile, use_cache=not args.no_cache)))
+    return targets
+
+
+def _parallel(targets: list[Target], work: Callable[[Target], Any]) -> list[Any]:
+    """`work` for every target at once, one thread per profile (a group has at most
+    MAX_GROUP); results in the targets' order. A slow or unreachable server costs its
+    own timeout and delays no other."""
+    with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="webknock") as pool:
+        return list(pool.map(work, targets))
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What one profile of a fan-out got: per family a result, or a failure."""
+
+    target: Target
+    results: list[tuple[Knocker, Any]]
+    failures: list[tuple[Knocker, ClientError]]
+
+    @property
+    def code(self) -> int:
+        return worst(exc.code for _, exc in self.failures)
+
+    def tag(self, knocker: Knocker) -> str:
+        several = len(self.target.knockers) > 1
+        return f"{self.target.name}: " + (f"[{knocker.family}] " if several else "")
+
+    def report_failures(self) -> list[dict[str, Any]]:
+        """Print `NAME: error: ...` on stderr for each failure; their JSON form."""
+        for knocker, exc in self.failures:
+            name = self.target.name
+            family = f"[{knocker.family}] " if len(self.target.knockers) > 1 else ""
+            sys.stderr.write(clean(f"{name}: error: {family}{exc.message}", None) + "\n")
+        sys.stderr.flush()
+        return [
+            {"family": k.family, "error": exc.message, "code": exc.code} for k, exc in self.failures
+        ]
+
+
+def _each(targets: list[Target], call: Callable[[Knocker], Any]) -> list[_Outcome]:
+    def work(target: Target) -> _Outcome:
+        outcome = _Outcome(target, [], [])
+        for knocker in target.knockers:
+            try:
+                outcome.results.append((knocker, call(knocker)))
+            except ClientError as exc:
+                outcome.failures.append((knocker, exc))
+        return outcome
+
+    return _parallel(targets, work)
+
+
+def fan_knock(targets: list[Target], as_json: bool) -> tuple[int, list[_Outcome]]:
+    """Knock at every server at once; print in the profiles' order."""
+    outcomes = _each(targets, lambda knocker: knocker.knock())
+    found = []
+    for outcome in outcomes:
+        if not as_json:
+            for knocker, grant in outcome.results:
+                print(outcome.tag(knocker) + describe(grant))
+            sys.stdout.flush()
+        errors = outcome.report_failures()
+        found.append(
+            {
+                "profile": outcome.target.name,
+                "ok": not errors,
+                "code": outcome.code,
+                "grants": [grant.as_json() for _, grant in outcome.results],
+                "errors": errors,
+            }
+        )
+    if as_json:
+        print(json.dumps(found, indent=2), flush=True)
+    return worst(o.code for o in outcomes), outcomes
+
+
+def fan_info(targets: list[Target], as_json: bool) -> int:
+    outcomes = _each(targets, lambda knocker: knocker.info())
+    found = []
+    for outcome in outcomes:
+        if not as_json:
+            for knocker, info in outcome.results:
+                print(outcome.tag(knocker) + _info_text(knocker, info))
+            sys.stdout.flush()
+        errors = outcome.report_failures()
+        found.append(
+            {
+                "profile": outcome.target.name,
+                "ok": not errors,
+                "code": outcome.code,
+                "servers": [_info_entry(knocker, info) for knocker, info in outcome.results],
+                "errors": errors,
+            }
+        )
+    if as_json:
+        print(json.dumps(found, indent=2), flush=True)
+    return worst(o.code for o in outcomes)
+
+
+def fan_keep(targets: list[Target], poll: float) -> int:
+    """One keeper per profile, each on its own schedule in its own thread; one that fails
+    keeps retrying (with backoff) and delays no other. Until a signal, or until every
+    keeper stopped on a configuration error (then: the highest of their codes)."""
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def keep(target: Target) -> None:
+        keeper = Keeper(target.knockers, stop, poll=poll, label=target.name)
+        try:
+            keeper.run(quiet=True)
+        except ClientError as exc:
+            keeper.log.error("error: %s; renewals for this profile stopped", exc.message)
+            codes.append(exc.code)
+
+    threads = [
+        threading.Thread(target=keep, args=(t,), name=f"webknock-keep-{t.name}", daemon=True)
+        for t in targets
+    ]
+    with _stop_on_signals(stop):
+        for thread in threads:
+            thread.start()
+        while not stop.is_set() and any(thread.is_alive() for thread in threads):
+            stop.wait(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    log.info("stopped")
+    return worst(codes)
+
+
+def fan_exec(targets: list[Target], poll: float, argv: list[str]) -> int:
+    """Knock at every server; run CMD only when every one granted, renewing each (on its
+    own schedule) while CMD runs; else the highest code, and CMD does not run."""
+    argv = _command(argv)
+    code, outcomes = fan_knock(targets, as_json=False)
+    if code != EXIT_OK:
+        return code
+    stop = threading.Event()
+    keepers = []
+    for outcome in outcomes:
+        keeper = Keeper(outcome.target.knockers, stop, poll=poll, label=outcome.target.name)
+        for knocker, grant in outcome.results:
+            keeper.adopt(grant, knocker, knocker.transport.local_address())
+        keepers.append(keeper)
+    return _run_renewing(argv, keepers, stop)
 
 
 def keygen_target(args: argparse.Namespace) -> tuple[Path, str]:
@@ -380,6 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_keygen(args)
         if args.command == "pubkey":
             return cmd_pubkey(args)
+        targets = targets_from(args)
+        if targets is not None:
+            poll = max(0.2, getattr(args, "poll", 5.0))
+            if args.command == "knock":
+                return fan_knock(targets, args.json)[0]
+            if args.command == "info":
+                return fan_info(targets, args.json)
+            if args.command == "keep":
+                return fan_keep(targets, poll)
+            return fan_exec(targets, poll, list(args.cmd))
         profile = profile_from(args)
         knockers = knockers_for(profile, use_cache=not args.no_cache)
         if args.command == "knock":

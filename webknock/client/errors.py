@@ -4,6 +4,7 @@ for any text that came from the server."""
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -20,7 +21,16 @@ EXIT_CODES_HELP = """exit codes:
   3  cannot reach the server (name resolution, connection, TLS, timeout)
   4  the server failed (HTTP 500/503/504 or another status, undecodable reply; v2: its
      firewall failed, or the reply is not signed by the server key the profile pins)
-exec returns the command's own status once it ran (128+N when a signal N ended it)."""
+exec returns the command's own status once it ran (128+N when a signal N ended it).
+several servers (--profile a,b,c or a profile group): 0 only when every server granted
+(info: answered), else the highest code of any one of them (4 > 3 > 2 > 1); exec runs
+CMD only when every server granted."""
+
+
+def worst(codes: Iterable[int]) -> int:
+    """The exit code of a fan-out: 0 when every server succeeded, else the highest code."""
+    return max(codes, default=EXIT_OK)
+
 
 #: How much of one piece of server text (an error header, a reason) is ever printed.
 MAX_SERVER_TEXT = 200

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from webknock.client.errors import ClientError, ConfigError
 from webknock.client.knocker import Grant, Knocker
@@ -20,6 +21,17 @@ MAX_BACKOFF = 60.0
 def describe(grant: Grant) -> str:
     until = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(grant.expires))
     return f"opened {format_ports(grant.ports)} for {grant.ip} until {until} ({grant.seconds} s)"
+
+
+class _Labelled(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefix every line with `label: ` (none when the label is empty)."""
+
+    def __init__(self, logger: logging.Logger, label: str) -> None:
+        super().__init__(logger, {})
+        self.label = label
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return (f"{self.label}: {msg}" if self.label else msg), kwargs
 
 
 @dataclass
@@ -44,9 +56,11 @@ class Keeper:
         *,
         poll: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        label: str = "",
     ) -> None:
         self.stop, self.poll, self.clock = stop, poll, clock
         self.tracks = [_Track(k, due=clock()) for k in knockers]
+        self.log = _Labelled(log, label)  # fan-out: each line names its profile
 
     def adopt(self, grant: Grant, knocker: Knocker, local: str | None) -> None:
         """Start from a grant made just now (exec knocks before it starts the command)."""
@@ -71,7 +85,7 @@ class Keeper:
             if track.grant is not None:
                 delay = min(delay, self.renew_in(track.grant))
             track.due = self.clock() + delay
-            log.warning(
+            self.log.warning(
                 "[%s] knock failed (%d in a row): %s; retrying in %.0f s",
                 fam,
                 track.failures,
@@ -80,10 +94,10 @@ class Keeper:
             )
             return
         if track.failures:
-            log.info("[%s] knock works again after %d failures", fam, track.failures)
+            self.log.info("[%s] knock works again after %d failures", fam, track.failures)
         track.grant, track.failures = grant, 0
         track.due = self.clock() + self.renew_in(grant)
-        log.info("[%s] %s; next renewal in %.0f s", fam, describe(grant), self.renew_in(grant))
+        self.log.info("[%s] %s; next renewal in %.0f s", fam, describe(grant), self.renew_in(grant))
 
     def step(self) -> float:
         """Check addresses, knock whatever is due; return how long to wait."""
@@ -92,11 +106,11 @@ class Keeper:
             local = track.knocker.transport.local_address()
             if local is None:
                 if not track.unroutable:
-                    log.warning("[%s] no route to the server right now", track.knocker.family)
+                    self.log.warning("[%s] no route to the server right now", track.knocker.family)
                 track.unroutable = True
             else:
                 if track.local is not None and local != track.local:
-                    log.info(
+                    self.log.info(
                         "[%s] local address changed %s -> %s: knocking again now",
                         track.knocker.family,
                         track.local,
@@ -115,4 +129,4 @@ class Keeper:
         while not self.stop.is_set():
             self.stop.wait(self.step())
         if not quiet:
-            log.info("stopped")
+            self.log.info("stopped")

@@ -39,6 +39,8 @@ KEY_SUFFIX = ".key"  # NAME.key beside NAME.ini: this client's v2 private key
 MAX_KEY_FILE = 65536
 MAX_TIME = 604800
 SYSTEM_DIR = Path("/etc/webknock/client.d")
+GROUP_SECTION = "group"  # a profile group: NAME.ini with only [group] profiles = a, b, c
+MAX_GROUP = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PORT_RE = re.compile(r"(tcp|udp)/(\d{1,5})")
 _TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
@@ -195,6 +197,8 @@ def load_profile(path: Path, name: str | None = None) -> Profile:
     """Read and check a profile; every error names the file and the key."""
     parser = read_ini(path, ConfigError)
     if not parser.has_section("client"):
+        if parser.has_section(GROUP_SECTION):
+            raise ConfigError(f"{path}: a profile group, not one profile (see --profile)")
         raise ConfigError(f"{path}: missing section [client]")
     values = dict(parser.items("client"))
     unknown = sorted(set(values) - set(KNOWN_KEYS))
@@ -328,3 +332,78 @@ def find_profile(name: str, env: Mapping[str, str] = os.environ) -> Path:
         f"profile {name!r} not found (looked for {' and '.join(map(str, candidates))}); "
         "write one with install.sh client, or pass --config FILE"
     )
+
+
+def group_members(path: Path) -> list[str] | None:
+    """The member names of a profile group file (its only section is `[group]`, with
+    `profiles = a, b, c`), or None when `path` is not a group."""
+    parser = read_ini(path, ConfigError)
+    if not parser.has_section(GROUP_SECTION):
+        return None
+    if parser.sections() != [GROUP_SECTION]:
+        raise ConfigError(f"{path}: a profile group has the section [group] and no other")
+    values = dict(parser.items(GROUP_SECTION))
+    unknown = sorted(set(values) - {"profiles"})
+    if unknown:
+        raise ConfigError(f"{path}: [group] {unknown[0]}: unknown key (known: profiles)")
+    names: list[str] = []
+    for item in (part.strip() for part in values.get("profiles", "").split(",")):
+        if not item:
+            continue
+        if not _NAME_RE.fullmatch(item):
+            raise ConfigError(
+                f"{path}: [group] profiles: {item!r} is not a profile name "
+                "(letters, digits, _ or -)"
+            )
+        if item not in names:
+            names.append(item)
+    if not names:
+        raise ConfigError(f"{path}: [group] profiles: missing (e.g. profiles = office, lab)")
+    if len(names) > MAX_GROUP:
+        raise ConfigError(f"{path}: [group] profiles: more than {MAX_GROUP} profiles")
+    return names
+
+
+def expand_group(path: Path, env: Mapping[str, str] = os.environ) -> list[tuple[str, Path]]:
+    """The (name, path) of each member of the group file `path`; a member that is missing or
+    is itself a group (groups do not nest, so they cannot loop) is an error naming both."""
+    members = group_members(path)
+    if members is None:
+        raise ConfigError(f"{path}: not a profile group (no [group] section)")
+    found: list[tuple[str, Path]] = []
+    for name in members:
+        try:
+            member = find_profile(name, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: [group] profiles: {exc.message}") from None
+        if member.resolve() == path.resolve():
+            raise ConfigError(f"{path}: [group] profiles: {name!r} is this group itself (a cycle)")
+        if group_members(member) is not None:
+            raise ConfigError(
+                f"{path}: [group] profiles: {name!r} is a group too ({member}); "
+                "groups do not nest: list its profiles instead"
+            )
+        found.append((name, member))
+    return found
+
+
+def expand_profiles(
+    spec: str, env: Mapping[str, str] = os.environ
+) -> tuple[list[tuple[str, Path]], bool]:
+    """`--profile` NAME or `a,b,c` (each a profile or a group) as (name, path) pairs, each
+    profile once, and whether this is a fan-out (several names, or a group)."""
+    names = [part.strip() for part in spec.split(",")]
+    if any(not name for name in names):
+        raise ConfigError(f"--profile {spec!r}: an empty name (use a,b,c)")
+    fan_out = len(names) > 1
+    found: list[tuple[str, Path]] = []
+    for name in names:
+        path = find_profile(name, env)
+        if group_members(path) is None:
+            members = [(name, path)]
+        else:
+            members, fan_out = expand_group(path, env), True
+        found.extend(m for m in members if m[0] not in [f[0] for f in found])
+    if len(found) > MAX_GROUP:
+        raise ConfigError(f"--profile {spec!r}: more than {MAX_GROUP} profiles")
+    return found, fan_out
