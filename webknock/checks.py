@@ -8,6 +8,7 @@ from pathlib import Path
 from webknock.clients import SUFFIX, load_clients
 from webknock.config import ConfigError, ServerConfig
 from webknock.filemodes import Problem, mode_problems
+from webknock.hooks import hook_problems
 from webknock.keys import KeysError, load_keys, load_server_key
 from webknock.state import STATE_FILE_SUFFIXES
 
@@ -160,6 +161,7 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     from webknock.notify.problems import notify_problems  # audit log and [notify]
 
     problems += notify_problems(cfg)
+    problems += hook_problems(cfg)
     if os.geteuid() == 0:
         try:
             make_firewall(cfg)

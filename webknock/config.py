@@ -90,6 +90,7 @@ class ServerConfig:
     max_grants: int = 10000
     max_grants_per_prefix: int = 256
     audit_log: Path | None = None
+    metrics_file: Path | None = None  # Prometheus text file (node_exporter's textfile collector)
     extra: dict[str, dict[str, str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -265,6 +266,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         "max_grants",
         "max_grants_per_prefix",
         "audit_log",
+        "metrics_file",
     }
     unknown = sorted(set(sec.values) - known)
     if unknown:
@@ -307,6 +309,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         max_grants=sec.get("max_grants", _whole(1, 1_000_000), 10000),
         max_grants_per_prefix=sec.get("max_grants_per_prefix", _whole(1, 1_000_000), 256),
         audit_log=sec.optional("audit_log", _abs_path),
+        metrics_file=sec.optional("metrics_file", _abs_path),
         extra={s: dict(parser.items(s)) for s in parser.sections() if s != "server"},
     )
     return cfg

@@ -171,6 +171,7 @@ def cmd_prepare_spool(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
     from webknock.daemon import daemon_running
+    from webknock.metrics import read_snapshot
 
     now = time.time()
     pid = daemon_running(cfg)
@@ -205,6 +206,7 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
             "extra": [str(k) for k in drift.extra],
             "duplicates": [str(k) for k in drift.duplicates],
         },
+        "metrics": read_snapshot(cfg),  # the daemon's figures (webknock.metrics), or null
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -219,6 +221,11 @@ def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
             f"grants:          {len(live)} live for {addresses} "
             f"address(es), {len(expired)} expired not yet reaped"
         )
+        if report["metrics"]:
+            knocks = report["metrics"].get("knocks", {})
+            counts = {o: sum(by.values()) for o, by in knocks.items() if sum(by.values())}
+            summary = ", ".join(f"{n} {o}" for o, n in counts.items()) or "none"
+            print(f"knocks:          {summary} (since the daemon started)")
         if drift.clean:
             print("firewall:        agrees with the state file")
         else:

@@ -35,8 +35,10 @@ from webknock.firewall import FirewallError, make_firewall
 from webknock.fsutil import write_atomic
 from webknock.grants import GrantRequest
 from webknock.guard import Guard
+from webknock.hooks import hooks_sink
 from webknock.keys import KeysError
 from webknock.logsetup import setup_logging
+from webknock.metrics import Metrics, snapshot_path
 from webknock.spool import SERVER_KEY_NAME
 from webknock.spool_housekeeping import SpoolKeeper
 from webknock.spool_reader import SpoolError, read_request, request_name_id
@@ -146,6 +148,8 @@ class Daemon:
         self.refusal_lines = 0  # refusals logged one by one since the last prune
         self.unlogged = 0  # refusals past REFUSAL_LINES since the last prune (logged then)
         self.rescan = True  # look for claimed/ leftovers (a crash) at start and every tick
+        self.metrics = Metrics(cfg.metrics_file, snapshot_path(cfg))
+        self.metrics_failing = False  # the last write failed (logged once until it works)
         self._requests = str(self.spool.requests)
         self._claimed = str(self.spool.claimed)
         self._waits = str(self.spool.waits)
@@ -256,7 +260,9 @@ class Daemon:
             fresh = self.guard.commit([(v.mark, v.id) for v in checked], now, retries)
         except StateError as exc:  # a mark not recorded would allow a replay: accept nothing
             log.error("state file error, %d request(s) refused: %s", len(checked), exc)
-            answers.update((v.id, Answer(503)) for v in checked)
+            for v in checked:
+                answers[v.id] = Answer(503)
+                self.metrics.knock("error", v.protocol)
             checked, fresh = [], []
         grants: list[Verified] = []
         for v, new in zip(checked, fresh, strict=True):
@@ -270,12 +276,16 @@ class Daemon:
                         bad=True,
                     ),
                     now,
+                    v.protocol,
+                    "replay",
                 )
             elif v.api == "getinfo":
                 answers[v.id] = v.replies.info(v.peer, v.allowed, v.max_time, now)
+                self.metrics.knock("info", v.protocol)
             elif not v.ports:
                 error = "none of the requested ports is offered"
                 answers[v.id] = v.replies.refused("NOPORTS", error, now)
+                self.metrics.knock("refused", v.protocol)
             else:
                 grants.append(v)
         outcomes = self._open(grants, now)
@@ -286,6 +296,7 @@ class Daemon:
                 if o.ok
                 else v.replies.refused(o.errorcode, o.error, now)
             )
+            self.metrics.knock(_outcome(o), v.protocol)
         for entry in entries:
             request_id = request_name_id(entry.name)
             if request_id in answers:
@@ -313,23 +324,38 @@ class Daemon:
         except AddressError as exc:
             self._log_refusal("request %s: %s", req.id, exc.reason)
             answers[req.id] = Answer(exc.status)
+            self.metrics.knock("refused", req.protocol)
             return None
         try:
             return self.verifier.verify(req, peer, now)
         except Refusal as refusal:
-            answers[req.id] = self._refuse(req.id, peer, refusal, now)
+            answers[req.id] = self._refuse(req.id, peer, refusal, now, req.protocol)
             return None
 
-    def _refuse(self, request_id: str, peer: Address, refusal: Refusal, now: float) -> Answer:
+    def _refuse(
+        self,
+        request_id: str,
+        peer: Address,
+        refusal: Refusal,
+        now: float,
+        protocol: str,
+        outcome: str = "",
+    ) -> Answer:
         """The answer to a refused request. A bad packet is counted; one from a throttled
-        prefix gets 429 and no log line of its own (a summary per prune)."""
+        prefix gets 429 and no log line of its own (a summary per prune). `outcome` for the
+        metrics: by default error (5xx), bad_packet or refused."""
         if refusal.bad:
             throttled = self.guard.throttled(peer, now)
             self.guard.failed(peer, now)
             if throttled:
                 prefix = prefix_of(peer)
                 self.guard.suppressed[prefix] = self.guard.suppressed.get(prefix, 0) + 1
+                self.metrics.knock("throttled", protocol)
                 return Answer(429)
+        if not outcome:
+            bad = "bad_packet" if refusal.bad else "refused"
+            outcome = "error" if refusal.answer.status >= 500 else bad
+        self.metrics.knock(outcome, protocol)
         self._log_refusal("refused %s from %s: %s", request_id[:8], peer, refusal.reason)
         return refusal.answer
 
@@ -341,6 +367,7 @@ class Daemon:
             )
             for v in grants
         ]
+        started = time.monotonic()
         try:
             return self.engine.open(requests, now)
         except StateError as exc:
@@ -349,6 +376,9 @@ class Daemon:
                 r.id: Outcome(False, error="server state unavailable", errorcode="STATE")
                 for r in requests
             }
+        finally:
+            if requests:
+                self.metrics.applied(time.monotonic() - started)
 
     def _log_refusal(self, message: str, *args: object) -> None:
         """One line per refusal, up to REFUSAL_LINES per housekeeping round; then a count
@@ -441,6 +471,29 @@ class Daemon:
                 log.error("spool housekeeping failed: %s", exc)
         if now >= self.next_check:
             self.check_firewall(now)
+        if self.metrics.due(now):
+            self.write_metrics(now)
+
+    def write_metrics(self, now: float) -> None:
+        """Update the gauges and write the metrics files; a failure is logged (once until
+        a write works again), never the end of the tick."""
+        m = self.metrics
+        try:
+            m.grants_live = self.engine.store.read().live_total(now)
+            m.spool_backlog = len(os.listdir(self._claimed)) + sum(
+                1 for n in os.listdir(self._requests) if not n.startswith(".")
+            )
+            m.throttled_prefixes = self.guard.throttled_prefixes(now)
+            m.write(now)
+        except (OSError, StateError) as exc:
+            if not self.metrics_failing:
+                log.error("cannot write metrics: %s", exc)
+            self.metrics_failing = True
+            m.next_write = now + TICK
+            return
+        if self.metrics_failing:
+            log.info("metrics written again")
+        self.metrics_failing = False
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -491,6 +544,13 @@ class Daemon:
         self.stopping = True
 
 
+def _outcome(o: Outcome) -> str:
+    """The metrics outcome of an openports the engine decided."""
+    if o.ok:
+        return "granted"
+    return "error" if o.errorcode in ("FIREWALL", "STATE") else "refused"
+
+
 def build(cfg: ServerConfig) -> tuple[GrantEngine, WebIdentity]:
     """Wire config, state, firewall and event sinks together."""
     web = web_identity(cfg)
@@ -503,6 +563,9 @@ def build(cfg: ServerConfig) -> tuple[GrantEngine, WebIdentity]:
     else:
         for sink in sinks_for(cfg):
             bus.add(sink)
+    hooks = hooks_sink(cfg)  # [hooks]: run off the apply path, stopped at exit
+    if hooks is not None:
+        bus.add(hooks)
     limits = Limits(cfg.max_grants, cfg.max_grants_per_prefix)
     engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), make_firewall(cfg), bus, limits)
     return engine, web

@@ -44,6 +44,12 @@ class Guard:
         count, last = self.counts.get(prefix_of(addr), (0, 0.0))
         return count >= self.limit and now - last < self.window
 
+    def throttled_prefixes(self, now: float) -> int:
+        """How many prefixes are throttled now (for the daemon's metrics)."""
+        return sum(
+            count >= self.limit and now - last < self.window for count, last in self.counts.values()
+        )
+
     def failed(self, addr: Address, now: float) -> None:
         """Count one bad packet from `addr` (saved with the next :meth:`commit`)."""
         prefix = prefix_of(addr)

@@ -151,6 +151,7 @@ class Verified:
     client: str | None = None  # v2: the enrolled client's name
     user_agent: str = field(default="", compare=False)
     prefixlen: int | None = None  # openports of a client with open_prefix: open peer's network
+    protocol: str = "v1"  # which protocol's packet it was
 
 
 class Verifier:
@@ -326,4 +327,5 @@ class Verifier:
             client=client.name,
             user_agent=req.agent,
             prefixlen=client.prefix_for(peer) if request.api == "openports" else None,
+            protocol="v2",
         )
