@@ -714,7 +714,10 @@ server_packages() {
         *) pkgs+=(nftables python3-nftables iptables ipset) ;;
     esac
     case $WEB_SERVER in
-        nginx) pkgs+=(nginx fcgiwrap) ;;
+        nginx) # Without systemd as PID 1, Debian's fcgiwrap init script needs spawn-fcgi
+            # (without it, service fcgiwrap start silently does nothing).
+            pkgs+=(nginx fcgiwrap)
+            [ -d /run/systemd/system ] || pkgs+=(spawn-fcgi) ;;
         apache) pkgs+=(apache2) ;;
     esac
     if ! command -v cron >/dev/null && [ ! -x /usr/sbin/cron ]; then
@@ -811,6 +814,8 @@ write_config() {
         fi
         printf 'spool_dir = %s\n' "$SPOOL_BASE/$INSTANCE"
         printf 'state_file = %s\n' "$STATE_DIR/$INSTANCE.db"
+        printf '# every grant, renewal, expiry and revoke (webknockctl log reads it)\n'
+        printf 'audit_log = %s\n' "$LOG_DIR/$INSTANCE.jsonl"
         printf 'backend = %s\n' "$BACKEND"
         printf 'web_user = %s\n' "$WEB_USER"
         printf 'protect = %s\n' "$PROTECT"
@@ -1137,7 +1142,8 @@ print_web_instructions() {
             say "(HTTPS), e.g. in /etc/nginx/sites-available/default:"
             say "    include $SNIPPET;"
             say "then: nginx -t && systemctl reload nginx && systemctl enable --now fcgiwrap.socket"
-            say "(without systemd: service fcgiwrap start; service nginx reload). $SNIPPET:"
+            say "(without systemd: apt-get install spawn-fcgi; service fcgiwrap start;"
+            say " service nginx reload: fcgiwrap's init script needs spawn-fcgi). $SNIPPET:"
             indent <"$SNIPPET"
             ;;
         apache)
@@ -1596,7 +1602,7 @@ remove_spool() { # remove_spool DIR: only the layout webknockd made, then the di
 }
 
 uninstall_instance() {
-    local inst=$1 spool="" state="" audit="" c kept=()
+    local inst=$1 spool="" state="" audit="" c kept=() held=()
     instance_paths "$inst"
     local server_key=$ETC/$inst.server-key clients=$ETC/$inst.clients
     if [ ! -f "$MANIFEST" ] && [ ! -f "$CONFIG" ]; then
@@ -1636,7 +1642,19 @@ uninstall_instance() {
         fi
     done < <(manifest_get "$MANIFEST" cgi_copy)
     while IFS= read -r c; do
-        [ -z "$c" ] || rm -f -- "$c"
+        [ -n "$c" ] && [ -e "$c" ] || continue
+        # Never leave the web server broken: a snippet its config still includes stays,
+        # with the line to remove first.
+        local users
+        users=$(grep -rnF -- "${c#"$ROOT"}" "$ROOT/etc/nginx" "$ROOT/etc/apache2" 2>/dev/null \
+            | grep -v '^[^:]*:[0-9]*:[[:space:]]*#' || true)
+        if [ -n "$users" ]; then
+            warn "kept $c: the web server still includes it; remove this line, reload the web server, then run uninstall again:"
+            printf '%s\n' "$users" | sed 's/^/        /' >&2
+            held+=("$c")
+            continue
+        fi
+        rm -f -- "$c"
     done < <(manifest_get "$MANIFEST" snippet)
     [ -z "$spool" ] || remove_spool "$spool"
     rm -f -- "$PIDFILE"
@@ -1646,7 +1664,7 @@ uninstall_instance() {
             rm -rf --one-file-system -- "$clients"
         fi
         if [ -n "$state" ]; then
-            for c in "" -journal -wal -shm .lock .daemon; do
+            for c in "" -journal -wal -shm .lock .daemon .metrics.json; do  # state.STATE_FILE_SUFFIXES
                 rm -f -- "$state$c"
             done
         fi
@@ -1658,7 +1676,11 @@ uninstall_instance() {
         done
         [ ${#kept[@]} -eq 0 ] || say "    kept ${kept[*]} (--purge deletes them)"
     fi
-    rm -f -- "$MANIFEST"
+    if [ ${#held[@]} -eq 0 ]; then
+        rm -f -- "$MANIFEST"
+    else  # remembered, so that the next uninstall removes the snippet
+        say "    kept its record $MANIFEST until the web server no longer includes ${held[*]}"
+    fi
     if [ "$PURGE" = 1 ]; then
         for c in "$STATE_DIR" "$LOG_DIR" "$ETC"; do
             rmdir -- "$c" 2>/dev/null || true
@@ -1696,7 +1718,12 @@ remove_shared() {
         rmdir -- "$f" 2>/dev/null || true
     done
     for f in "$STATE_DIR" "$ETC" "$LOG_DIR"; do
-        [ ! -d "$f" ] || say "    kept $f (--purge empties it)"
+        [ -d "$f" ] || continue
+        if [ "$PURGE" = 1 ]; then
+            say "    kept $f: it holds files webknock did not make"
+        else
+            say "    kept $f (--purge empties it)"
+        fi
     done
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from webknock.config import ServerConfig
 from webknock.fsutil import write_atomic
+from webknock.state import METRICS_SUFFIX
 
 #: Knock outcomes: a grant (or renewal); a getinfo answered; refused (no port offered,
 #: limits, bad address, stale or bad request); a packet that did not verify; refused with
@@ -29,7 +30,7 @@ WRITE_EVERY = 1.0
 
 def snapshot_path(cfg: ServerConfig) -> Path:
     """The daemon's JSON snapshot of its figures (root only, beside the state file)."""
-    return Path(f"{cfg.state_file}.metrics.json")
+    return Path(f"{cfg.state_file}{METRICS_SUFFIX}")
 
 
 def read_snapshot(cfg: ServerConfig) -> dict[str, Any] | None:

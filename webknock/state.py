@@ -66,9 +66,11 @@ CREATE INDEX IF NOT EXISTS grants_net ON grants (net, expires);
 
 
 COLUMNS = "ip, proto, port, first_opened, last_renewed, expires, renew_count, client"
+#: The daemon's figures for `webknockctl status` (:mod:`webknock.metrics`).
+METRICS_SUFFIX = ".metrics.json"
 #: Files beside the state file: SQLite's (-wal, -shm; -journal from before WAL), the lock
-#: shared by daemon, reaper and webknockctl, and the daemon's single-instance lock.
-STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon")
+#: shared by daemon, reaper and webknockctl, the daemon's single-instance lock and figures.
+STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon", METRICS_SUFFIX)
 
 
 class StateError(Exception):

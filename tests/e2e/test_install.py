@@ -816,14 +816,30 @@ def test_second_instance_speaks_v2_only_until_rerun_with_v1(rooted: Rooted) -> N
 def test_uninstall_then_purge_leaves_nothing(rooted: Rooted) -> None:
     """Runs last in this module: it removes the shared --root installation."""
     r = rooted
+    # The admin's server block still includes the snippet: uninstall keeps it and says
+    # which line to remove, so that nginx -t keeps passing.
+    snippet = r.path("/etc/webknock/nginx-webknock.conf")
+    site = r.path("/etc/nginx/sites-enabled/knock")
+    site.parent.mkdir(parents=True)
+    site.write_text(
+        "server {\n    # include /etc/webknock/old.conf;\n"
+        "    include /etc/webknock/nginx-webknock.conf;\n}\n"
+    )
+    held = sh([INSTALL, "uninstall", "--root", r.root])
+    assert held.returncode == 0, held.stderr
+    assert snippet.exists(), "a snippet the web server includes is kept"
+    assert f"{site}:3:    include /etc/webknock/nginx-webknock.conf;" in held.stderr
+    shutil.rmtree(r.path("/etc/nginx"))  # the admin removes the include
     out = ok(sh([INSTALL, "uninstall", "--root", r.root]))
+    assert not snippet.exists(), "removed once nothing includes it"
     assert "--purge deletes them" in out
     assert files_below(r.root) == {
         "etc/webknock/webknock.ini",
         "etc/webknock/webknock.keys",
         "etc/webknock/webknock.server-key",
     }
-    ok(sh([INSTALL, "uninstall", "--root", r.root, "--purge"]))
+    purged = ok(sh([INSTALL, "uninstall", "--root", r.root, "--purge"]))
+    assert "(--purge empties it)" not in purged
     assert files_below(r.root) == set()
     for p in ("/opt/webknock", "/etc/webknock", "/run/webknock", "/var/lib/webknock"):
         assert not r.path(p).exists(), p
