@@ -1210,7 +1210,7 @@ cmd_server() {
     [ "$config_exists" = 0 ] || backend_guess=$(ini_value "$CONFIG" backend)
 
     [ -n "$ROOT" ] || server_packages "${backend_guess:-auto}"
-    build_venv "$VENV" ""
+    build_venv "$VENV" "[server]"
 
     step "installing entry points"
     mkdir -p -- "$(dirname -- "$CGI")" "$SBIN" "$SHARE"

@@ -601,6 +601,9 @@ def test_client_install_from_the_printed_profile(rooted: Rooted) -> None:
         assert shim.read_text().startswith(f"#!{r.path('/opt/webknock-client/venv/bin/python3')}\n")
         venv_python = r.path("/opt/webknock-client/venv/bin/python3")
         ok(sh([venv_python, "-I", "-c", "import requests, webknock.protocol.v1"]))
+        (site,) = r.path("/opt/webknock-client/venv/lib").glob("python3*/site-packages")
+        server_only = [p.name for p in site.iterdir() if p.name.startswith(("filelock", "inotify"))]
+        assert server_only == [], "the client venv holds no server-only package"
         bad = sh(
             [INSTALL, "client", "--root", r.root, "--profile", "x", "--from", "-", "--no-venv"],
             input="[v1]\nkey1 = 00\n",
