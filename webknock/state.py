@@ -9,11 +9,9 @@ state and kernel still agree.
 Durability is chosen per transaction. The file is in WAL mode, so every commit
 survives a crash of the process that made it (it is in the kernel's page cache),
 and after a power loss the file is consistent. What a power loss may lose is the
-last commits before it, unless they were made ``durable`` (fsynced, about 0.3 ms
-plus the journal work it costs the next writes). Only what must never come back
-needs that: a revoke. A grant or renewal lost that way is lost together with the
-kernel's rules (the power went), so the port stays closed until the client knocks
-again; an expiry lost is repeated by reconcile. Fail-closed either way.
+last commits before it, unless they were made ``durable`` (fsynced). Only a revoke
+is made durable; a grant, renewal or expiry lost to a power loss fails closed (see
+docs/design.md).
 """
 
 from __future__ import annotations

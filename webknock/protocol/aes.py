@@ -1,10 +1,9 @@
 """pycryptodome's AES, loaded without the subprocess its ctypes loader starts.
 
 Without cffi, pycryptodome asks ``platform.architecture()`` once per process
-before loading its shared objects, and that runs the ``file`` program: about
-14 ms of every CGI request, to learn that Linux binaries are not Windows ones.
-We answer that question for it when its cache is present and empty; with cffi,
-or in another pycryptodome layout, this does nothing and the import is as usual.
+before loading its shared objects, and that runs the ``file`` program. We answer
+that question for it when its cache is present and empty; with cffi, or in another
+pycryptodome layout, this does nothing and the import is as usual (see docs/design.md).
 """
 
 from __future__ import annotations
