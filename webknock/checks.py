@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from webknock.clients import SUFFIX, load_clients
@@ -18,22 +19,29 @@ def _v2_on(cfg: ServerConfig) -> bool:
     return os.path.lexists(cfg.server_key_file)
 
 
+def _key_file_problems(
+    path: Path, load: Callable[[Path], object], what: str, why: str
+) -> list[Problem]:
+    """A key file that must load and be root's alone (0600): `why` says what a wider mode
+    would give away."""
+    problems: list[Problem] = []
+    try:
+        load(path)
+    except KeysError as exc:
+        problems.append(("error", str(exc)))
+    return problems + mode_problems(path, uid=0, gid=None, mode=0o600, what=what, wider_is=why)
+
+
 def _v2_problems(cfg: ServerConfig) -> list[Problem]:
     """The server key, the clients directory and every client file; and that some
     protocol is on at all."""
     problems: list[Problem] = []
     if _v2_on(cfg):
-        try:
-            load_server_key(cfg.server_key_file)
-        except KeysError as exc:
-            problems.append(("error", str(exc)))
-        problems += mode_problems(
+        problems += _key_file_problems(
             cfg.server_key_file,
-            uid=0,
-            gid=None,
-            mode=0o600,
-            what="server key",
-            wider_is="whoever can read it can sign replies as this server; only webknockd needs it",
+            load_server_key,
+            "server key",
+            "whoever can read it can sign replies as this server; only webknockd needs it",
         )
     elif cfg.keys_file is None:
         problems.append(
@@ -85,17 +93,11 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
             ("error", f"{cfg.source}: [server] web_user {web.user} is root: no privilege boundary")
         )
     if cfg.keys_file is not None:  # protocol v1
-        try:
-            load_keys(cfg.keys_file)
-        except KeysError as exc:
-            problems.append(("error", str(exc)))
-        problems += mode_problems(
+        problems += _key_file_problems(
             cfg.keys_file,
-            uid=0,
-            gid=None,
-            mode=0o600,
-            what="keys file",
-            wider_is="whoever can read the keys can open the firewall; only webknockd needs them",
+            load_keys,
+            "keys file",
+            "whoever can read the keys can open the firewall; only webknockd needs them",
         )
     problems += _v2_problems(cfg)
     problems += mode_problems(cfg.source, uid=0, gid=None, mode=0o644, what="config file")

@@ -11,10 +11,14 @@ request's protocol, so the daemon never needs to know which one it is answering.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
 
 from webknock.addresses import Address
 from webknock.clients import Client, ClientRegistry
@@ -25,6 +29,8 @@ from webknock.protocol.messages import GetInfo, RequestError, dumps, parse_reque
 from webknock.spool_reader import SpooledRequest
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 Port = tuple[str, int]
 
@@ -154,17 +160,40 @@ class Verified:
     protocol: str = "v1"  # which protocol's packet it was
 
 
+class KeyFile(Generic[K]):
+    """A key file, read again whenever it changes (device, inode, size or mtime)."""
+
+    def __init__(self, path: Path, load: Callable[[Path], K]) -> None:
+        self.path, self._load = path, load
+        self._stamp: tuple[int, int, int, float] | None = None
+        self._value: K | None = None
+
+    def current(self) -> K | None:
+        """The key, None when there is no file; raises KeysError for one that cannot be
+        read or loaded."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeysError(f"{self.path}: cannot read: {exc.strerror}") from None
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+        if stamp != self._stamp or self._value is None:
+            self._value = self._load(self.path)
+            self._stamp = stamp
+        return self._value
+
+
 class Verifier:
     """Verifies spooled packets with the instance's keys (re-read when the file changes)."""
 
     def __init__(self, cfg: ServerConfig, registry: ClientRegistry | None = None) -> None:
         self.cfg = cfg
         self.clients = registry or ClientRegistry(cfg.clients_dir)
-        self._keys: v1.Keys | None = None
-        self._keys_stamp: tuple[int, int, int, float] | None = None
-        self._server: v2.SigningKey | None = None
-        self._server_stamp: tuple[int, int, int, float] | None = None
-        self._keys_error = ""
+        keys = cfg.keys_file
+        self._keys_file = None if keys is None else KeyFile(keys, load_keys)
+        self._server_file = KeyFile(cfg.server_key_file, load_server_key)
+        self._logged: dict[str, str] = {}  # per key file, the problem last logged
 
     def refresh(self) -> None:
         """Re-read clients_dir if it changed (once per batch): an enrolment, a change or a
@@ -176,39 +205,22 @@ class Verifier:
     def server_key(self) -> v2.SigningKey | None:
         """The v2 server key, read again when the file changed; None: v2 is off (no file).
         Raises KeysError for a file that is there but unusable."""
-        path = self.cfg.server_key_file
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
-        if stamp != self._server_stamp or self._server is None:
-            self._server = load_server_key(path)
-            self._server_stamp = stamp
-        return self._server
+        return self._server_file.current()
 
     def _keys_failed(self, exc: KeysError, what: str) -> Refusal:
-        if str(exc) != self._keys_error:  # once per new problem, not per knock
+        if self._logged.get(what) != str(exc):  # once per new problem, not per knock
             log.error("%s: %s", what, exc)
-            self._keys_error = str(exc)
+            self._logged[what] = str(exc)
         return Refusal(Answer(500), f"{what} unusable: {exc}")
 
     def v1_keys(self) -> v1.Keys:
         """The v1 keys, read again when the file changed; raises KeysError."""
-        path = self.cfg.keys_file
-        if path is None:
+        if self._keys_file is None:
             raise KeysError("v1 is not enabled: no keys_file")
-        try:
-            st = os.stat(path)
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
-        except OSError as exc:
-            raise KeysError(f"{path}: cannot read: {exc.strerror}") from None
-        if stamp != self._keys_stamp or self._keys is None:
-            self._keys = load_keys(path)
-            self._keys_stamp = stamp
-        return self._keys
+        keys = self._keys_file.current()
+        if keys is None:
+            raise KeysError(f"{self._keys_file.path}: cannot read: {os.strerror(errno.ENOENT)}")
+        return keys
 
     def verify(self, req: SpooledRequest, peer: Address, now: float) -> Verified:
         """Verify one request (raises Refusal)."""
@@ -223,7 +235,7 @@ class Verifier:
             keys = self.v1_keys()
         except KeysError as exc:
             raise self._keys_failed(exc, "v1 keys") from None
-        self._keys_error = ""
+        self._logged.pop("v1 keys", None)
         try:
             data, mac = v1.decode_with_mac(keys, req.packet)
         except v1.PacketError as exc:
@@ -271,6 +283,7 @@ class Verifier:
             raise self._keys_failed(exc, "v2 server key") from None
         if server is None:
             raise Refusal(Answer(403), "protocol v2 is not enabled on this instance", bad=True)
+        self._logged.pop("v2 server key", None)
         try:
             kid, _signature, body = v2.split_request(req.packet)
         except v2.V2Error as exc:
