@@ -117,11 +117,12 @@ def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
 
     config = environ.get(cgiconf.ENV_CONFIG) or cgiconf.DEFAULT_CONFIG
     try:
-        if not cgiconf.browser_page_enabled(config):
-            raise Reply(400, "GET: the browser page is off (browser_page = no)")
-        spool_dir, _ = cgiconf.read_cgi_settings(config)
+        spool_dir = cgiconf.read_page_settings(config)
     except cgiconf.CgiConfigError as exc:
         raise Reply(500, f"configuration: {exc}") from None
+    if spool_dir is None:
+        raise Reply(400, "GET: the browser page is off (browser_page = no)")
+    from webknock.protocol.transport import B64URL_ALPHABET
     from webknock.spool import SERVER_KEY_NAME
 
     try:
@@ -131,7 +132,7 @@ def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
             page = fh.read()
     except OSError as exc:
         raise Reply(503, f"browser page: {exc} (is v2 on and webknockd running?)") from None
-    if not server_key.startswith(b"wk2:") or server_key[4:].translate(None, _B64URL):
+    if not server_key.startswith(b"wk2:") or server_key[4:].translate(None, B64URL_ALPHABET):
         raise Reply(503, "browser page: the published server key is malformed")
     nonce = binascii.b2a_base64(os.urandom(18), newline=False)
     body = page.replace(b"__WK_SERVER_KEY__", server_key).replace(b"__WK_NONCE__", nonce)
@@ -147,9 +148,6 @@ def browser_page(environ: dict[str, str]) -> tuple[bytes, str]:
         "X-Frame-Options: DENY\r\nCross-Origin-Opener-Policy: same-origin\r\n"
     )
     return body, headers
-
-
-_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def handle(environ: dict[str, str]) -> tuple[int, str, bytes]:

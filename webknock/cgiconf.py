@@ -77,12 +77,17 @@ def _server_values(path: str) -> dict[str, str]:
     return {**sections.get("DEFAULT", {}), **sections["server"]}
 
 
+def _spool(values: dict[str, str], path: str) -> str:
+    spool = values.get(SPOOL_KEY, "")
+    if not spool.startswith("/"):
+        raise CgiConfigError(f"{path}: [server] {SPOOL_KEY} is not an absolute path")
+    return spool
+
+
 def read_cgi_settings(path: str) -> tuple[str, float]:
     """(spool_dir, result_timeout) of the config at `path`; raises CgiConfigError."""
     merged = _server_values(path)
-    spool = merged.get(SPOOL_KEY, "")
-    if not spool.startswith("/"):
-        raise CgiConfigError(f"{path}: [server] {SPOOL_KEY} is not an absolute path")
+    spool = _spool(merged, path)
     timeout_text = merged.get(TIMEOUT_KEY, "")
     if not timeout_text:
         return spool, DEFAULT_RESULT_TIMEOUT
@@ -99,12 +104,13 @@ TRUE = ("1", "yes", "true", "on")
 FALSE = ("0", "no", "false", "off")
 
 
-def browser_page_enabled(path: str) -> bool:
-    """Whether ``[server] browser_page`` is on in the config at `path` (default no); raises
-    CgiConfigError."""
-    value = _server_values(path).get(BROWSER_KEY, "").lower()
-    if value in TRUE:
-        return True
+def read_page_settings(path: str) -> str | None:
+    """The spool_dir of the config at `path` when ``[server] browser_page`` is on, None
+    when it is off (the default); raises CgiConfigError."""
+    merged = _server_values(path)
+    value = merged.get(BROWSER_KEY, "").lower()
     if value in FALSE or not value:
-        return False
-    raise CgiConfigError(f"{path}: [server] {BROWSER_KEY} must be yes or no")
+        return None
+    if value not in TRUE:
+        raise CgiConfigError(f"{path}: [server] {BROWSER_KEY} must be yes or no")
+    return _spool(merged, path)

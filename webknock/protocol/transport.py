@@ -13,7 +13,7 @@ BLOCK = 512
 #: Largest packet we accept (the original's requests fit in one or two blocks).
 MAX_PACKET = 4 * BLOCK
 
-_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 #: v2 packets: magic, client key id, signature, then a body of 1..MAX_V2_BODY bytes.
@@ -62,7 +62,7 @@ def check_v2_packet(packet: bytes) -> None:
 
 def _b64url(value: bytes) -> bytes:
     value = value.strip().rstrip(b"=")
-    if value.translate(None, _B64URL_ALPHABET):  # anything left is outside the alphabet
+    if value.translate(None, B64URL_ALPHABET):  # anything left is outside the alphabet
         raise TransportError("field is not URL-safe base64")
     std = value.replace(b"-", b"+").replace(b"_", b"/")
     std += b"=" * (-len(std) % 4)
