@@ -448,7 +448,7 @@ PY_SPOOL='
 import sys
 from pathlib import Path
 from webknock.config import SpoolPaths
-from webknock.spooldirs import mount_spool, prepare_spool
+from webknock.spool.mount import mount_spool, prepare_spool
 paths, gid = SpoolPaths(Path(sys.argv[1])), int(sys.argv[2])
 if sys.argv[3] == "mount" and not mount_spool(paths, gid):
     print(f"warning: {paths.root} is not on a tmpfs of its own", file=sys.stderr)
@@ -458,7 +458,7 @@ prepare_spool(paths, gid)
 PY_DAEMON_PID='
 import sys
 from webknock.config import load
-from webknock.daemon import daemon_running
+from webknock.server.daemon import daemon_running
 pid = daemon_running(load(sys.argv[1]))
 if pid:
     print(pid)
@@ -1590,7 +1590,7 @@ cmd_client() {
 remove_spool() { # remove_spool DIR: only the layout webknockd made, then the dir if empty
     local dir=$1 sub
     [[ $dir =~ $PATH_RE ]] && [ "$dir" != / ] && [ -d "$dir" ] || return 0
-    # results, seen: made by earlier versions (webknock.spooldirs.RETIRED)
+    # results, seen: made by earlier versions (webknock.spool.mount.RETIRED)
     for sub in requests claimed rejected seen waits results; do
         rm -rf --one-file-system -- "${dir:?}/$sub"
     done

@@ -157,9 +157,9 @@ def fill_state_and_kernel(config: str, count: int, seconds: float, start: int = 
     """(Inside the server namespace.) Put `count` live tcp/22 grants into the state file and
     the kernel, as a restart would find them; return the seconds the kernel sync took."""
     from webknock.config import load
-    from webknock.firewall import make_firewall
-    from webknock.grants import Grant, GrantKey
-    from webknock.state import StateStore
+    from webknock.server.firewall import make_firewall
+    from webknock.server.grants import Grant, GrantKey
+    from webknock.server.state import StateStore
 
     cfg = load(config)
     now = time.time()

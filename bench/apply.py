@@ -46,10 +46,10 @@ def knock_loop(config: str, start: int, samples: int, budget: float) -> dict[str
     """(Inside the server namespace.) For fresh addresses, one at a time: request written as
     the CGI writes it (its doorbell first) -> the daemon's result read from the doorbell."""
     from webknock.config import load
-    from webknock.doorbell import wait_bell
     from webknock.keys import load_keys
     from webknock.protocol import messages, v1
-    from webknock.spool import (
+    from webknock.spool.doorbell import wait_bell
+    from webknock.spool.request import (
         encode_request,
         install_bell,
         new_request_id,

@@ -81,8 +81,8 @@ def burst(params: dict[str, Any]) -> dict[str, Any]:
 def held(config: str) -> dict[str, Any]:
     """(Inside the server namespace.) Addresses in the kernel and in the state file."""
     from webknock.config import load
-    from webknock.firewall import make_firewall
-    from webknock.state import StateStore
+    from webknock.server.firewall import make_firewall
+    from webknock.server.state import StateStore
 
     cfg = load(config)
     kernel = [str(k.ip) for k in make_firewall(cfg).listed() if k.port == 22]

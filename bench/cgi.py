@@ -50,7 +50,7 @@ from tests.lab import SERVER6, deployment  # noqa: E402
 
 REPLY = "Status: 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n"
 #: Every baseline ends as ours does: answer, flush, and end the process at once
-#: (webknock.cgi.main): an interpreter teardown, which ours never runs, kept the web server
+#: (webknock.cgi.relay.main): an interpreter teardown, which ours never runs, kept the web server
 #: waiting (imports-only measured 18 ms more with it).
 END = """sys.stdout.flush()
 import os
@@ -66,7 +66,7 @@ BASELINES = {
     "print-only": PRINT_ONLY,
     "print-site": PRINT_ONLY,
     "imports-only": f"""import sys
-import webknock.cgi, webknock.cgiconf, webknock.spool, webknock.doorbell
+import webknock.cgi.relay, webknock.cgi.conf, webknock.spool.request, webknock.spool.doorbell
 import webknock.protocol.transport
 sys.stdout.write("{REPLY}")
 {END}""",
@@ -206,8 +206,8 @@ BENCH_SEED = bytes(range(100, 132))
 def enrol(d: Any) -> None:
     """Enrol the bench's v2 client for tcp/2222 (a file in clients_dir, as `webknockctl
     client add` writes it)."""
-    from webknock.clients import Client
     from webknock.protocol.v2 import SigningKey
+    from webknock.server.clients import Client
 
     key = SigningKey.from_seed(BENCH_SEED)
     d.site.clients_dir.mkdir(mode=0o755, exist_ok=True)
@@ -222,7 +222,7 @@ def serve_baselines(d: Any) -> None:
     own body; print-site starts as Python does by default (site, every .pth)."""
     snippet = (d.web.dir / "webknock.conf").read_text()
     ours = str(d.site.cgi)
-    start, found, _ = d.site.cgi.read_text().partition("from webknock.cgi import main")
+    start, found, _ = d.site.cgi.read_text().partition("from webknock.cgi.relay import main")
     if not found:
         raise SystemExit(f"{d.site.cgi}: no import of webknock.cgi to start the baselines from")
     blocks = []

@@ -42,9 +42,9 @@ TARGET_S = 1.0
 def reap_once(config: str, count: int) -> dict[str, Any]:
     """(Inside the server namespace.) Fill, then time one reap of everything."""
     from webknock.config import load
-    from webknock.engine import GrantEngine
-    from webknock.firewall import make_firewall
-    from webknock.state import StateStore
+    from webknock.server.engine import GrantEngine
+    from webknock.server.firewall import make_firewall
+    from webknock.server.state import StateStore
 
     fill_state_and_kernel(config, count, 3600)
     cfg = load(config)

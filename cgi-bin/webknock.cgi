@@ -20,6 +20,6 @@ sys.path.append(
     )
 )
 
-from webknock.cgi import main  # noqa: E402
+from webknock.cgi.relay import main  # noqa: E402
 
 sys.exit(main())

@@ -8,10 +8,11 @@ import pwd
 import time
 from dataclasses import dataclass, field
 
-from webknock import doorbell, spool
 from webknock.config import ServerConfig
 from webknock.fsutil import write_atomic
 from webknock.protocol import messages, v1
+from webknock.spool import REQUEST_SUFFIX, doorbell
+from webknock.spool import request as spool
 
 WEB = pwd.getpwnam("www-data")
 
@@ -100,7 +101,7 @@ def submit(
         if keys is None:
             raise ValueError("submit needs keys or a payload")
         payload = frame(openports_packet(keys, ip, ports, time_), remote or ip)
-    path = cfg.spool.requests / f"{waiting.rid}{spool.REQUEST_SUFFIX}"
+    path = cfg.spool.requests / f"{waiting.rid}{REQUEST_SUFFIX}"
     write_atomic(path, payload, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
     return waiting
 

@@ -19,8 +19,8 @@ from tests import cgi_side
 from webknock.config import ServerConfig, load
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import mount_spool, prepare_spool
-from webknock.state import StateStore
+from webknock.server.state import StateStore
+from webknock.spool.mount import mount_spool, prepare_spool
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS_FILE = REPO / "tests" / "vectors" / "v1.json"
@@ -38,7 +38,7 @@ def close_bells() -> Iterator[None]:
 def isolated_logging() -> Iterator[None]:
     """Every CLI's main() configures logging for its process; in one test process that
     would leave handlers bound to an earlier test's captured (closed) stderr."""
-    names = ("webknock", "webknock.events", "webknock.audit", "urllib3")
+    names = ("webknock", "webknock.server.events", "webknock.server.audit", "urllib3")
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in names)]
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     yield
@@ -128,7 +128,7 @@ def v1_keys_file(cfg: ServerConfig) -> Path:
 def install_correctly(base: Path, keys: Keys, **overrides: str) -> Path:
     """A correct installation under `base` (root 0755, as /etc/webknock would be): config
     0644, keys root 0600, the spool on its own tmpfs (the caller unmounts it:
-    :func:`webknock.spooldirs.unmount_spool`) and laid out, the state file; return the
+    :func:`webknock.spool.mount.unmount_spool`) and laid out, the state file; return the
     config."""
     web_gid = pwd.getpwnam("www-data").pw_gid
     os.chmod(base, 0o755)

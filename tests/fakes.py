@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from webknock.config import ServerConfig
-from webknock.daemon import Daemon
-from webknock.engine import GrantEngine, Limits
-from webknock.events import EventBus, Sink
-from webknock.firewall.base import Firewall, FirewallError, FirewallSettings
-from webknock.grants import Entry, GrantKey
-from webknock.spooldirs import WebIdentity, prepare_spool
-from webknock.state import StateStore
+from webknock.server.daemon import Daemon
+from webknock.server.engine import GrantEngine, Limits
+from webknock.server.events import EventBus, Sink
+from webknock.server.firewall.base import Firewall, FirewallError, FirewallSettings
+from webknock.server.grants import Entry, GrantKey
+from webknock.server.state import StateStore
+from webknock.spool.mount import WebIdentity, prepare_spool
 
 SETTINGS = FirewallSettings(
     instance="webknock",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from webknock import ini
-from webknock.cgiconf import DEFAULT_RESULT_TIMEOUT, FALSE, TRUE
+from webknock.cgi.conf import DEFAULT_RESULT_TIMEOUT, FALSE, TRUE
 from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
 
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
@@ -37,7 +37,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SpoolPaths:
-    """The spool of one instance (layout: :mod:`webknock.spool`); the web user and root
+    """The spool of one instance (layout: :mod:`webknock.spool.request`); the web user and root
     never share a writable directory except ``requests`` and ``waits`` (doorbells), both
     sticky and root-owned."""
 

@@ -40,7 +40,7 @@ from tests.lab import (
     deployment,
 )
 from webknock.protocol import messages, transport, v1
-from webknock.spool_reader import request_name_id
+from webknock.spool.reader import request_name_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -318,7 +318,7 @@ def grant_rules(d: Deployment) -> list[str]:
 
 def bad_packet_counts(d: Deployment) -> dict[str, int]:
     """webknockd's bad-packet counts per prefix, from its state file."""
-    from webknock.state import StateStore
+    from webknock.server.state import StateStore
 
     return {p: c for p, c, _ in StateStore(d.site.state).read().load_failures(0)}
 

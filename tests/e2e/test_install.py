@@ -58,7 +58,7 @@ from webknock.client.profile import load_profile
 from webknock.config import SpoolPaths, load
 from webknock.keys import load_keys
 from webknock.protocol import messages, transport, v1
-from webknock.spooldirs import layout
+from webknock.spool.mount import layout
 
 pytestmark = pytest.mark.e2e
 
@@ -551,8 +551,8 @@ def test_web_user_runs_the_installed_cgi_without_writing(rooted: Rooted) -> None
             "--init-groups",
             r.python,
             "-c",
-            "import webknock.cgi, webknock.config, webknock.keys, "
-            "webknock.protocol.v1, webknock.spool, webknock.doorbell",
+            "import webknock.cgi.relay, webknock.config, webknock.keys, "
+            "webknock.protocol.v1, webknock.spool.request, webknock.spool.doorbell",
         ]
     )
     ok(proc)

@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.lab import (
     CLIENT4,
     CLIENT6,
@@ -51,15 +52,15 @@ from tests.lab import (
     deployment,
     wait_until,
 )
-from webknock import spool as wkspool
 from webknock.protocol import messages, transport, v1
+from webknock.spool import request as wkspool
 
 REPO = Path(__file__).resolve().parents[2]
 #: How fcgiwrap is started in the lab (tests/lab Nginx): the web user, its groups.
 WEB_USER = ["setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups"]
 CLIENT_BOOT = "from tests.e2e.test_root_side import client_main; client_main()"
 WEB_BOOT = "from tests.e2e.test_root_side import web_user_main; web_user_main()"
-#: webknockd's housekeeping period (webknock.daemon.PRUNE_EVERY), plus slack.
+#: webknockd's housekeeping period (webknock.server.daemon.PRUNE_EVERY), plus slack.
 ROUND = 10.0 + 1.5
 MiB = 1024 * 1024
 
@@ -122,7 +123,7 @@ def _errno_name(exc: OSError) -> str:
 def _write_file(path: Path, item: dict[str, Any], now: float) -> None:
     """A regular file, written under a temp name of the CGI's pattern and renamed into place
     (so the daemon never reads it half-written)."""
-    tmp = path.parent / f".{wkspool.new_request_id()}{wkspool.TEMP_SUFFIX}"
+    tmp = path.parent / f".{wkspool.new_request_id()}{spool_layout.TEMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, bytes.fromhex(item.get("hex", "")))
@@ -144,7 +145,7 @@ def _write_file(path: Path, item: dict[str, Any], now: float) -> None:
 def _make_dir(path: Path, depth: int) -> None:
     """A directory holding a file (under `depth` nested directories), mode 0500 all the way
     down: what root without CAP_DAC_OVERRIDE cannot empty as it is."""
-    tmp = path.parent / f".{wkspool.new_request_id()}{wkspool.TEMP_SUFFIX}"
+    tmp = path.parent / f".{wkspool.new_request_id()}{spool_layout.TEMP_SUFFIX}"
     levels = [tmp]
     for _ in range(depth):
         levels.append(levels[-1] / "d")
@@ -186,11 +187,11 @@ def _make_entry(path: Path, item: dict[str, Any], now: float) -> None:
 def _make_bell(root: Path, rid: str, kind: str, target: str) -> tuple[int, list[Path]]:
     """What the web user puts at waits/<rid> before the request: a doorbell as the CGI
     makes it, or something for root to write into. Returns (read end or -1, paths)."""
-    path = root / wkspool.WAITS_DIR / rid
+    path = root / spool_layout.WAITS_DIR / rid
     if kind == "fifo":
         return wkspool.install_bell(str(path)), [path]
     if kind == "hardlinked":  # our doorbell under another id, linked as this one
-        other = root / wkspool.WAITS_DIR / wkspool.new_request_id()
+        other = root / spool_layout.WAITS_DIR / wkspool.new_request_id()
         fd = wkspool.install_bell(str(other))
         os.link(other, path)
         return fd, [other, path]
@@ -213,7 +214,7 @@ def plant(spec: dict[str, Any]) -> dict[str, Any]:
     `spec["wait"]` seconds for the answers rung into the doorbells; per item label: what
     creating gave (ok or an errno name), the answers (status, or none), and the size of
     regular files put where a doorbell belongs."""
-    from webknock import doorbell
+    from webknock.spool import doorbell
 
     root = Path(spec["spool"])
     now = time.time()
@@ -231,7 +232,7 @@ def plant(spec: dict[str, Any]) -> dict[str, Any]:
                     if fd >= 0:
                         bells.append((item["label"], fd, paths))
                     elif item["bell"] == "file":
-                        traps.append((item["label"], root / wkspool.WAITS_DIR / rid))
+                        traps.append((item["label"], root / spool_layout.WAITS_DIR / rid))
                 _make_entry(path, item, now)
                 res["made"]["ok"] += 1
             except OSError as exc:
@@ -529,7 +530,7 @@ def forged_requests(d: Deployment, canary: Path) -> list[dict[str, Any]]:
         raw("frame version 1", good_head.replace(b"spool 2", b"spool 1") + junk),
         raw("frame version 3", good_head.replace(b"spool 2", b"spool 3") + junk),
         raw("old JSON request", old_json),
-        raw("headers reordered", wkspool.MAGIC + b"remote=192.0.2.10\nfield=v1\n" + junk),
+        raw("headers reordered", spool_layout.MAGIC + b"remote=192.0.2.10\nfield=v1\n" + junk),
         raw("header NUL", good_head.replace(b"forged", b"for\0ged") + junk),
         raw("no empty line", good_head[:-1] + junk),
         raw("field v3", good_head.replace(b"field=v1", b"field=v3") + junk),
@@ -635,7 +636,7 @@ def test_web_user_forgeries_open_nothing(site: Deployment) -> None:
     assert wait_until(lambda: not left(), ROUND + 2), left()
     for name in spool_entries(d, "rejected"):  # kept for the admin: small regular files only
         st = os.lstat(d.site.spool / "rejected" / name)
-        assert stat.S_ISREG(st.st_mode) and st.st_size <= wkspool.MAX_REQUEST_BYTES, name
+        assert stat.S_ISREG(st.st_mode) and st.st_size <= spool_layout.MAX_REQUEST_BYTES, name
     log = daemon_log(d, offset)
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
@@ -784,7 +785,7 @@ def test_bad_packets_are_throttled_but_a_valid_knock_is_not(site: Deployment) ->
     assert d.agent.tcp_open(SERVER4, CLIENT4, 22) and d.agent.tcp_open(SERVER6, OTHER6, 22)
     assert sorted(g["ip"] for g in d.list_json()) == [CLIENT4, OTHER6]
 
-    from webknock.state import StateStore
+    from webknock.server.state import StateStore
 
     counts = {p: c for p, c, _ in StateStore(d.site.state).read().load_failures(0)}
     assert counts == {"192.0.2.10/32": limit + 1, "192.0.2.20/32": 1, "2001:db8::/64": limit + 1}

@@ -399,7 +399,7 @@ class Site:
         import grp
 
         from webknock.config import SpoolPaths
-        from webknock.spooldirs import mount_spool
+        from webknock.spool.mount import mount_spool
 
         if not mount_spool(SpoolPaths(self.spool), grp.getgrnam("www-data").gr_gid):
             raise LabError(f"cannot mount a tmpfs on {self.spool}")
@@ -441,7 +441,7 @@ class Site:
         return env
 
     def ctl(self, ns: Netns, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [str(self.python), "-m", "webknock.ctl", "--config", str(self.config), *args]
+        argv = [str(self.python), "-m", "webknock.ctl.cli", "--config", str(self.config), *args]
         return ns.run(argv, check=check, env=self.env())
 
     def start_daemon(self, ns: Netns) -> None:
@@ -453,7 +453,7 @@ class Site:
             f"--bounding-set={unit_bounding_set()}",
             str(self.python),
             "-m",
-            "webknock.daemon",
+            "webknock.server.daemon",
             "--config",
             str(self.config),
             "-v",
@@ -485,7 +485,7 @@ class Site:
 
     def close(self) -> None:
         from webknock.config import SpoolPaths
-        from webknock.spooldirs import unmount_spool
+        from webknock.spool.mount import unmount_spool
 
         self.stop_daemon()
         unmount_spool(SpoolPaths(self.spool))

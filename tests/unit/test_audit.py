@@ -20,14 +20,14 @@ import pytest
 from tests.cgi_side import frame, openports_packet, submit
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import ctl
-from webknock import daemon as daemon_mod
 from webknock.addresses import parse_address
-from webknock.audit import AuditSink, parse_when, record, trail_files
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
-from webknock.events import Event
+from webknock.ctl import cli as ctl
 from webknock.protocol.v1 import Keys
+from webknock.server import daemon as daemon_mod
+from webknock.server.audit import AuditSink, parse_when, record, trail_files
+from webknock.server.daemon import Daemon
+from webknock.server.events import Event
 
 UA = "webknock-client/1.0 (audit test)"
 
@@ -173,9 +173,9 @@ def test_control_characters_in_the_agent_stay_on_one_line(tmp_path: Path) -> Non
 
 
 def test_journal_when_no_file(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="webknock.audit")
+    caplog.set_level(logging.INFO, logger="webknock.server.audit")
     AuditSink(None)(Event("revoke", 2.0, "x", "192.0.2.1", "tcp", 22, 9, reason="r"))
-    (rec,) = [r for r in caplog.records if r.name == "webknock.audit"]
+    (rec,) = [r for r in caplog.records if r.name == "webknock.server.audit"]
     assert json.loads(rec.getMessage())["event"] == "revoke"
 
 
@@ -421,7 +421,7 @@ def test_parse_when_relative_units() -> None:
     ],
 )
 def test_log_ip_matches_network_grants_that_overlap_it(ip: str, found: bool) -> None:
-    from webknock.audit import matches, parse_network
+    from webknock.server.audit import matches, parse_network
 
     rec = {"time": 1.0, "event": "open", "ip": "198.51.100.0/24", "peer": "198.51.100.7"}
     kw: dict[str, Any] = {"since": None, "until": None, "kinds": frozenset()}

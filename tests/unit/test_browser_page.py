@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.conftest import REPO
 from tests.unit.test_cgi import Cgi, make_cgi
-from webknock import spool
 from webknock.protocol import v1, v2
 
-PAGE = REPO / "webknock" / "web" / "page.html"
+PAGE = REPO / "webknock" / "cgi" / "page.html"
 MAX_PAGE = 60 * 1024
 CSP = (
     "default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; connect-src 'self'; "
@@ -73,7 +73,7 @@ def server_key() -> v2.SigningKey:
 def page_cgi(tmp_path: Path, vector_keys: v1.Keys, server_key: v2.SigningKey) -> Cgi:
     """A CGI with the browser page on and the server key published, as webknockd does."""
     cgi = make_cgi(tmp_path, vector_keys, browser_page="yes")
-    (cgi.spool.root / spool.SERVER_KEY_NAME).write_text(server_key.public_text() + "\n")
+    (cgi.spool.root / spool_layout.SERVER_KEY_NAME).write_text(server_key.public_text() + "\n")
     return cgi
 
 
@@ -199,7 +199,9 @@ def test_no_inline_event_handlers_or_styles() -> None:
 @pytest.mark.parametrize("setting", ["no", ""])
 def test_off_unless_configured(tmp_path: Path, vector_keys: v1.Keys, setting: str) -> None:
     cgi = make_cgi(tmp_path, vector_keys, browser_page=setting)
-    (cgi.spool.root / spool.SERVER_KEY_NAME).write_text(v2.SigningKey.generate().public_text())
+    (cgi.spool.root / spool_layout.SERVER_KEY_NAME).write_text(
+        v2.SigningKey.generate().public_text()
+    )
     status, headers, page = get(cgi)
     assert status == 400 and page == ""
     assert "Content-Security-Policy" not in headers
@@ -207,10 +209,10 @@ def test_off_unless_configured(tmp_path: Path, vector_keys: v1.Keys, setting: st
 
 def test_503_while_no_server_key_is_published(tmp_path: Path, vector_keys: v1.Keys) -> None:
     cgi = make_cgi(tmp_path, vector_keys, browser_page="yes")
-    assert not (cgi.spool.root / spool.SERVER_KEY_NAME).exists()
+    assert not (cgi.spool.root / spool_layout.SERVER_KEY_NAME).exists()
     status, headers, page = get(cgi)
     assert status == 503 and page == ""
     assert "Content-Security-Policy" not in headers
-    (cgi.spool.root / spool.SERVER_KEY_NAME).write_text("wk2:not<b>a key\n")
+    (cgi.spool.root / spool_layout.SERVER_KEY_NAME).write_text("wk2:not<b>a key\n")
     status, _, page = get(cgi)
     assert status == 503 and page == "", "a malformed published key is not embedded"

@@ -22,14 +22,15 @@ from typing import Any
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.cgi_side import WEB, getinfo_packet, openports_packet
 from tests.conftest import REPO, write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import doorbell, spool
 from webknock.config import SpoolPaths, load
 from webknock.protocol import messages, transport, v1
-from webknock.spool_reader import SpooledRequest, parse_request, request_name_id
-from webknock.spooldirs import prepare_spool
+from webknock.spool import doorbell
+from webknock.spool.mount import prepare_spool
+from webknock.spool.reader import SpooledRequest, parse_request, request_name_id
 
 #: Who may own a doorbell the daemon answers through: the web user, or root (the CGI
 #: runs as root in these tests).
@@ -140,7 +141,7 @@ class Cgi:
             **(extra or {}),
         }
         proc = subprocess.run(
-            [sys.executable, "-c", "from webknock.cgi import main; main()"],
+            [sys.executable, "-c", "from webknock.cgi.relay import main; main()"],
             input=body,
             capture_output=True,
             env=env,
@@ -353,7 +354,7 @@ def test_the_frame_holds_the_request_as_received(cgi: Cgi) -> None:
     extra = {"HTTP_X_FORWARDED_FOR": forwarded, "HTTP_USER_AGENT": agent}  # agent: not UTF-8
     with PlayDaemon(cgi.spool, answers(200, body=b"sealed")) as daemon:
         assert cgi.call(v1_body(packet), remote=remote, extra=extra)[0] == 200
-    limits = spool.HEADER_LIMITS
+    limits = spool_layout.HEADER_LIMITS
     want = (
         b"webknock-spool 2\n"
         b"field=v1\n"
@@ -375,7 +376,9 @@ def test_missing_headers_are_relayed_empty(cgi: Cgi) -> None:
     env = {"REMOTE_ADDR": ""}
     with PlayDaemon(cgi.spool, answers(500)) as daemon:
         assert cgi.call(v1_body(packet), extra=env)[0] == 500
-    assert daemon.frames == [spool.MAGIC + b"field=v1\nremote=\nforwarded=\nagent=\n\n" + packet]
+    assert daemon.frames == [
+        spool_layout.MAGIC + b"field=v1\nremote=\nforwarded=\nagent=\n\n" + packet
+    ]
 
 
 def form(kind: str, v1_packet: bytes, v2_body: bytes) -> bytes:

@@ -19,7 +19,7 @@ from tests.conftest import REPO, write_instance
 from tests.unit.test_cgi import PlayDaemon, answers, v2_form
 from webknock.config import SpoolPaths, load
 from webknock.protocol import transport, v1
-from webknock.spooldirs import prepare_spool
+from webknock.spool.mount import prepare_spool
 
 #: Runs the CGI in a fresh interpreter started as the shipped shim starts it (``-I -S``)
 #: and reports the modules it ended with, every process it tried to start (audit hooks
@@ -33,7 +33,8 @@ order = []
 def hook(event, args):
     if event == "import" and args[0].startswith("webknock"):
         order.append("import " + args[0])
-    elif event == "open" and isinstance(args[0], str) and "/spool/" in args[0]:
+    elif (event == "open" and isinstance(args[0], str) and "/spool/" in args[0]
+            and "/webknock/spool/" not in args[0]):
         order.append("open " + os.path.basename(args[0]))
     elif event == "os.rename":
         order.append("rename " + os.path.basename(args[1]))
@@ -41,7 +42,7 @@ def hook(event, args):
         import traceback
         spawned.append(event + ": " + "".join(traceback.format_stack(limit=12)))
 sys.addaudithook(hook)
-from webknock.cgi import main
+from webknock.cgi.relay import main
 main(detach=False)  # the web server's CGI ends in main(); the probe reports after it
 modules = sorted(sys.modules)
 import json
@@ -50,7 +51,7 @@ with open(os.environ["PROBE_REPORT"], "w") as fh:
 """
 
 #: Never on any CGI path. Crypto and keys are webknockd's (the CGI holds no secret); the
-#: config is read by webknock.cgiconf, without configparser; JSON, regular expressions,
+#: config is read by webknock.cgi.conf, without configparser; JSON, regular expressions,
 #: address parsing, typing and dataclasses each cost milliseconds per knock; and neither
 #: the daemon's side of the spool nor the client's HTTP library has any business here.
 NEVER = {
@@ -82,16 +83,16 @@ NEVER = {
     "filelock",
     "inotify_simple",  # the CGI waits on its doorbell, which needs no library
     "termios",
-    "webknock.spool_reader",
-    "webknock.verify",
-    "webknock.guard",
-    "webknock.grants",
-    "webknock.state",
-    "webknock.engine",
-    "webknock.daemon",
+    "webknock.spool.reader",
+    "webknock.server.verify",
+    "webknock.server.guard",
+    "webknock.server.grants",
+    "webknock.server.state",
+    "webknock.server.engine",
+    "webknock.server.daemon",
 }
 #: Not before a request passed the cheap screen (method, length, shape of the packet).
-SPOOL = {"webknock.cgiconf", "webknock.spool"}
+SPOOL = {"webknock.cgi.conf", "webknock.spool.request"}
 
 
 @pytest.fixture
@@ -264,7 +265,7 @@ def test_web_server_gets_end_of_file_and_the_process_ends_with_the_answer() -> N
     that never happen)."""
     code = (
         "import os, time\n"
-        "from webknock.cgi import main\n"
+        "from webknock.cgi.relay import main\n"
         "main()\n"
         "os.write(1, b'late')\n"
         "time.sleep(3)\n"
@@ -294,6 +295,6 @@ def test_a_get_with_the_browser_page_off_reads_only_its_setting(
     that one setting, before anything of the spool is loaded."""
     got = probe(tmp_path, instance, b"", "GET")
     assert got["status"] == 400
-    assert "webknock.cgiconf" in got["modules"] and "webknock.spool" not in got["modules"]
+    assert "webknock.cgi.conf" in got["modules"] and "webknock.spool.request" not in got["modules"]
     assert top_level(got["modules"]) & NEVER == set()
     assert got["spawned"] == []

@@ -1,4 +1,4 @@
-"""webknock.cgiconf: the CGI's two settings (spool_dir, result_timeout) read without
+"""webknock.cgi.conf: the CGI's two settings (spool_dir, result_timeout) read without
 configparser. Wherever webknock.config.load accepts a file, the CGI must read the same two
 values from it, or refuse it (a 500 the admin sees in the log): never another spool or
 timeout than webknockd's."""
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from webknock import cgiconf
-from webknock.cgiconf import CgiConfigError, read_cgi_settings
+from webknock.cgi import conf as cgiconf
+from webknock.cgi.conf import CgiConfigError, read_cgi_settings
 from webknock.config import ConfigError, load
 
 #: The rest of a config webknock.config.load accepts.

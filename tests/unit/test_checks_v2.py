@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_instance
-from webknock import ctl, firewall
-from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
+from webknock.ctl import cli as ctl
 from webknock.filemodes import Problem
 from webknock.keys import create_server_key
 from webknock.protocol.v1 import Keys
 from webknock.protocol.v2 import SigningKey
+from webknock.server import firewall
+from webknock.server.checks import check_installation
 
 KEY = SigningKey.generate().public_text()
 NOBODY = pwd.getpwnam("nobody").pw_uid

@@ -1,4 +1,4 @@
-"""Enrolled v2 clients (webknock.clients): one file per client, parsed with the line at
+"""Enrolled v2 clients (webknock.server.clients): one file per client, parsed with the line at
 fault named, the directory loaded with every unusable file skipped, and re-read on change."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from webknock.clients import (
+from webknock.protocol import v2
+from webknock.server.clients import (
     MAX_FILE,
     Client,
     ClientError,
@@ -19,7 +20,6 @@ from webknock.clients import (
     load_clients,
     parse_client,
 )
-from webknock.protocol import v2
 
 ALICE = v2.SigningKey.from_seed(bytes(range(32)))
 BOB = v2.SigningKey.from_seed(bytes(range(1, 33)))
@@ -415,16 +415,16 @@ def stamp(path: Path, seconds: int) -> None:
 def test_the_registry_rereads_on_change_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import webknock.clients
+    import webknock.server.clients
 
     loads: list[Path] = []
-    real = webknock.clients.load_clients
+    real = webknock.server.clients.load_clients
 
     def counting(directory: Path) -> tuple[dict[str, Client], list[Problem]]:
         loads.append(directory)
         return real(directory)
 
-    monkeypatch.setattr(webknock.clients, "load_clients", counting)
+    monkeypatch.setattr(webknock.server.clients, "load_clients", counting)
     d = tmp_path / "clients"
     registry = ClientRegistry(d)
     assert registry.refresh() is True  # first look: nothing there

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import MemoryFirewall
-from webknock import ctl, daemon
+from webknock.ctl import cli as ctl
+from webknock.server import daemon
 
 
 @pytest.fixture
@@ -123,12 +124,12 @@ def test_grant_and_revoke_print_only_what_they_did(
     """No INFO event lines or raw audit JSON on the admin's terminal (those are the daemon
     log's and the audit trail's)."""
     from tests.fakes import MemoryFirewall
-    from webknock import ctl
-    from webknock.audit import AuditSink
     from webknock.config import load
-    from webknock.engine import GrantEngine
-    from webknock.events import EventBus, log_sink
-    from webknock.state import StateStore
+    from webknock.ctl import cli as ctl
+    from webknock.server.audit import AuditSink
+    from webknock.server.engine import GrantEngine
+    from webknock.server.events import EventBus, log_sink
+    from webknock.server.state import StateStore
 
     cfg = load(instance_config)
     engine = GrantEngine(
@@ -152,7 +153,7 @@ def test_network_grants_are_listed_as_networks_and_revoked_by_address_or_network
     import ipaddress
 
     from webknock.config import load
-    from webknock.grants import GrantRequest
+    from webknock.server.grants import GrantRequest
 
     engine = ctl._engine(load(instance_config))
 

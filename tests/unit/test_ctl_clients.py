@@ -18,13 +18,14 @@ import pytest
 
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
-from webknock import ctl, daemon
-from webknock.clients import load_clients
 from webknock.config import ServerConfig, load
-from webknock.grants import GrantRequest
+from webknock.ctl import cli as ctl
 from webknock.keys import load_server_key
 from webknock.protocol.v1 import Keys
 from webknock.protocol.v2 import SigningKey, key_id, parse_public_key
+from webknock.server import daemon
+from webknock.server.clients import load_clients
+from webknock.server.grants import GrantRequest
 
 URL = "https://knock.example.org/wk"
 OTHER = SigningKey.generate().public_text()  # a second client's key

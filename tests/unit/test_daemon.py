@@ -14,6 +14,7 @@ from unittest.mock import ANY
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.cgi_side import (
     WEB,
     Waiting,
@@ -26,21 +27,21 @@ from tests.cgi_side import (
 )
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import spool
 from webknock.config import ServerConfig, load
-from webknock.daemon import (
+from webknock.fsutil import write_atomic
+from webknock.protocol.v1 import Keys
+from webknock.server.daemon import (
     PRUNE_EVERY,
     AlreadyRunning,
     Daemon,
     acquire_daemon_lock,
     daemon_running,
 )
-from webknock.engine import GrantEngine
-from webknock.events import Event, EventBus
-from webknock.fsutil import write_atomic
-from webknock.protocol.v1 import Keys
-from webknock.spooldirs import WebIdentity, prepare_spool
-from webknock.state import StateStore
+from webknock.server.engine import GrantEngine
+from webknock.server.events import Event, EventBus
+from webknock.server.state import StateStore
+from webknock.spool import request as spool
+from webknock.spool.mount import WebIdentity, prepare_spool
 
 Setup = tuple[Daemon, ServerConfig, MemoryFirewall, list[Event]]
 GRANTED = {"success": True, "expires": ANY}
@@ -57,7 +58,7 @@ def daemon(instance_config: Path) -> Iterator[Setup]:
 def spool_as(cfg: ServerConfig, rid: str, payload: bytes) -> Waiting:
     """Spool `payload` under the request id `rid` (batches are claimed in name order)."""
     waiting = open_bell(cfg, rid)
-    path = cfg.spool.requests / f"{rid}{spool.REQUEST_SUFFIX}"
+    path = cfg.spool.requests / f"{rid}{spool_layout.REQUEST_SUFFIX}"
     write_atomic(path, payload, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
     return waiting
 

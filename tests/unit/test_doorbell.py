@@ -17,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.cgi_side import WEB, frame, reply, submit
 from tests.conftest import REPO, write_instance
 from tests.fakes import memory_daemon
 from tests.lab import unit_bounding_set
-from webknock import doorbell, spool
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
 from webknock.protocol.v1 import Keys
+from webknock.server.daemon import Daemon
+from webknock.spool import doorbell
+from webknock.spool import request as spool
 
 ME = frozenset({os.getuid()})
 THEIRS = frozenset({WEB.pw_uid})
@@ -139,7 +141,7 @@ def test_parse_refuses_every_malformed_answer(data: bytes) -> None:
 def test_install_wait_deliver_remove(bells: Path) -> None:
     path = str(bells / "a")
     fd = spool.install_bell(path)
-    assert os.stat(path).st_mode & 0o7777 == spool.BELL_MODE, "whatever the umask"
+    assert os.stat(path).st_mode & 0o7777 == spool_layout.BELL_MODE, "whatever the umask"
     assert doorbell.wait_bell(fd, 0.01) is None, "no answer yet: the wait times out"
     assert doorbell.deliver(path, ME, ANSWER)
     assert doorbell.wait_bell(fd, 5) == (200, "", BODY)
@@ -156,7 +158,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
     os.chown(path, WEB.pw_uid, WEB.pw_gid)
     os.chmod(bells, 0o1730)
     code = (
-        "import sys; from webknock import doorbell; "
+        "import sys; from webknock.spool import doorbell; "
         f"sys.exit(0 if doorbell.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {ANSWER!r}) else 1)"
     )
     caps = unit_bounding_set()

@@ -10,10 +10,10 @@ import pytest
 
 from tests.fakes import MemoryFirewall
 from webknock.addresses import Address
-from webknock.engine import GrantEngine, Limits
-from webknock.events import Event, EventBus
-from webknock.grants import Entry, GrantKey, GrantRequest
-from webknock.state import StateStore
+from webknock.server.engine import GrantEngine, Limits
+from webknock.server.events import Event, EventBus
+from webknock.server.grants import Entry, GrantKey, GrantRequest
+from webknock.server.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
 B = ipaddress.ip_address("2001:db8::10")

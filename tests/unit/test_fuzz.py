@@ -27,13 +27,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import webknock.spool as spool_layout
 from tests.conftest import REPO, VECTORS_FILE, write_instance
-from webknock import addresses, cgi, spool
+from webknock import addresses
+from webknock.cgi import relay as cgi
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
-from webknock.spool_reader import SpooledRequest, SpoolError, parse_request, read_request
-from webknock.spooldirs import prepare_spool
-from webknock.verify import Refusal, Verified, Verifier
+from webknock.server.verify import Refusal, Verified, Verifier
+from webknock.spool import request as spool
+from webknock.spool.mount import prepare_spool
+from webknock.spool.reader import SpooledRequest, SpoolError, parse_request, read_request
 
 CORPUS = REPO / "tests" / "fuzz"
 EXAMPLES = int(os.environ.get("WEBKNOCK_FUZZ_EXAMPLES", "150"))
@@ -149,9 +152,15 @@ def check_spool_request(data: bytes) -> None:
     except SpoolError as exc:
         assert "\n" not in str(exc)
         return
-    values = zip(spool.HEADERS, (req.protocol, req.remote, req.forwarded, req.agent), strict=True)
+    values = zip(
+        spool_layout.HEADERS, (req.protocol, req.remote, req.forwarded, req.agent), strict=True
+    )
     for name, value in values:
-        assert len(value) <= spool.HEADER_LIMITS[name] and value.isascii() and value.isprintable()
+        assert (
+            len(value) <= spool_layout.HEADER_LIMITS[name]
+            and value.isascii()
+            and value.isprintable()
+        )
     assert req.protocol in ("v1", "v2")
     assert (
         spool.encode_request(req.protocol, req.remote, req.forwarded, req.agent, req.packet) == data
@@ -162,7 +171,9 @@ def check_frame(protocol: str, remote: str, forwarded: str, agent: str, packet: 
     """Whatever the CGI frames, root reads back what it meant: the headers as cleaned by
     header_value, the packet unchanged; refused only for a packet of the wrong shape."""
     frame = spool.encode_request(protocol, remote, forwarded, agent, packet)
-    assert len(frame) <= spool.MAX_REQUEST_BYTES or len(packet) > spool.MAX_PACKET_BYTES
+    assert (
+        len(frame) <= spool_layout.MAX_REQUEST_BYTES or len(packet) > spool_layout.MAX_PACKET_BYTES
+    )
     try:
         req = parse_request(RID, frame)
     except SpoolError:  # only for the packet's shape
@@ -170,7 +181,7 @@ def check_frame(protocol: str, remote: str, forwarded: str, agent: str, packet: 
         with pytest.raises(transport.TransportError):
             shape(packet)
         return
-    limits = spool.HEADER_LIMITS
+    limits = spool_layout.HEADER_LIMITS
     assert req.protocol == protocol and req.packet == packet
     assert req.remote.encode() == spool.header_value(remote, limits["remote"])
     assert req.forwarded.encode() == spool.header_value(forwarded, limits["forwarded"])
@@ -238,7 +249,7 @@ def check_cgi(site: Site, method: str, length: str, body: bytes) -> None:
     assert int(length) <= cgi.MAX_BODY
     req = parse_request(RID, got)
     found = cgi.packet_field(body[: int(length)])
-    assert found is not None and spool.FIELDS[found[0]] == req.protocol
+    assert found is not None and spool_layout.FIELDS[found[0]] == req.protocol
     decode = transport.decode_field if req.protocol == "v1" else transport.decode_v2_field
     assert decode(found[1]) == req.packet
     assert req.remote == "192.0.2.10" and req.forwarded == "" and req.agent == ""

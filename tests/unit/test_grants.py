@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from webknock.addresses import parse_opened, prefix_of
-from webknock.grants import GrantKey, GrantRequest
+from webknock.server.grants import GrantKey, GrantRequest
 
 ip = ipaddress.ip_address
 

@@ -1,4 +1,4 @@
-"""Replay marks and the bad-packet throttle (webknock.guard), root's alone in the state file:
+"""Replay marks and the bad-packet throttle (webknock.server.guard), root's alone in the state file:
 a packet applies once, a copy relayed from elsewhere first spoils nothing, junk from one
 address prefix is throttled without locking out a valid client, and all of it survives a
 restart of webknockd."""
@@ -26,18 +26,18 @@ from tests.cgi_side import (
 )
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import guard as guard_mod
 from webknock.addresses import parse_address
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
-from webknock.engine import Outcome
-from webknock.events import Event
 from webknock.fsutil import write_atomic
-from webknock.grants import GrantRequest
-from webknock.guard import Guard
 from webknock.protocol import messages, v1
 from webknock.protocol.v1 import Keys
-from webknock.state import StateStore
+from webknock.server import guard as guard_mod
+from webknock.server.daemon import Daemon
+from webknock.server.engine import Outcome
+from webknock.server.events import Event
+from webknock.server.grants import GrantRequest
+from webknock.server.guard import Guard
+from webknock.server.state import StateStore
 
 GRANTED = {"success": True, "expires": ANY}
 REPLAYED = (403, "", b"")
@@ -396,7 +396,7 @@ def test_a_failed_commit_keeps_the_counts_for_the_next(
     store = StateStore(path)
     g = Guard(store, ts_window=15, limit=3, window=60)
     g.failed(parse_address("192.0.2.1"), NOW)
-    from webknock.state import StateError, StateTx
+    from webknock.server.state import StateError, StateTx
 
     def refuse(self: StateTx, counts: object) -> None:
         raise StateError("disk full")

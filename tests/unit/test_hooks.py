@@ -16,12 +16,12 @@ import pytest
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall
 from webknock.config import ConfigError, ServerConfig, load
-from webknock.engine import GrantEngine, Limits
-from webknock.events import Event, EventBus
-from webknock.grants import GrantRequest
-from webknock.hooks import HookRunner, hook_problems, hooks_sink, load_hooks
 from webknock.protocol.v1 import Keys
-from webknock.state import StateStore
+from webknock.server.engine import GrantEngine, Limits
+from webknock.server.events import Event, EventBus
+from webknock.server.grants import GrantRequest
+from webknock.server.hooks import HookRunner, hook_problems, hooks_sink, load_hooks
+from webknock.server.state import StateStore
 
 
 def script(path: Path, body: str, mode: int = 0o755) -> Path:
@@ -243,7 +243,7 @@ def test_bad_settings_are_refused(tmp_path: Path, vector_keys: Keys) -> None:
 
 
 def test_check_config_reports_hooks(tmp_path: Path, vector_keys: Keys) -> None:
-    from webknock.checks import check_installation
+    from webknock.server.checks import check_installation
 
     cfg = with_hooks(tmp_path, vector_keys, on_open="/nonexistent/hook")
     messages = [msg for level, msg in check_installation(cfg) if level == "error"]
@@ -251,7 +251,7 @@ def test_check_config_reports_hooks(tmp_path: Path, vector_keys: Keys) -> None:
 
 
 def test_example_config_hooks_keys_are_known() -> None:
-    from webknock.hooks import KNOWN
+    from webknock.server.hooks import KNOWN
 
     example = (Path(__file__).parents[2] / "etc/webknock/webknock.ini.example").read_text()
     block = example.split("#[hooks]\n")[1].split("\n# Notifications:")[0]

@@ -4,7 +4,7 @@ with the peer address; whatever has a packet's shape goes to webknockd unchanged
 holds no key: it judges nothing it cannot check), and only webknockd's answer, or 503/504,
 comes back.
 
-Most cases run the real ``webknock.cgi.main`` in-process (fast); a few run it as the web
+Most cases run the real ``webknock.cgi.relay.main`` in-process (fast); a few run it as the web
 server does, in a child process, to see the exact bytes on stdout.
 """
 
@@ -23,14 +23,18 @@ from typing import Any
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.cgi_side import WEB, getinfo_packet, openports_packet
 from tests.conftest import REPO, write_instance
 from tests.unit.test_cgi import PlayDaemon, answers
-from webknock import addresses, cgi, doorbell, spool
+from webknock import addresses
+from webknock.cgi import relay as cgi
 from webknock.config import ServerConfig, load
 from webknock.protocol import transport, v1
-from webknock.spool_reader import parse_request
-from webknock.spooldirs import prepare_spool
+from webknock.spool import doorbell
+from webknock.spool import request as spool
+from webknock.spool.mount import prepare_spool
+from webknock.spool.reader import parse_request
 
 #: What the CGI says of its own to input it can judge without a key.
 CHEAP = {400, 403, 413}
@@ -201,12 +205,12 @@ def test_hostile_headers_are_relayed_harmless(site: Site, monkeypatch: pytest.Mo
     (frame,) = daemon.frames
     lines = frame.split(b"\n", 6)
     assert [line.partition(b"=")[0] for line in lines[1:6]] == [
-        *(h.encode() for h in spool.HEADERS),
+        *(h.encode() for h in spool_layout.HEADERS),
         b"",
     ]
     assert req.protocol == "v1" and req.remote == "192.0.2.10?forwarded=198.51.100.1"
     assert req.forwarded.startswith("203.0.113.5?agent=forged??rest,,")
-    assert len(req.forwarded) == spool.HEADER_LIMITS["forwarded"]
+    assert len(req.forwarded) == spool_layout.HEADER_LIMITS["forwarded"]
     assert req.agent.startswith("field=v2??field=v2") and len(req.agent) == 200
 
 
@@ -328,7 +332,7 @@ def test_a_request_that_cannot_be_withdrawn_is_504_never_success(
     unlink = os.unlink
 
     def stuck(path: Any, *args: Any, **kw: Any) -> None:
-        if str(path).endswith(spool.REQUEST_SUFFIX):
+        if str(path).endswith(spool_layout.REQUEST_SUFFIX):
             raise PermissionError(13, "Permission denied")
         unlink(path, *args, **kw)
 
@@ -363,7 +367,7 @@ def test_many_cgis_at_once_each_get_their_own_answer(site: Site) -> None:
         procs = {
             n: stack.enter_context(
                 subprocess.Popen(
-                    [sys.executable, "-c", "from webknock.cgi import main; main()"],
+                    [sys.executable, "-c", "from webknock.cgi.relay import main; main()"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -442,7 +446,7 @@ def test_as_the_web_server_runs_it(tmp_path: Path, vector_keys: v1.Keys) -> None
             "PYTHONPATH": str(REPO),
         }
         proc = subprocess.run(
-            [sys.executable, "-c", "from webknock.cgi import main; main()"],
+            [sys.executable, "-c", "from webknock.cgi.relay import main; main()"],
             input=body,
             capture_output=True,
             env=env,

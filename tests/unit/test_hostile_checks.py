@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import install_correctly, run_in_mount_namespace, v1_keys_file
-from webknock import ctl
-from webknock.checks import check_installation
 from webknock.config import ServerConfig, load
+from webknock.ctl import cli as ctl
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import mount_spool, prepare_spool, unmount_spool
+from webknock.server.checks import check_installation
+from webknock.spool.mount import mount_spool, prepare_spool, unmount_spool
 
 WEB = pwd.getpwnam("www-data")
 
@@ -154,9 +154,9 @@ def test_spool_split_over_file_systems_is_an_error(site: ServerConfig) -> None:
     """The daemon claims requests by rename(2): a mount inside the spool breaks that."""
     code = (
         "import subprocess\n"
-        "from webknock.checks import check_installation\n"
+        "from webknock.server.checks import check_installation\n"
         "from webknock.config import load\n"
-        "from webknock.spooldirs import prepare_spool\n"
+        "from webknock.spool.mount import prepare_spool\n"
         f"cfg = load({str(site.source)!r})\n"
         "subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', str(cfg.spool.claimed)], check=True)\n"
         f"prepare_spool(cfg.spool, {WEB.pw_gid})\n"

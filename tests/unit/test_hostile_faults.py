@@ -28,17 +28,17 @@ import pytest
 from tests.cgi_side import reply, submit
 from tests.conftest import run_in_mount_namespace, write_instance
 from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner, memory_daemon
-from webknock import daemon as daemon_mod
 from webknock.addresses import Address, parse_address
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
-from webknock.engine import GrantEngine, Outcome, census
-from webknock.events import EventBus
-from webknock.firewall.iptables import IptablesFirewall
-from webknock.grants import GrantKey, GrantRequest
 from webknock.protocol import messages, transport, v1
-from webknock.spool import new_request_id
-from webknock.state import StateError, StateStore
+from webknock.server import daemon as daemon_mod
+from webknock.server.daemon import Daemon
+from webknock.server.engine import GrantEngine, Outcome, census
+from webknock.server.events import EventBus
+from webknock.server.firewall.iptables import IptablesFirewall
+from webknock.server.grants import GrantKey, GrantRequest
+from webknock.server.state import StateError, StateStore
+from webknock.spool.request import new_request_id
 
 A = parse_address("192.0.2.10")
 B = parse_address("2001:db8::10")
@@ -346,7 +346,7 @@ def _fill(directory: Path, *, inodes: bool = True) -> None:
 
 def _cgi(cfg_path: Path, keys: v1.Keys, obj: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
     """The CGI relays one knock (in this process); its status and the reply it opened."""
-    from webknock import cgi
+    from webknock.cgi import relay as cgi
 
     obj = {"nonce": os.urandom(8).hex(), **obj}
     body = b"data=" + transport.encode_field(v1.encode(keys, messages.dumps(obj))).encode()

@@ -23,16 +23,17 @@ import pytest
 from tests.cgi_side import Waiting, frame, open_bell, openports_packet, reply, submit
 from tests.conftest import write_instance
 from tests.fakes import memory_daemon
-from webknock import daemon as daemon_mod
-from webknock import spool_housekeeping
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
-from webknock.engine import Outcome
-from webknock.events import Event
-from webknock.grants import GrantRequest
 from webknock.protocol import messages, v1
 from webknock.protocol.v1 import Keys
-from webknock.spool import MAX_REQUEST_BYTES, new_request_id, write_request
+from webknock.server import daemon as daemon_mod
+from webknock.server.daemon import Daemon
+from webknock.server.engine import Outcome
+from webknock.server.events import Event
+from webknock.server.grants import GrantRequest
+from webknock.spool import MAX_REQUEST_BYTES
+from webknock.spool import housekeeping as spool_housekeeping
+from webknock.spool.request import new_request_id, write_request
 
 Setup = tuple[Daemon, ServerConfig, Keys]
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from tests.fakes import SETTINGS, RecordingRunner
-from webknock.firewall import build_backend
-from webknock.firewall.base import FirewallError
-from webknock.firewall.ipset import IpsetFirewall, parse_element
-from webknock.firewall.iptables import IptablesFirewall
-from webknock.grants import Entry, GrantKey
+from webknock.server.firewall import build_backend
+from webknock.server.firewall.base import FirewallError
+from webknock.server.firewall.ipset import IpsetFirewall, parse_element
+from webknock.server.firewall.iptables import IptablesFirewall
+from webknock.server.grants import Entry, GrantKey
 
 V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)

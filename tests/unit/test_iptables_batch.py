@@ -8,9 +8,9 @@ import ipaddress
 import pytest
 
 from tests.fakes import SETTINGS, RecordingRunner
-from webknock.firewall.base import FirewallError
-from webknock.firewall.iptables import IptablesFirewall, restore_line
-from webknock.grants import Entry, GrantKey
+from webknock.server.firewall.base import FirewallError
+from webknock.server.firewall.iptables import IptablesFirewall, restore_line
+from webknock.server.grants import Entry, GrantKey
 
 V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 V4U = GrantKey(ipaddress.ip_address("192.0.2.10"), "udp", 51820)

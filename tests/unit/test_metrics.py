@@ -14,10 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.cgi_side import frame, getinfo_packet, openports_packet, submit
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import ctl, daemon
 from webknock.config import load
-from webknock.metrics import BUCKETS, Metrics, read_snapshot, snapshot_path
+from webknock.ctl import cli as ctl
 from webknock.protocol import v1
+from webknock.server import daemon
+from webknock.server.metrics import BUCKETS, Metrics, read_snapshot, snapshot_path
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

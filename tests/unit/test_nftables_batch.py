@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from tests.fakes import SETTINGS, RecordingRunner
-from webknock.firewall.base import FirewallError
-from webknock.firewall.nftables import NftablesFirewall, table_name
-from webknock.grants import Entry, GrantKey
+from webknock.server.firewall.base import FirewallError
+from webknock.server.firewall.nftables import NftablesFirewall, table_name
+from webknock.server.grants import Entry, GrantKey
 
 V4 = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 V4B = GrantKey(ipaddress.ip_address("192.0.2.11"), "tcp", 22)
@@ -270,16 +270,16 @@ def test_auto_prefers_nftables_then_iptables_with_ipset(
     monkeypatch: pytest.MonkeyPatch, instance_config: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from webknock import config
-    from webknock.firewall import make_firewall, teardown_all
-    from webknock.firewall.ipset import IpsetFirewall
-    from webknock.firewall.iptables import IptablesFirewall
+    from webknock.server.firewall import make_firewall, teardown_all
+    from webknock.server.firewall.ipset import IpsetFirewall
+    from webknock.server.firewall.iptables import IptablesFirewall
 
     cfg = dataclasses.replace(config.load(instance_config), backend="auto")
     usable: dict[str, str | None] = {"nft": None, "ipt": None, "ipset": None}
     monkeypatch.setattr(NftablesFirewall, "unusable", classmethod(lambda c, r=None: usable["nft"]))
     monkeypatch.setattr(IptablesFirewall, "unusable", classmethod(lambda c, r=None: usable["ipt"]))
     monkeypatch.setattr(IpsetFirewall, "unusable", classmethod(lambda c, r=None: usable["ipset"]))
-    monkeypatch.setattr("webknock.firewall.nftables.load_binding", FakeLib)
+    monkeypatch.setattr("webknock.server.firewall.nftables.load_binding", FakeLib)
     with caplog.at_level("INFO"):
         chosen = make_firewall(cfg, RecordingRunner())
     assert isinstance(chosen, NftablesFirewall)
@@ -430,7 +430,7 @@ def test_listed_and_census_read_network_sets() -> None:
 
 
 def test_set_names() -> None:
-    from webknock.firewall.nftables import mask, parse_set_name, set_name
+    from webknock.server.firewall.nftables import mask, parse_set_name, set_name
 
     assert set_name("tcp", 4) == "tcp4" and set_name("udp", 6, 64) == "udp6_64"
     assert parse_set_name("udp6_64") == ("udp", 6, 64)

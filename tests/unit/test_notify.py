@@ -31,14 +31,14 @@ from tests.fakes import MemoryFirewall
 from webknock import config
 from webknock.addresses import Address
 from webknock.config import ConfigError
-from webknock.engine import GrantEngine
-from webknock.events import Event, EventBus, Sink
-from webknock.grants import GrantRequest
-from webknock.notify import load_notify, mail_sender, sinks_for, webhook_sender
-from webknock.notify.settings import NotifySettings, read_credentials
-from webknock.notify.worker import BackgroundSender
 from webknock.protocol.v1 import Keys
-from webknock.state import StateStore
+from webknock.server.engine import GrantEngine
+from webknock.server.events import Event, EventBus, Sink
+from webknock.server.grants import GrantRequest
+from webknock.server.notify import load_notify, mail_sender, sinks_for, webhook_sender
+from webknock.server.notify.settings import NotifySettings, read_credentials
+from webknock.server.notify.worker import BackgroundSender
+from webknock.server.state import StateStore
 
 A = ipaddress.ip_address("192.0.2.10")
 NOW = time.time()
@@ -213,7 +213,7 @@ def test_mail_is_sent_at_close_without_waiting_for_the_window(
 def test_closed_smtp_port_delays_nothing_and_is_retried_then_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="webknock.notify")
+    caplog.set_level(logging.INFO, logger="webknock.server.notify")
     sender = mail_sender(settings(tmp_path, smtp_port=free_port(), batch_window=0))
     engine = engine_with(tmp_path, Timed(sender))
     assert timed_open(engine, [req()], NOW) < FAST
@@ -653,7 +653,7 @@ def test_mail_names_the_enrolled_client(tmp_path: Path, smtp: tuple[Inbox, int])
 
 
 def test_mail_of_a_network_grant_names_the_network_and_who_knocked(tmp_path: Path) -> None:
-    from webknock.notify.mail import compose
+    from webknock.server.notify.mail import compose
 
     events: list[Event] = []
     engine = engine_with(tmp_path, events.append)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import install_correctly
-from webknock import ctl
-from webknock.checks import check_installation
 from webknock.config import ServerConfig, SpoolPaths, load
+from webknock.ctl import cli as ctl
 from webknock.protocol.v1 import Keys
-from webknock.spooldirs import unmount_spool
+from webknock.server.checks import check_installation
+from webknock.spool.mount import unmount_spool
 
 WEB = pwd.getpwnam("www-data")
 

@@ -13,19 +13,21 @@ from typing import Any
 
 import pytest
 
+import webknock.spool as spool_layout
 from tests.conftest import REPO
-from webknock import spool
 from webknock.config import SpoolPaths
 from webknock.protocol import transport
-from webknock.spool import HEADER_LIMITS, MAGIC, encode_request, header_value, write_request
-from webknock.spool_reader import (
+from webknock.spool import HEADER_LIMITS, MAGIC
+from webknock.spool import request as spool
+from webknock.spool.mount import RETIRED, layout, prepare_spool
+from webknock.spool.reader import (
     SpooledRequest,
     SpoolError,
     parse_request,
     read_request,
     request_name_id,
 )
-from webknock.spooldirs import RETIRED, layout, prepare_spool
+from webknock.spool.request import encode_request, header_value, write_request
 
 RID = "0123456789abcdef0123456789abcdef"
 WEB = pwd.getpwnam("www-data")
@@ -64,7 +66,12 @@ def test_the_frame_is_magic_headers_empty_line_packet() -> None:
         b"agent=ua/1\n"
         b"\n" + V2_PACKET
     )
-    assert data.startswith(MAGIC) and spool.HEADERS == ("field", "remote", "forwarded", "agent")
+    assert data.startswith(MAGIC) and spool_layout.HEADERS == (
+        "field",
+        "remote",
+        "forwarded",
+        "agent",
+    )
 
 
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
@@ -101,7 +108,7 @@ def test_the_largest_frame_fits_the_size_limit() -> None:
     long = {name: "9" * 5000 for name in ("remote", "forwarded", "agent")}
     for packet in (bytes(transport.MAX_PACKET), V2_PACKET[:4] + bytes(transport.MAX_V2_BODY + 72)):
         field = "v1" if len(packet) == transport.MAX_PACKET else "v2"
-        assert len(good(field=field, packet=packet, **long)) <= spool.MAX_REQUEST_BYTES
+        assert len(good(field=field, packet=packet, **long)) <= spool_layout.MAX_REQUEST_BYTES
         assert parse(good(field=field, packet=packet, **long)).packet == packet
 
 
@@ -317,6 +324,11 @@ def test_uninstall_knows_every_spool_directory(tmp_path: Path) -> None:
     """install.sh removes the spool layout by name: it must name every directory."""
     paths = SpoolPaths(tmp_path)
     made = {p.name for p, *_ in layout(paths, 0) if p != paths.root}
-    assert made == {spool.REQUESTS_DIR, spool.CLAIMED_DIR, spool.REJECTED_DIR, spool.WAITS_DIR}
+    assert made == {
+        spool_layout.REQUESTS_DIR,
+        spool_layout.CLAIMED_DIR,
+        spool_layout.REJECTED_DIR,
+        spool_layout.WAITS_DIR,
+    }
     loop = re.search(r"for sub in ([a-z ]+); do", (REPO / "install.sh").read_text())
     assert loop is not None and set(loop[1].split()) == made | set(RETIRED)

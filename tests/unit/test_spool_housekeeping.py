@@ -1,4 +1,4 @@
-"""The spool's housekeeping (webknock.spool_housekeeping): whatever the web user leaves or
+"""The spool's housekeeping (webknock.spool.housekeeping): whatever the web user leaves or
 plants in requests/ and waits/ goes with one prune, or is logged once and skipped; it
 never keeps a valid request out of a batch, and it needs no CAP_DAC_OVERRIDE (webknockd
 runs without it) even for a directory the web user made unremovable for such a root."""
@@ -22,12 +22,13 @@ import pytest
 from tests.cgi_side import WEB, reply, submit
 from tests.conftest import REPO, write_instance
 from tests.fakes import memory_daemon
-from webknock import spool_housekeeping
 from webknock.config import ServerConfig, load
 from webknock.protocol.v1 import Keys
-from webknock.spool import MAX_REQUEST_BYTES, new_request_id
-from webknock.spool_housekeeping import TMP_TTL, SpoolKeeper, remove_entry
-from webknock.spooldirs import prepare_spool
+from webknock.spool import MAX_REQUEST_BYTES
+from webknock.spool import housekeeping as spool_housekeeping
+from webknock.spool.housekeeping import TMP_TTL, SpoolKeeper, remove_entry
+from webknock.spool.mount import prepare_spool
+from webknock.spool.request import new_request_id
 
 BELL_TTL = 100.0
 YEAR_2100 = 4_102_444_800.0
@@ -287,7 +288,7 @@ CHILD = """
 import json, logging, os, shutil, sys
 from pathlib import Path
 from webknock.config import SpoolPaths
-from webknock.spool_housekeeping import SpoolKeeper, remove_entry
+from webknock.spool.housekeeping import SpoolKeeper, remove_entry
 
 logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(message)s")
 spool, copy = SpoolPaths(Path(sys.argv[1])), sys.argv[2]

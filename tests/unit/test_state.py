@@ -15,10 +15,10 @@ from typing import Any
 import filelock
 import pytest
 
-from webknock import instancelock
-from webknock.grants import Grant, GrantKey
-from webknock.instancelock import InstanceLock, LockTimeout
-from webknock.state import StateError, StateStore
+from webknock.server import instancelock
+from webknock.server.grants import Grant, GrantKey
+from webknock.server.instancelock import InstanceLock, LockTimeout
+from webknock.server.state import StateError, StateStore
 
 A = GrantKey(ipaddress.ip_address("192.0.2.10"), "tcp", 22)
 B = GrantKey(ipaddress.ip_address("2001:db8::10"), "udp", 51820)
@@ -147,10 +147,10 @@ import ipaddress, sys
 from pathlib import Path
 import filelock
 
-from webknock import instancelock
-from webknock.grants import Grant, GrantKey
-from webknock.instancelock import InstanceLock, LockTimeout
-from webknock.state import StateError, StateStore
+from webknock.server import instancelock
+from webknock.server.grants import Grant, GrantKey
+from webknock.server.instancelock import InstanceLock, LockTimeout
+from webknock.server.state import StateError, StateStore
 store = StateStore(Path(sys.argv[1]))
 base = int(sys.argv[2])
 for i in range(int(sys.argv[3])):
@@ -323,7 +323,7 @@ def test_the_migration_of_one_file_by_two_processes_is_done_once(tmp_path: Path)
     old_state_file(path, [(f"198.18.0.{i}", "tcp", 22, 1.0, 1.0, 100.0, 0) for i in range(50)])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     code = (
-        "import sys; from pathlib import Path; from webknock.state import StateStore\n"
+        "import sys; from pathlib import Path; from webknock.server.state import StateStore\n"
         "print(len(StateStore(Path(sys.argv[1])).read().all()))\n"
     )
     procs = [

@@ -18,14 +18,14 @@ import pytest
 from tests.cgi_side import frame, openports_packet, reply, submit
 from tests.conftest import write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
-from webknock import ctl
 from webknock.addresses import parse_address
 from webknock.config import ServerConfig, load
-from webknock.daemon import Daemon
-from webknock.events import Event
+from webknock.ctl import cli as ctl
 from webknock.fsutil import write_atomic
 from webknock.protocol import v2
 from webknock.protocol.v1 import Keys
+from webknock.server.daemon import Daemon
+from webknock.server.events import Event
 
 #: The daemon's clock: one second after the vectors' `ts` (their replies say `"time":NOW`).
 NOW = 1764057601.0
@@ -614,7 +614,7 @@ def test_a_replaced_key_is_the_new_one(inst: Instance) -> None:
 def test_a_broken_client_file_is_skipped_and_logged_once(
     inst: Instance, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="webknock.verify")
+    caplog.set_level(logging.ERROR, logger="webknock.server.verify")
     broken = inst.enrol("bob", BOB, ports="tcp/99999")
     inst.enrol("carol", CAROL)
     for _ in range(3):

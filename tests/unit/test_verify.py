@@ -1,4 +1,4 @@
-"""webknock.verify: what webknockd believes of a spooled request (packet sealed with the
+"""webknock.server.verify: what webknockd believes of a spooled request (packet sealed with the
 keys, fresh, for the address it came from) and the replies it seals."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from webknock.config import ServerConfig, load
 from webknock.keys import format_keys
 from webknock.protocol import messages, v1
 from webknock.protocol.v1 import Keys
-from webknock.spool_reader import SpooledRequest
-from webknock.verify import Answer, Refusal, V1Replies, Verified, Verifier
+from webknock.server.verify import Answer, Refusal, V1Replies, Verified, Verifier
+from webknock.spool.reader import SpooledRequest
 
 PEER = ipaddress.ip_address("192.0.2.10")
 

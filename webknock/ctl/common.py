@@ -1,0 +1,18 @@
+"""What the modules of webknockctl share: its exit codes and the engine its commands use."""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from webknock.config import ServerConfig
+    from webknock.server.engine import GrantEngine
+
+#: 0 ok, 1 failed, 2 bad config or usage, 3 needs attention (status, check-config warnings).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ATTENTION = 0, 1, 2, 3
+
+
+def engine_for(cfg: ServerConfig) -> GrantEngine:
+    """The same engine the daemon uses (state, firewall, event sinks)."""
+    from webknock.server.daemon import build
+
+    return build(cfg)[0]
