@@ -44,7 +44,7 @@ from webknock.keys import format_keys  # noqa: E402
 INNER = r"""
 import json, sys, time
 from pathlib import Path
-from webknock.client.cli import knockers_for
+from webknock.client.targets import knockers_for
 from webknock.client.profile import load_profile
 
 profile_path, runs = Path(sys.argv[1]), int(sys.argv[2])

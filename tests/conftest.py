@@ -1,4 +1,6 @@
-"""Shared fixtures: protocol vectors, keys, and a complete instance config in a temp dir."""
+"""Shared fixtures: protocol vectors, keys, a complete instance config in a temp dir, and
+webknockd for it on an in-memory firewall (`memory_instance`). Every test must leave root's
+client cache and profiles (HOST_CLIENT_PLACES) as it found them."""
 
 from __future__ import annotations
 
@@ -9,20 +11,33 @@ import pwd
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests import cgi_side
 from webknock.config import ServerConfig, load
+from webknock.fsutil import write_atomic
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
 from webknock.server.state import StateStore
+from webknock.spool import REQUEST_SUFFIX
 from webknock.spool.mount import mount_spool, prepare_spool
 
+if TYPE_CHECKING:
+    from tests.fakes import MemoryFirewall
+    from webknock.server.events import Event
+    from webknock.server.loop import Daemon
+
 REPO = Path(__file__).resolve().parent.parent
+#: Where the webknock client keeps its state as root: the getinfo cache and the system-wide
+#: profiles. No test may change what they hold (the lab's clients and the demo get their own:
+#: tests/lab/client.py).
+HOST_CLIENT_PLACES = (Path("/var/cache/webknock"), Path("/etc/webknock"))
 VECTORS_FILE = REPO / "tests" / "vectors" / "v1.json"
 V2_VECTORS_FILE = REPO / "tests" / "vectors" / "v2.json"
 
@@ -32,6 +47,30 @@ def close_bells() -> Iterator[None]:
     """Doorbells a test opened in the CGI's place (tests/cgi_side.py) do not outlive it."""
     yield
     cgi_side.close_all()
+
+
+def listing(place: Path) -> list[str] | None:
+    """Every path below `place`, relative to it; None when `place` does not exist."""
+    if not place.exists():
+        return None
+    return sorted(str(p.relative_to(place)) for p in place.rglob("*"))
+
+
+@pytest.fixture(autouse=True)
+def host_client_places_untouched() -> Iterator[None]:
+    """Fail the test that created or removed anything in HOST_CLIENT_PLACES."""
+    before = {place: listing(place) for place in HOST_CLIENT_PLACES}
+    yield
+    for place, found in before.items():
+        now = listing(place)
+        if now != found:
+            old, new = set(found or ()), set(now or ())
+            pytest.fail(
+                f"{place} changed during the test: "
+                f"{'created' if found is None else 'removed' if now is None else 'changed'}; "
+                f"new {sorted(new - old)}, gone {sorted(old - new)} (a lab client must use "
+                "a cache and profiles of its own: tests/lab/client.py)"
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +135,52 @@ def write_instance(base: Path, keys: Keys, **overrides: str) -> Path:
 @pytest.fixture
 def instance_config(tmp_path: Path, vector_keys: Keys) -> Path:
     return write_instance(tmp_path, vector_keys)
+
+
+@pytest.fixture
+def instance_cfg(instance_config: Path) -> ServerConfig:
+    """`instance_config`, loaded."""
+    return load(instance_config)
+
+
+@dataclass
+class MemoryInstance:
+    """webknockd for `instance_cfg` on an in-memory firewall, and the events its engine
+    delivered."""
+
+    daemon: Daemon
+    cfg: ServerConfig
+    fw: MemoryFirewall
+    events: list[Event]
+
+
+@pytest.fixture
+def daemon_clock() -> Callable[[], float]:
+    """The clock `memory_instance` runs on; a module overrides this fixture to move time."""
+    return time.time
+
+
+@pytest.fixture
+def memory_instance(
+    instance_cfg: ServerConfig, daemon_clock: Callable[[], float]
+) -> MemoryInstance:
+    """webknockd (spool prepared) on an in-memory firewall. Its state file stays open (a
+    test may have run the daemon's loop in a thread of its own, which then owns it)."""
+    from tests.fakes import memory_daemon
+
+    events: list[Event] = []
+    d, fw = memory_daemon(instance_cfg, events.append, clock=daemon_clock)
+    return MemoryInstance(d, instance_cfg, fw, events)
+
+
+def spool_as(cfg: ServerConfig, rid: str, payload: bytes) -> cgi_side.Waiting:
+    """Spool `payload` as the CGI does, under the request id `rid` (batches are claimed in
+    name order), its doorbell open; return the bell."""
+    waiting = cgi_side.open_bell(cfg, rid)
+    path = cfg.spool.requests / f"{rid}{REQUEST_SUFFIX}"
+    web = cgi_side.WEB
+    write_atomic(path, payload, 0o640, uid=web.pw_uid, gid=web.pw_gid, fsync=False)
+    return waiting
 
 
 def run_in_mount_namespace(code: str, timeout: float = 120) -> str:

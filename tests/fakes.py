@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from webknock.config import ServerConfig
-from webknock.server.daemon import Daemon
 from webknock.server.engine import GrantEngine, Limits
 from webknock.server.events import EventBus, Sink
 from webknock.server.firewall.base import Firewall, FirewallError, FirewallSettings
 from webknock.server.grants import Entry, GrantKey
+from webknock.server.loop import Daemon
 from webknock.server.state import StateStore
 from webknock.spool.mount import WebIdentity, prepare_spool
 

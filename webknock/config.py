@@ -23,8 +23,15 @@ from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
 ENV_CONFIG = "WEBKNOCK_CONFIG"
 BACKENDS = ("auto", "iptables", "nftables")
+#: ``[server] forward``: guard offered ports that DNAT forwards to containers.
+FORWARD_MODES = ("auto", "yes", "no")
 #: The longest grant any instance may give: one week.
 MAX_TIME = 7 * 86400
+#: The daemon's figures for `webknockctl status` (:mod:`webknock.server.metrics`).
+METRICS_SUFFIX = ".metrics.json"
+#: Files beside the state file: SQLite's (-wal, -shm; -journal from before WAL), the lock
+#: shared by daemon, reaper and webknockctl, the daemon's single-instance lock and figures.
+STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon", METRICS_SUFFIX)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
 _CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}")
 
@@ -37,7 +44,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SpoolPaths:
-    """The spool of one instance (layout: :mod:`webknock.spool.request`); the web user and root
+    """The spool of one instance (layout: :mod:`webknock.spool`); the web user and root
     never share a writable directory except ``requests`` and ``waits`` (doorbells), both
     sticky and root-owned."""
 
@@ -81,6 +88,7 @@ class ServerConfig:
     chain: str = "WEBKNOCK"
     protect: bool = False
     ipset: str = "auto"
+    forward: str = "auto"  # auto|yes|no; effective only with protect (firewall/forward.py)
     result_timeout: float = DEFAULT_RESULT_TIMEOUT
     ts_window: int = 15
     v2_ts_window: int = 30
@@ -258,6 +266,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         "chain",
         "protect",
         "ipset",
+        "forward",
         "result_timeout",
         "ts_window",
         "trusted_proxies",
@@ -301,6 +310,7 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         chain=sec.get("chain", _pattern(_CHAIN, "an iptables chain name (max 21)"), default_chain),
         protect=sec.get("protect", parse_bool, False),
         ipset=sec.get("ipset", _choice(("auto", "yes", "no")), "auto"),
+        forward=sec.get("forward", _choice(FORWARD_MODES), "auto"),
         result_timeout=sec.get("result_timeout", _seconds_below_an_hour, DEFAULT_RESULT_TIMEOUT),
         ts_window=sec.get("ts_window", _whole(1, 3600, "seconds"), 15),
         trusted_proxies=sec.get("trusted_proxies", _networks, ()),
@@ -312,4 +322,10 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
         metrics_file=sec.optional("metrics_file", _abs_path),
         extra={s: dict(parser.items(s)) for s in parser.sections() if s != "server"},
     )
+    if cfg.forward == "yes" and not cfg.protect:
+        raise sec.error(
+            "forward",
+            "yes needs protect = yes: without it container ports are open to everyone "
+            "anyway (set protect = yes, or forward = auto)",
+        )
     return cfg

@@ -11,8 +11,6 @@ from webknock.ini import parse_ini
 from webknock.protocol.v1 import Keys
 from webknock.protocol.v2 import SigningKey, V2Error
 
-KEY_NAMES = ("key1", "iv1", "key2", "iv2", "sign")
-
 
 class KeysError(Exception):
     """The keys file is missing, unreadable, malformed or too widely readable."""

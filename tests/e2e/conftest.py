@@ -1,11 +1,16 @@
-"""End-to-end tests need root, network namespaces and the Debian packages tests/run installs."""
+"""End-to-end tests need root, network namespaces and the Debian packages tests/run installs.
+(That none of them changes root's client cache or profiles is checked by tests/conftest.py.)
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
+
+from tests.lab import Deployment, watched_deployment
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -22,3 +27,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def site() -> Iterator[Deployment]:
+    """nginx + fcgiwrap, webknockd (iptables) and a client with a second address per family
+    (OTHER4, OTHER6); the logs are printed when the test fails."""
+    with watched_deployment("nginx") as d:
+        yield d

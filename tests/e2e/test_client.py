@@ -1,7 +1,8 @@
 """The webknock client in the client namespace against the real server (nginx + fcgiwrap).
 
 The client runs as installed: `client/webknock` with the site's venv python (made from
-/usr/bin/python3), inside the client namespace, with its own profile, keys and cache.
+/usr/bin/python3), inside the client namespace, with its own profile, keys and cache
+(tests/lab/client.py). Several servers at once: tests/e2e/test_fanout.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,25 +27,24 @@ from tests.lab import (
     SERVER4,
     SERVER6,
     Deployment,
-    deployment,
     stop_process,
     wait_until,
+    watched_deployment,
 )
+from tests.lab.client import ClientHome, client_home
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
 
-REPO = Path(__file__).resolve().parents[2]
-CLIENT = REPO / "client" / "webknock"
-
 
 class Client:
-    """Profile, keys and cache of one client user, and a way to run `webknock` in the lab."""
+    """One client user's profile `lab.ini` and keys `lab.keys` for the lab's server, used
+    with --config."""
 
-    def __init__(self, d: Deployment, home: Path) -> None:
-        self.d, self.home = d, home
-        self.keys_file = home / "lab.keys"
+    def __init__(self, d: Deployment, home: ClientHome) -> None:
+        self.d, self.user = d, home
+        self.keys_file = home.home / "lab.keys"
         self.write_keys(d.site.keys)
-        self.profile = home / "lab.ini"
+        self.profile = home.home / "lab.ini"
         self.write_profile()
 
     def write_keys(self, keys: Keys) -> None:
@@ -58,28 +57,8 @@ class Client:
         lines = ["[client]", *(f"{k} = {v}" for k, v in values.items())]
         self.profile.write_text("\n".join(lines) + "\n")
 
-    def argv(self, *args: str) -> list[str]:
-        return self.d.lab.client.cmd(
-            [str(self.d.site.python), str(CLIENT), "--config", str(self.profile), *args]
-        )
-
-    def env(self) -> dict[str, str]:
-        return {
-            **self.d.site.env(),
-            "PYTHONPATH": str(REPO),
-            "HOME": str(self.home),
-            "XDG_CACHE_HOME": str(self.home / "cache"),
-        }
-
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args),
-            check=False,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            timeout=timeout,
-        )
+        return self.user.run("--config", str(self.profile), *args, timeout=timeout)
 
     def knock_json(self, *args: str) -> dict[str, Any]:
         proc = self.run(*args, "knock", "--json")
@@ -88,23 +67,13 @@ class Client:
         return result
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.argv(*args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env(),
-        )
+        return self.user.popen("--config", str(self.profile), *args)
 
 
 @contextlib.contextmanager
 def client_lab(**site_kw: Any) -> Iterator[Client]:
-    with deployment("nginx", **site_kw) as d, tempfile.TemporaryDirectory() as home:
-        try:
-            yield Client(d, Path(home))
-        except BaseException:
-            print(d.diagnostics())
-            raise
+    with watched_deployment("nginx", client_addresses=(), **site_kw) as d, client_home(d) as home:
+        yield Client(d, home)
 
 
 @pytest.fixture
@@ -252,27 +221,3 @@ def test_failures_have_their_exit_codes(client: Client) -> None:
     client.write_profile("ftp://x/")
     bad = client.run("knock")
     assert bad.returncode == 2 and "[client] url:" in bad.stderr
-
-
-def test_group_of_two_servers_one_down(client: Client) -> None:
-    """Fan-out with one command: the lab's server plus a "server" nobody answers for (port
-    81 on the server address, dropped by the lab's policy: a timeout, exit 3)."""
-    d = client.d
-    folder = client.home / ".config" / "webknock"  # profiles by name, as install.sh puts them
-    folder.mkdir(parents=True)
-    keys = f"keys_file = {client.keys_file}\nports = tcp/22\n"
-    (folder / "lab.ini").write_text(f"[client]\nurl = http://{SERVER4}/webknock\n{keys}")
-    (folder / "down.ini").write_text(
-        f"[client]\nurl = http://{SERVER4}:81/webknock\ntimeout = 1\n{keys}"
-    )
-    (folder / "both.ini").write_text("[group]\nprofiles = lab, down\n")
-    proc = client.run("--config", str(folder / "both.ini"), "knock")
-    assert proc.returncode == 3, proc.stderr
-    assert proc.stdout.startswith(f"lab: opened tcp/22 for {CLIENT4} until "), proc.stdout
-    assert proc.stdout.count("\n") == 1
-    assert proc.stderr.startswith("down: error: ") and "timed out after 1s" in proc.stderr
-    assert d.agent.tcp_open(SERVER4, CLIENT4, 22)
-    as_json = client.run("--config", str(folder / "both.ini"), "knock", "--json")
-    assert as_json.returncode == 3
-    lab, down = json.loads(as_json.stdout)
-    assert (lab["profile"], lab["ok"], down["profile"], down["code"]) == ("lab", True, "down", 3)

@@ -23,11 +23,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.lab import (
     CLIENT4,
@@ -37,7 +34,6 @@ from tests.lab import (
     SERVER4,
     SERVER6,
     Deployment,
-    deployment,
 )
 from webknock.protocol import messages, transport, v1
 from webknock.spool.reader import request_name_id
@@ -298,18 +294,6 @@ class SpoolWatch:
 
     def close(self) -> None:
         self.inotify.close()
-
-
-@pytest.fixture
-def site() -> Iterator[Deployment]:
-    with deployment("nginx") as d:
-        d.lab.add_client_address(OTHER4)
-        d.lab.add_client_address(OTHER6)
-        try:
-            yield d
-        except BaseException:
-            print(d.diagnostics())
-            raise
 
 
 def grant_rules(d: Deployment) -> list[str]:

@@ -516,7 +516,7 @@ def test_installed_cgi_starts_isolated(rooted: Rooted) -> None:
     do (here each would end the process before it answers)."""
     r = rooted
     site_packages = next(r.path("/opt/webknock/venv/lib").glob("python3*/site-packages"))
-    assert (site_packages / "webknock" / "cgi.py").is_file()
+    assert (site_packages / "webknock" / "cgi" / "relay.py").is_file()
     planted = site_packages / "zz-webknock-test.pth"
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:  # the web user can read it
         os.chmod(tmp, 0o755)

@@ -41,6 +41,7 @@ from tests.lab import (
     close_server_firewall,
     deployment,
     wait_until,
+    watched_deployment,
 )
 from webknock.protocol import transport, v2
 
@@ -56,13 +57,8 @@ Held = dict[tuple[str, str, int], int]
 
 @pytest.fixture(params=sorted(BACKENDS))
 def d(request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    with deployment("nginx", **BACKENDS[request.param]) as dep:
-        dep.lab.add_client_address(OTHER4)
-        try:
-            yield dep
-        except BaseException:
-            print(dep.diagnostics())
-            raise
+    with watched_deployment("nginx", client_addresses=(OTHER4,), **BACKENDS[request.param]) as dep:
+        yield dep
 
 
 def is_nft(d: Deployment) -> bool:

@@ -38,8 +38,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import webknock.spool as spool_layout
 from tests.lab import (
     CLIENT4,
@@ -49,7 +47,6 @@ from tests.lab import (
     SERVER4,
     SERVER6,
     Deployment,
-    deployment,
     wait_until,
 )
 from webknock.protocol import messages, transport, v1
@@ -60,7 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 WEB_USER = ["setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups"]
 CLIENT_BOOT = "from tests.e2e.test_root_side import client_main; client_main()"
 WEB_BOOT = "from tests.e2e.test_root_side import web_user_main; web_user_main()"
-#: webknockd's housekeeping period (webknock.server.daemon.PRUNE_EVERY), plus slack.
+#: webknockd's housekeeping period (webknock.server.loop.PRUNE_EVERY), plus slack.
 ROUND = 10.0 + 1.5
 MiB = 1024 * 1024
 
@@ -391,18 +388,6 @@ def use_keys(d: Deployment, keys: v1.Keys) -> None:
     os.chmod(d.site.keys_file, 0o600)
     d.site.keys = keys
     d.site.start_daemon(d.lab.server)
-
-
-@pytest.fixture
-def site() -> Iterator[Deployment]:
-    with deployment("nginx") as d:
-        d.lab.add_client_address(OTHER4)
-        d.lab.add_client_address(OTHER6)
-        try:
-            yield d
-        except BaseException:
-            print(d.diagnostics())
-            raise
 
 
 # -- the original client's packets -----------------------------------------------------------

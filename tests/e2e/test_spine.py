@@ -23,19 +23,15 @@ from tests.lab import (
     SERVER6,
     Deployment,
     deployment,
+    wait_until,
+    watched_deployment,
 )
 
 
 @pytest.fixture(params=["nginx", "apache"])
 def server(request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    with deployment(request.param) as d:
-        d.lab.add_client_address(OTHER4)
-        d.lab.add_client_address(OTHER6)
-        try:
-            yield d
-        except BaseException:
-            print(d.diagnostics())
-            raise
+    with watched_deployment(request.param) as d:
+        yield d
 
 
 @pytest.fixture
@@ -46,15 +42,6 @@ def nginx() -> Iterator[Deployment]:
 
 def grants_of(d: Deployment, ip: str) -> list[tuple[str, int]]:
     return sorted((g["proto"], g["port"]) for g in d.list_json() if g["ip"] == ip)
-
-
-def wait_until(predicate: object, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_knock_opens_exactly_the_knocking_address(server: Deployment) -> None:

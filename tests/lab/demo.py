@@ -37,9 +37,9 @@ from tests.lab import (
     LabError,
     deployment,
 )
+from tests.lab.client import CLIENT_SHIM, ClientHome
 
 PORT = TCP_PORTS[0]
-CLIENT_SHIM = REPO / "client" / "webknock"
 
 EXIT_OK, EXIT_FAILED, EXIT_LAB = 0, 1, 2
 
@@ -88,35 +88,31 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-def client_cli_problem(d: Deployment) -> str | None:
+def client_cli_problem(client: ClientHome) -> str | None:
     """Why the real client (webknock.client.cli) cannot be used here, or None."""
     if importlib.util.find_spec("webknock.client") is None:
         return "webknock.client is not part of this source tree yet"
-    proc = d.lab.client.run(
-        [str(d.site.python), "-c", "import webknock.client.cli"], check=False, env=client_env(d)
-    )
+    argv = [str(client.python), "-c", "import webknock.client.cli"]
+    proc = client.ns.run(argv, check=False, env=client.env())
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         return f"importing webknock.client.cli failed: {lines[-1] if lines else proc.returncode}"
     return None
 
 
-def client_env(d: Deployment) -> dict[str, str]:
-    env = d.site.env()
-    env.pop("WEBKNOCK_CONFIG", None)  # the server's; the client gets --config
-    env["HOME"] = str(d.site.root / "client")
-    return env
+def demo_client(d: Deployment) -> ClientHome:
+    """The client user's home (profiles, keys, getinfo cache) inside the site's temp dir,
+    so the demo leaves nothing in /var/cache/webknock or root's home."""
+    return ClientHome(d.lab.client, d.site.python, d.site.root / "client", d.site.env())
 
 
 class Demo:
     """The narrated steps; each raises StepFailed when the system misbehaves."""
 
-    def __init__(self, d: Deployment, *, use_cli: bool) -> None:
-        self.d = d
+    def __init__(self, d: Deployment, client: ClientHome, *, use_cli: bool) -> None:
+        self.d, self.client = d, client
         self.use_cli = use_cli
         self.n = 0
-        self.client_dir = d.site.root / "client"
-        self.client_dir.mkdir(mode=0o700, exist_ok=True)
 
     def step(self, text: str) -> None:
         check_signalled()
@@ -138,34 +134,16 @@ class Demo:
             )
 
     def profile(self, seconds: int) -> Path:
-        """A client profile as `install.sh client` writes it."""
-        from webknock.keys import format_keys
-
-        keys = self.client_dir / "demo.keys"
-        fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(format_keys(self.d.site.keys))
-        path = self.client_dir / f"demo-{seconds}.ini"
-        path.write_text(
-            "[client]\n"
-            f"url = http://{SERVER4}/webknock\n"
-            f"keys_file = {keys}\n"
-            f"ports = tcp/{PORT}\n"
-            f"time = {seconds}\n"
-        )
-        return path
+        """A v1 client profile as `install.sh client` writes it, in the demo's client home."""
+        ports, name = f"tcp/{PORT}", f"demo-{seconds}"
+        return self.client.write_v1_profile(name, self.d, ports=ports, time=str(seconds))
 
     def knock(self, seconds: int) -> float:
         """Knock for tcp/PORT; return the expiry webknockd recorded."""
         if self.use_cli:
             profile = self.profile(seconds)
             self.step(f"knock: webknock --config {profile.name} knock (tcp/{PORT}, {seconds} s)\n")
-            proc = self.d.lab.client.run(
-                [str(self.d.site.python), str(CLIENT_SHIM), "--config", str(profile), "knock"],
-                check=False,
-                env=client_env(self.d),
-                timeout=60,
-            )
+            proc = self.client.run("--config", str(profile), "knock")
             self.detail(proc.stdout + proc.stderr)
             if proc.returncode != 0:
                 raise StepFailed(f"step {self.n}: webknock knock exited {proc.returncode}")
@@ -286,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         with deployment(args.web_server, backend=args.backend, protect=protect) as d:
             built = True
             try:
-                problem = "--agent given" if args.agent else client_cli_problem(d)
+                client = demo_client(d)
+                problem = "--agent given" if args.agent else client_cli_problem(client)
                 print(
                     f"  server {d.lab.server.name}: {SERVER4}, {label} running the CGI as "
                     f"www-data, webknockd ({args.backend}),\n"
@@ -310,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 else:
                     print(f"  knocks: the webknock client ({CLIENT_SHIM.relative_to(REPO)})")
-                Demo(d, use_cli=problem is None).run(args.expiry)
+                Demo(d, client, use_cli=problem is None).run(args.expiry)
             except StepFailed as exc:
                 print(f"\ndemo FAILED: {exc}\n{d.diagnostics()}", file=sys.stderr, flush=True)
                 return EXIT_FAILED

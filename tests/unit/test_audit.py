@@ -26,8 +26,8 @@ from webknock.ctl import cli as ctl
 from webknock.protocol.v1 import Keys
 from webknock.server import daemon as daemon_mod
 from webknock.server.audit import AuditSink, parse_when, record, trail_files
-from webknock.server.daemon import Daemon
 from webknock.server.events import Event
+from webknock.server.loop import Daemon
 
 UA = "webknock-client/1.0 (audit test)"
 

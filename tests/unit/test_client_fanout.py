@@ -18,7 +18,7 @@ import pytest
 
 from tests.unit.test_client_http import REPO, FakeServer, free_port
 from tests.unit.test_client_v2 import FakeV2Server
-from webknock.client import cli
+from webknock.client import cli, targets
 from webknock.client.errors import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -27,8 +27,8 @@ from webknock.client.errors import (
     EXIT_UNREACHABLE,
     worst,
 )
+from webknock.client.lookup import expand_profiles
 from webknock.client.net import Transport
-from webknock.client.profile import expand_profiles
 from webknock.keys import format_keys
 from webknock.protocol import v1
 from webknock.protocol.v2 import SigningKey
@@ -39,7 +39,7 @@ def homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Profiles in $XDG_CONFIG_HOME/webknock (the system folder is not looked at)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setattr("webknock.client.profile.SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr("webknock.client.lookup.SYSTEM_DIR", tmp_path / "system")
     (tmp_path / "config" / "webknock").mkdir(parents=True)
     yield tmp_path / "config" / "webknock"
     logger = logging.getLogger("webknock")
@@ -238,7 +238,7 @@ def test_v1_and_v2_together(
     def transport(url: str, family: str, verify: bool | str, timeout: float) -> Any:
         return fake if "example.org" in url else Transport(url, family, verify, timeout)
 
-    monkeypatch.setattr(cli, "Transport", transport)
+    monkeypatch.setattr(targets, "Transport", transport)
     rc, out, err = run(capsys, "--profile", "office,cloud", "knock")
     assert rc == EXIT_OK, err
     assert out.startswith("office: opened") and "\ncloud: opened tcp/22" in out

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import webknock.client.profile as profile_mod
+import webknock.client.lookup as lookup_mod
 from webknock.client import cli, keygen
+from webknock.client.credentials import V2Keys
 from webknock.client.errors import EXIT_CONFIG, EXIT_OK
-from webknock.client.profile import V2Keys, load_profile
+from webknock.client.profile import load_profile
 from webknock.protocol.v2 import SigningKey, parse_public_key
 
 
@@ -132,7 +133,7 @@ def test_keygen_by_profile_name(
     """No profile yet: root's key goes to the system folder, a user's to ~/.config/webknock
     (where install.sh client puts the profile); an existing profile keeps its folder."""
     system = tmp_path / "system"
-    monkeypatch.setattr(profile_mod, "SYSTEM_DIR", system)
+    monkeypatch.setattr(lookup_mod, "SYSTEM_DIR", system)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert run(capsys, "keygen", "--profile", "office")[0] == EXIT_OK

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from webknock.client.credentials import V2Keys
 from webknock.client.errors import EXIT_CONFIG, ConfigError
-from webknock.client.profile import (
-    V2Keys,
-    find_profile,
-    format_ports,
-    load_profile,
-    parse_ports,
-)
+from webknock.client.lookup import find_profile
+from webknock.client.profile import format_ports, load_profile, parse_ports
 from webknock.keys import format_keys
 from webknock.protocol.v1 import Keys
 from webknock.protocol.v2 import SigningKey
@@ -155,11 +151,11 @@ def test_parse_ports() -> None:
 
 
 def test_find_profile_user_then_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import webknock.client.profile as profile_mod
+    import webknock.client.lookup as lookup_mod
 
     system = tmp_path / "system"
     system.mkdir()
-    monkeypatch.setattr(profile_mod, "SYSTEM_DIR", system)
+    monkeypatch.setattr(lookup_mod, "SYSTEM_DIR", system)
     env = {"HOME": str(tmp_path / "home")}
     (system / "office.ini").write_text(BASE)
     assert find_profile("office", env) == system / "office.ini"

@@ -24,8 +24,9 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from webknock.client import cli, net
+from webknock.client import cli, net, options, targets
 from webknock.client.cache import Cache, ServerInfo
+from webknock.client.credentials import V2Keys
 from webknock.client.errors import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -37,8 +38,9 @@ from webknock.client.errors import (
     clean,
 )
 from webknock.client.keeper import Keeper
-from webknock.client.knocker import Knocker, clock_skew
-from webknock.client.profile import V2Keys, load_profile
+from webknock.client.knocker import Knocker
+from webknock.client.profile import load_profile
+from webknock.client.replies import clock_skew
 from webknock.protocol import transport, v2
 from webknock.protocol.v2 import SigningKey
 
@@ -161,7 +163,7 @@ def server(
         fake.family = family
         return fake
 
-    monkeypatch.setattr(cli, "Transport", transport)
+    monkeypatch.setattr(targets, "Transport", transport)
     return fake
 
 
@@ -624,7 +626,7 @@ def test_clean() -> None:
 
 def test_log_lines_are_neutralised(capsys: pytest.CaptureFixture[str]) -> None:
     """Whatever reaches the log handler the CLI installs is made safe there too."""
-    cli._setup_logging(cli.build_parser().parse_args(["info"]))
+    cli._setup_logging(options.build_parser().parse_args(["info"]))
     logging.getLogger("webknock.client").error("%s", "x\x1b[31my")
     assert capsys.readouterr().err == "webknock: x\\x1b[31my\n"
 

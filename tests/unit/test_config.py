@@ -69,6 +69,8 @@ def test_trusted_proxies_and_section(tmp_path: Path, vector_keys: Keys) -> None:
         ({"spool_dri": "/x"}, r"\[server\] spool_dri: unknown setting"),
         ({"result_timeout": "-1"}, r"result_timeout: must be a number of seconds above 0"),
         ({"result_timeout": "x"}, r"result_timeout: must be a number of seconds above 0"),
+        ({"forward": "docker"}, r"\[server\] forward: must be one of auto, yes, no"),
+        ({"forward": "yes"}, r"\[server\] forward: yes needs protect = yes"),
     ],
 )
 def test_errors_name_file_section_key(
@@ -79,6 +81,14 @@ def test_errors_name_file_section_key(
         load(path)
     assert str(info.value).startswith(str(path))
     assert "\n" not in str(info.value)
+
+
+def test_forward_defaults_to_auto_and_reads_each_mode(tmp_path: Path, vector_keys: Keys) -> None:
+    assert load(write_instance(tmp_path, vector_keys)).forward == "auto"
+    for mode in ("auto", "yes", "no"):
+        path = write_instance(tmp_path, vector_keys, forward=mode, protect="yes")
+        assert load(path).forward == mode
+    assert load(write_instance(tmp_path, vector_keys, forward="no")).forward == "no"
 
 
 def test_missing_file_and_section(tmp_path: Path) -> None:

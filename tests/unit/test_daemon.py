@@ -8,13 +8,12 @@ import os
 import pwd
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
 
-import webknock.spool as spool_layout
 from tests.cgi_side import (
     WEB,
     Waiting,
@@ -25,20 +24,14 @@ from tests.cgi_side import (
     reply,
     submit,
 )
-from tests.conftest import write_instance
+from tests.conftest import MemoryInstance, spool_as, write_instance
 from tests.fakes import MemoryFirewall, memory_daemon
 from webknock.config import ServerConfig, load
-from webknock.fsutil import write_atomic
 from webknock.protocol.v1 import Keys
-from webknock.server.daemon import (
-    PRUNE_EVERY,
-    AlreadyRunning,
-    Daemon,
-    acquire_daemon_lock,
-    daemon_running,
-)
+from webknock.server.daemon import AlreadyRunning, acquire_daemon_lock, daemon_running
 from webknock.server.engine import GrantEngine
 from webknock.server.events import Event, EventBus
+from webknock.server.loop import PRUNE_EVERY, Daemon
 from webknock.server.state import StateStore
 from webknock.spool import request as spool
 from webknock.spool.mount import WebIdentity, prepare_spool
@@ -48,19 +41,9 @@ GRANTED = {"success": True, "expires": ANY}
 
 
 @pytest.fixture
-def daemon(instance_config: Path) -> Iterator[Setup]:
-    cfg = load(instance_config)
-    events: list[Event] = []
-    d, fw = memory_daemon(cfg, events.append)
-    yield d, cfg, fw, events
-
-
-def spool_as(cfg: ServerConfig, rid: str, payload: bytes) -> Waiting:
-    """Spool `payload` under the request id `rid` (batches are claimed in name order)."""
-    waiting = open_bell(cfg, rid)
-    path = cfg.spool.requests / f"{rid}{spool_layout.REQUEST_SUFFIX}"
-    write_atomic(path, payload, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
-    return waiting
+def daemon(memory_instance: MemoryInstance) -> Setup:
+    m = memory_instance
+    return m.daemon, m.cfg, m.fw, m.events
 
 
 def test_spool_layout_modes(daemon: Setup) -> None:

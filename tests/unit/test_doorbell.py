@@ -24,7 +24,7 @@ from tests.fakes import memory_daemon
 from tests.lab import unit_bounding_set
 from webknock.config import ServerConfig, load
 from webknock.protocol.v1 import Keys
-from webknock.server.daemon import Daemon
+from webknock.server.loop import Daemon
 from webknock.spool import doorbell
 from webknock.spool import request as spool
 

@@ -15,28 +15,25 @@ from unittest.mock import ANY
 import pytest
 
 from tests.cgi_side import (
-    WEB,
     Waiting,
     frame,
     getinfo_packet,
-    open_bell,
     openports_packet,
     reply,
     submit,
 )
-from tests.conftest import write_instance
+from tests.conftest import MemoryInstance, spool_as
 from tests.fakes import MemoryFirewall, memory_daemon
 from webknock.addresses import parse_address
-from webknock.config import ServerConfig, load
-from webknock.fsutil import write_atomic
+from webknock.config import ServerConfig
 from webknock.protocol import messages, v1
 from webknock.protocol.v1 import Keys
 from webknock.server import guard as guard_mod
-from webknock.server.daemon import Daemon
 from webknock.server.engine import Outcome
 from webknock.server.events import Event
 from webknock.server.grants import GrantRequest
 from webknock.server.guard import Guard
+from webknock.server.loop import Daemon
 from webknock.server.state import StateStore
 
 GRANTED = {"success": True, "expires": ANY}
@@ -57,8 +54,8 @@ class Clock:
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, vector_keys: Keys) -> ServerConfig:
-    return load(write_instance(tmp_path, vector_keys))
+def cfg(instance_cfg: ServerConfig) -> ServerConfig:
+    return instance_cfg
 
 
 @pytest.fixture
@@ -67,11 +64,16 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def daemon(cfg: ServerConfig, clock: Clock) -> Iterator[tuple[Daemon, MemoryFirewall, list[Event]]]:
-    events: list[Event] = []
-    d, fw = memory_daemon(cfg, events.append, clock=clock)
-    yield d, fw, events
-    d.engine.store.close()
+def daemon_clock(clock: Clock) -> Clock:
+    """memory_instance's webknockd runs on the test's clock."""
+    return clock
+
+
+@pytest.fixture
+def daemon(memory_instance: MemoryInstance) -> Iterator[tuple[Daemon, MemoryFirewall, list[Event]]]:
+    m = memory_instance
+    yield m.daemon, m.fw, m.events
+    m.daemon.engine.store.close()
 
 
 def restarted(cfg: ServerConfig, clock: Clock) -> Daemon:
@@ -79,13 +81,6 @@ def restarted(cfg: ServerConfig, clock: Clock) -> Daemon:
     d, _ = memory_daemon(cfg, clock=clock)
     d.guard.load(clock())
     return d
-
-
-def spool_as(cfg: ServerConfig, rid: str, payload: bytes) -> Waiting:
-    waiting = open_bell(cfg, rid)
-    path = cfg.spool.requests / f"{rid}.req"
-    write_atomic(path, payload, 0o640, uid=WEB.pw_uid, gid=WEB.pw_gid, fsync=False)
-    return waiting
 
 
 def forged(ip: str = "192.0.2.10") -> bytes:

@@ -31,12 +31,12 @@ from tests.fakes import SETTINGS, MemoryFirewall, RecordingRunner, memory_daemon
 from webknock.addresses import Address, parse_address
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, transport, v1
-from webknock.server import daemon as daemon_mod
-from webknock.server.daemon import Daemon
+from webknock.server import loop as daemon_loop
 from webknock.server.engine import GrantEngine, Outcome, census
 from webknock.server.events import EventBus
 from webknock.server.firewall.iptables import IptablesFirewall
 from webknock.server.grants import GrantKey, GrantRequest
+from webknock.server.loop import Daemon
 from webknock.server.state import StateError, StateStore
 from webknock.spool.request import new_request_id
 
@@ -202,7 +202,7 @@ def test_failing_check_backs_off(tmp_path: Path, vector_keys: v1.Keys) -> None:
     fw.fail_sync = True
     now = time.time()
     d.check_firewall(now)
-    assert d.next_check == now + daemon_mod.CHECK_BACKOFF
+    assert d.next_check == now + daemon_loop.CHECK_BACKOFF
 
 
 def test_a_slow_repair_does_not_delay_the_next_check(
@@ -223,7 +223,7 @@ def test_a_slow_repair_does_not_delay_the_next_check(
     now = time.time()
     d.check_firewall(now)
     assert fw.held, "repaired"
-    assert d.next_check <= now + daemon_mod.TICK
+    assert d.next_check <= now + daemon_loop.TICK
 
 
 def save(lines: list[str]) -> str:
@@ -473,7 +473,7 @@ def _immutable(directory: Path, on: bool) -> None:
 
 def scenario_read_only_state(base: Path, keys: v1.Keys) -> dict[str, Any]:
     """The state files turn unwritable under a running daemon, then writable again."""
-    daemon_mod.CHECK_BACKOFF = 1.0  # this child only: no need to wait the full 5 s
+    daemon_loop.CHECK_BACKOFF = 1.0  # this child only: no need to wait the full 5 s
     cfg_path = write_instance(base, keys, result_timeout="2")
     cfg = load(cfg_path)
     state_dir = cfg.state_file.parent
@@ -487,7 +487,7 @@ def scenario_read_only_state(base: Path, keys: v1.Keys) -> dict[str, Any]:
         out["renew_ro"] = _cgi(cfg_path, keys, _knock("192.0.2.10"))
         out["held_ro"] = sorted(map(str, fw.held))
         fw.held.clear()  # and the firewall is flushed meanwhile
-        deadline = time.monotonic() + daemon_mod.CHECK_BACKOFF + 2
+        deadline = time.monotonic() + daemon_loop.CHECK_BACKOFF + 2
         while not fw.held and time.monotonic() < deadline:
             time.sleep(0.05)
         out["held_restored_ro"] = sorted(map(str, fw.held))

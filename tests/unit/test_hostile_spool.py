@@ -26,11 +26,11 @@ from tests.fakes import memory_daemon
 from webknock.config import ServerConfig, load
 from webknock.protocol import messages, v1
 from webknock.protocol.v1 import Keys
-from webknock.server import daemon as daemon_mod
-from webknock.server.daemon import Daemon
+from webknock.server import claim
 from webknock.server.engine import Outcome
 from webknock.server.events import Event
 from webknock.server.grants import GrantRequest
+from webknock.server.loop import Daemon
 from webknock.spool import MAX_REQUEST_BYTES
 from webknock.spool import housekeeping as spool_housekeeping
 from webknock.spool.request import new_request_id, write_request
@@ -321,7 +321,7 @@ def test_flood_of_requests_is_drained_in_bounded_batches(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d, cfg, keys = setup
-    monkeypatch.setattr(daemon_mod, "MAX_BATCH", 50)
+    monkeypatch.setattr(claim, "MAX_BATCH", 50)
     for i in range(180):
         ip = f"198.18.0.{i % 250 + 1}"
         write_request(str(cfg.spool.requests), new_request_id(), request_bytes(keys, ip))

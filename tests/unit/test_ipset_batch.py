@@ -286,3 +286,28 @@ def test_census_names_a_set_of_an_older_type() -> None:
     runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": EMPTY_SAVE, "ipset": terse})
     _, problems = fw(runner).census()
     assert "IPv4: set WEBKNOCK4 is hash:ip,port, not hash:net,port" in problems
+
+
+def test_forward_on_takes_the_linear_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ipset sets match the packet's own port, not a DNAT'ed connection's original one."""
+    monkeypatch.setattr("shutil.which", lambda tool: f"/usr/sbin/{tool}")
+    forward = dataclasses.replace(SETTINGS, forward=True, protect=True)
+    linear = build_backend(IptablesFirewall, forward, RecordingRunner())
+    assert type(linear) is IptablesFirewall and linear.settings.forward
+    with pytest.raises(FirewallError, match="forward needs the linear iptables chain"):
+        build_backend(
+            IptablesFirewall, dataclasses.replace(forward, ipset="yes"), RecordingRunner()
+        )
+
+
+def test_ensure_removes_a_forward_path_the_linear_chain_left() -> None:
+    saved = EMPTY_SAVE.replace(
+        "COMMIT",
+        ":WEBKNOCK-FWD - [0:0]\n:WEBKNOCK-FWD-G - [0:0]\n-A FORWARD -j WEBKNOCK-FWD\nCOMMIT",
+    )
+    runner = RecordingRunner({"iptables-save": saved, "ip6tables-save": EMPTY_SAVE})
+    fw(runner, protect=True).ensure()
+    assert runner.stdin_of("iptables-restore")[0].endswith(
+        "-D FORWARD -j WEBKNOCK-FWD\n-F WEBKNOCK-FWD\n-F WEBKNOCK-FWD-G\n"
+        "-X WEBKNOCK-FWD\n-X WEBKNOCK-FWD-G\nCOMMIT\n"
+    )

@@ -84,8 +84,11 @@ def protect_rules(proto: str, ports: list[int]) -> list[dict[str, Any]]:
     ]
 
 
-def skeleton(protect: bool, nets: list[tuple[str, int, int]] | None = None) -> list[dict[str, Any]]:
-    """The table as ensure() makes it; `nets`: network sets (proto, family, length), in order."""
+def skeleton(
+    protect: bool, nets: list[tuple[str, int, int]] | None = None, forward: bool = False
+) -> list[dict[str, Any]]:
+    """The table as ensure() makes it; `nets`: network sets (proto, family, length), in order;
+    `forward`: with the forward chain."""
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": "webknock"}}}]
     named = [
         ("tcp4", "ipv4_addr"),
@@ -104,6 +107,47 @@ def skeleton(protect: bool, nets: list[tuple[str, int, int]] | None = None) -> l
     cmds += [grant_rule(p, f, n) for p, f, n in nets or []]
     if protect:
         cmds += protect_rules("tcp", [22, 2222]) + protect_rules("udp", [51820])
+    if forward:
+        cmds += forward_chain(protect, nets or [])
+    return cmds
+
+
+ORIG_DPORT = {"ct": {"key": "proto-dst", "dir": "original"}}
+
+
+def l4proto(proto: str) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}}
+
+
+def forward_grant_rule(proto: str, family: int, length: int | None = None) -> dict[str, Any]:
+    ip = "ip" if family == 4 else "ip6"
+    saddr: dict[str, Any] = {"payload": {"protocol": ip, "field": "saddr"}}
+    name = f"{proto}{family}"
+    if length is not None:
+        saddr = {"&": [saddr, MASKS[family, length]]}
+        name += f"_{length}"
+    match = {"match": {"op": "==", "left": {"concat": [saddr, ORIG_DPORT]}, "right": f"@{name}"}}
+    expr = [l4proto(proto), match, {"accept": None}]
+    return {"add": {"rule": {**T, "chain": "forward", "expr": expr}}}
+
+
+def forward_chain(protect: bool, nets: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """The forward chain's commands: grants by the original port, then (protect) a drop of
+    new DNAT'ed connections per offered port."""
+    chain = {**T, "name": "forward", "type": "filter", "hook": "forward", "prio": -1}
+    cmds: list[dict[str, Any]] = [{"add": {"chain": {**chain, "policy": "accept"}}}]
+    cmds.append({"flush": {"chain": {**T, "name": "forward"}}})
+    cmds += [forward_grant_rule(p, f) for p in ("tcp", "udp") for f in (4, 6)]
+    cmds += [forward_grant_rule(p, f, n) for p, f, n in nets]
+    for proto, port in [("tcp", 22), ("tcp", 2222), ("udp", 51820)] if protect else []:
+        expr = [
+            l4proto(proto),
+            {"match": {"op": "==", "left": ORIG_DPORT, "right": port}},
+            {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+            {"drop": None},
+        ]
+        cmds.append({"add": {"rule": {**T, "chain": "forward", "expr": expr}}})
     return cmds
 
 
@@ -302,12 +346,15 @@ def test_auto_prefers_nftables_then_iptables_with_ipset(
 
 
 def table_listing(
-    nets: list[tuple[str, int, int]], elements: dict[str, list[Any]] | None = None
+    nets: list[tuple[str, int, int]],
+    elements: dict[str, list[Any]] | None = None,
+    protect: bool = False,
+    forward: bool = False,
 ) -> list[dict[str, Any]]:
     """Our table as nft lists it, with network sets `nets` and set elements by set name."""
     items: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
     items.append({"table": {"family": "inet", "name": "webknock", "handle": 1}})
-    for cmd in skeleton(False, nets):
+    for cmd in skeleton(protect, nets, forward):
         kind, spec = next(iter(cmd.items()))
         if kind == "add" and "set" in spec:
             elem = (elements or {}).get(spec["set"]["name"])
@@ -453,3 +500,62 @@ def test_a_network_set_left_without_its_rule_is_repaired_not_looped_on() -> None
     lib = FakeLib(orphaned)
     fw(lib).sync([], now=NOW)
     assert lib.batches[1][-1] == {"delete": {"set": {**T, "name": "tcp4_24"}}}
+
+
+# -- forward on: container ports published through DNAT ----------------------------------
+
+
+def test_ensure_with_forward_builds_the_forward_chain_after_the_input_chain() -> None:
+    lib = FakeLib()
+    fw(lib, protect=True, forward=True).ensure()
+    assert lib.batches == [LIST_TABLE, skeleton(True, forward=True)]
+    assert lib.batches[1][-1]["add"]["rule"]["chain"] == "forward"
+
+
+def test_the_first_network_grant_brings_its_rule_to_both_chains() -> None:
+    lib = FakeLib()
+    fw(lib, protect=True, forward=True).apply([Entry(NET4, NOW + 60)], now=NOW)
+    n4 = {"concat": ["198.51.100.0", 22]}
+    assert lib.batches[1] == [
+        *skeleton(True, [("tcp", 4, 24)], forward=True),
+        elems("add", "tcp4_24", [timed(n4, 60)]),
+    ]
+    assert forward_grant_rule("tcp", 4, 24) in lib.batches[1]
+
+
+def test_forward_off_deletes_a_forward_chain_left_from_before() -> None:
+    """ensure and sync, which list the whole table, delete it; nothing else does."""
+    left = table_listing([], protect=True, forward=True)
+    lib = FakeLib(left)
+    fw(lib, protect=True).ensure()
+    drop = {"delete": {"chain": {**T, "name": "forward"}}}
+    assert lib.batches == [LIST_TABLE, [*skeleton(True), drop]]
+    lib = FakeLib(left)
+    fw(lib, protect=True).sync([], now=NOW)
+    assert drop in lib.batches[1] and lib.batches[1].index(drop) == len(skeleton(True))
+    lib = FakeLib(table_listing([], protect=True))
+    fw(lib, protect=True).ensure()
+    assert drop not in lib.batches[1], "no forward chain there: nothing to delete"
+
+
+def test_census_checks_the_forward_chain() -> None:
+    with_forward = table_listing([("tcp", 4, 24)], protect=True, forward=True)
+    assert fw(FakeLib(with_forward), protect=True, forward=True).census() == ({4: 0, 6: 0}, [])
+    _, problems = fw(FakeLib(with_forward), protect=True).census()
+    assert problems == ["chain webknock forward present, forward is off"]
+    without = table_listing([("tcp", 4, 24)], protect=True)
+    _, problems = fw(FakeLib(without), protect=True, forward=True).census()
+    assert problems == ["chain webknock forward missing or not on the forward hook"]
+    short = with_forward[:-1]  # the last drop rule gone
+    _, problems = fw(FakeLib(short), protect=True, forward=True).census()
+    assert problems == ["chain webknock forward does not hold its 8 rule(s)"]
+
+
+def test_docker_user_is_the_container_chain_nftables_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = FakeLib([{"chain": {"family": "ip", "table": "filter", "name": "DOCKER-USER"}}])
+    monkeypatch.setattr("webknock.server.firewall.nftables.load_binding", lambda: found)
+    assert NftablesFirewall.container_chain() == "chain ip filter DOCKER-USER exists"
+    chain = {"family": "ip", "table": "filter", "name": "DOCKER-USER"}
+    assert found.batches == [[{"list": {"chain": chain}}]]
+    monkeypatch.setattr("webknock.server.firewall.nftables.load_binding", lambda: FakeLib(None))
+    assert NftablesFirewall.container_chain() is None

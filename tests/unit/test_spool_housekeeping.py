@@ -242,7 +242,7 @@ def test_a_batch_of_malformed_requests_delays_a_valid_one_by_no_drain(
         valid = submit(cfg, vector_keys, "192.0.2.10")
     assert d.drain() >= 5001
     assert reply(vector_keys, valid.result())["success"] is True
-    assert d.refused_files == 5000
+    assert d.refusals.malformed == 5000
     d.housekeeping()
     assert len(os.listdir(cfg.spool.rejected)) == spool_housekeeping.KEEP_REJECTED
 

@@ -36,7 +36,6 @@ def test_upsert_select_delete(tmp_path: Path) -> None:
         assert tx.get([A, B])[A] == Grant(A, 1.0, 5.0, 200.0, 1)
         tx.delete([B])
     assert store.read().all() == [Grant(A, 1.0, 5.0, 200.0, 1)]
-    assert store.read().next_expiry() == 200.0
     assert oct((tmp_path / "s.db").stat().st_mode & 0o777) == oct(0o600)
 
 

@@ -24,8 +24,8 @@ from webknock.ctl import cli as ctl
 from webknock.fsutil import write_atomic
 from webknock.protocol import v2
 from webknock.protocol.v1 import Keys
-from webknock.server.daemon import Daemon
 from webknock.server.events import Event
+from webknock.server.loop import Daemon
 
 #: The daemon's clock: one second after the vectors' `ts` (their replies say `"time":NOW`).
 NOW = 1764057601.0

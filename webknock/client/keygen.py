@@ -13,9 +13,10 @@ import re
 import socket
 from pathlib import Path
 
-from webknock.client import profile as profiles
+from webknock.client import lookup
+from webknock.client.credentials import read_signing_key
 from webknock.client.errors import ConfigError
-from webknock.client.profile import KEY_SUFFIX, read_signing_key
+from webknock.client.profile import KEY_SUFFIX
 from webknock.ini import read_ini
 from webknock.protocol import v2
 
@@ -55,7 +56,7 @@ def create_key(path: Path) -> v2.SigningKey:
         raise ConfigError(exists_error(path))
     try:
         path.parent.mkdir(
-            mode=0o755 if path.parent == profiles.SYSTEM_DIR else 0o700, parents=True, exist_ok=True
+            mode=0o755 if path.parent == lookup.SYSTEM_DIR else 0o700, parents=True, exist_ok=True
         )
     except OSError as exc:
         raise ConfigError(f"{path.parent}: cannot create: {exc.strerror}") from None

@@ -2,8 +2,8 @@
 
 v1 seals requests and replies with the keys shared with the server. v2 signs each request
 with this client's key and believes a reply only when it verifies against the server key the
-profile pins, for exactly the request sent (docs/protocol-v2.md); the signed refusal codes
-map onto the client's errors and exit codes in `V2_REFUSALS`.
+profile pins, for exactly the request sent (docs/protocol-v2.md). What the replies say is
+checked by :mod:`webknock.client.replies`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from webknock.addresses import parse_address
 from webknock.client.cache import Cache, ServerInfo
-from webknock.client.errors import ClientError, ConfigError, Refused, ServerFailed, clean
-from webknock.client.profile import Credentials, Port, Profile, V2Keys, format_ports
+from webknock.client.credentials import Credentials, V2Keys
+from webknock.client.errors import ConfigError, Refused, ServerFailed
+from webknock.client.profile import Port, Profile, format_ports
+from webknock.client.replies import (
+    V2_STALE_CACHE,
+    expires_v1,
+    info_v1,
+    info_v2,
+    opened_v2,
+    refusal_v2,
+    server_time,
+)
 from webknock.protocol import messages, v1, v2
 
 log = logging.getLogger(__name__)
@@ -54,84 +63,6 @@ class Grant:
             "seconds": self.seconds,
             "requests": self.requests,
         }
-
-
-def _ports(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in value
-    ):
-        raise ValueError("port list")
-    return tuple(value)
-
-
-def _v2_ports(value: Any) -> tuple[Port, ...]:
-    """`["tcp/22", "udp/51820"]` of a v2 reply; raises ValueError."""
-    if not isinstance(value, list) or len(value) > 65536 * 2:
-        raise ValueError("ports")
-    ports: list[Port] = []
-    for item in value:
-        match = v2.PORT.fullmatch(item) if isinstance(item, str) else None
-        if not match or not 1 <= int(match[2]) <= 65535:
-            raise ValueError("ports")
-        port = (match[1], int(match[2]))
-        if port not in ports:
-            ports.append(port)
-    return tuple(ports)
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _duration(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds} s ({seconds // 60} min)"
-    if seconds < 172800:
-        return f"{seconds} s ({seconds // 3600} h {seconds % 3600 // 60} min)"
-    return f"{seconds} s ({seconds // 86400} days)"
-
-
-def clock_skew(server_time: Any, local_time: float) -> str:
-    """How far this host's clock is off, from a reply's `time` and the local time."""
-    server = _int(server_time)
-    if server is None:
-        return "this host's clock is off from the server's (the reply does not say by how much)"
-    # `time` is whole seconds, cut like Unix time: the server's clock read up to 1 s more
-    off = round(server + 0.5 - local_time)
-    if off > 0:
-        return f"this host's clock is {_duration(off)} behind the server's"
-    if off < 0:
-        return f"this host's clock is {_duration(-off)} ahead of the server's"
-    return "this host's clock agrees with the server's within a second (yet the server refused it)"
-
-
-#: v2 refusal code -> (error class, what it means for the user). Exit codes: Refused 1,
-#: ServerFailed 4. `clock` gets the measured skew in front.
-V2_REFUSALS: dict[str, tuple[type[ClientError], str]] = {
-    "bad_request": (
-        Refused,
-        "the server found the request malformed (is this client much older or newer than "
-        "the server?)",
-    ),
-    "expired": (Refused, "this client's key has expired on the server: ask its admin to renew it"),
-    "clock": (Refused, "set the clock right (NTP) and knock again"),
-    "source": (Refused, "the server does not accept knocks for this client from this network"),
-    "ip_mismatch": (Refused, "the server sees this host at another address than the one asked for"),
-    "replay": (
-        Refused,
-        "the server had already seen this request (something resent it): knock again",
-    ),
-    "ports": (Refused, "the server does not let this client open any of the ports asked for"),
-    "limit": (Refused, "the server's limit of open grants is reached: try again later"),
-    "firewall": (
-        ServerFailed,
-        "the server's firewall failed to open the ports; nothing was opened",
-    ),
-}
-#: Refusals after which a fresh getinfo may help (v1: any 403, or NOPORTS).
-V2_STALE_CACHE = ("ip_mismatch", "ports")
 
 
 class Knocker:
@@ -204,24 +135,8 @@ class Knocker:
         if not isinstance(obj, dict):
             raise ServerFailed("unexpected reply: the signed body is not a JSON object")
         if obj.get("success") is not True:
-            raise self._refusal_v2(obj, str(body["api"]))
+            raise refusal_v2(obj, str(body["api"]), self.clock())
         return obj
-
-    def _refusal_v2(self, obj: dict[str, Any], api: str) -> ClientError:
-        """The error for a signed refusal `{"success":false,"code":..,"error":..,"time":..}`."""
-        raw_code = obj.get("code")
-        code = clean(raw_code, 40) if isinstance(raw_code, str) and raw_code else ""
-        reason = clean(obj.get("error") or "no reason given")
-        said = f"(server: {code}: {reason})" if code else f"(server: {reason})"
-        known = V2_REFUSALS.get(code)
-        if known is None:
-            return Refused(f"the server refused {api}: {said}", errorcode=code)
-        cls, meaning = known
-        if code == "clock":
-            meaning = f"{clock_skew(obj.get('time'), self.clock())}: {meaning}"
-        if cls is Refused:
-            return Refused(f"{meaning} {said}", errorcode=code)
-        return cls(f"{meaning} {said}")
 
     def info(self) -> ServerInfo:
         """Ask the server what it offers and which address it sees (and cache it)."""
@@ -232,49 +147,11 @@ class Knocker:
         return info
 
     def _info_v1(self) -> ServerInfo:
-        obj = self._exchange(messages.getinfo_request(int(self.clock())))
-        if obj.get("success") is not True:
-            raise Refused(
-                f"the server refused getinfo: {clean(obj.get('error', 'no reason given'))}"
-            )
-        try:
-            info = ServerInfo(
-                tcp=_ports(obj.get("tcp")),
-                udp=_ports(obj.get("udp")),
-                maxtime=int(obj["maxtime"]),
-                ip=str(parse_address(str(obj["ip"]))),
-            )
-            if info.maxtime <= 0:
-                raise ValueError("maxtime")
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ServerFailed(f"unexpected getinfo reply: bad or missing {clean(exc)}") from None
-        return info
+        return info_v1(self._exchange(messages.getinfo_request(int(self.clock()))))
 
     def _info_v2(self) -> ServerInfo:
         body = {"api": "getinfo", "ts": int(self.clock()), "nonce": v2.new_nonce()}
-        obj = self._exchange_v2(body)
-        what = "ports"
-        try:
-            ports = _v2_ports(obj.get("ports"))
-            what = "maxtime"
-            maxtime = _int(obj.get("maxtime"))
-            if maxtime is None or maxtime <= 0:
-                raise ValueError
-            what = "ip"
-            ip = obj.get("ip")
-            if not isinstance(ip, str):
-                raise ValueError
-            seen = str(parse_address(ip))
-        except ValueError:
-            raise ServerFailed(f"unexpected getinfo reply: bad or missing {what}") from None
-        name = obj.get("client")
-        return ServerInfo(
-            tcp=tuple(n for proto, n in ports if proto == "tcp"),
-            udp=tuple(n for proto, n in ports if proto == "udp"),
-            maxtime=maxtime,
-            ip=seen,
-            client=clean(name, 64) if isinstance(name, str) else "",
-        )
+        return info_v2(self._exchange_v2(body))
 
     def cached_info(self) -> ServerInfo | None:
         if self.cache is None:
@@ -308,17 +185,7 @@ class Knocker:
         if self.protocol == "v2":
             return self._open_v2(info, ports, seconds)
         data = messages.openports_request(info.ip, list(ports), seconds, int(self.clock()))
-        obj = self._exchange(data)
-        if obj.get("success") is not True:
-            error = clean(obj.get("error", "no reason given"))
-            code = clean(obj.get("errorcode", ""), 40)
-            raise Refused(
-                f"the server did not open the ports: {error}" + (f" ({code})" if code else ""),
-                errorcode=code,
-            )
-        expires = obj.get("expires")
-        if not isinstance(expires, int) or isinstance(expires, bool):
-            raise ServerFailed(f"unexpected openports reply: expires is {clean(repr(expires))}")
+        expires = expires_v1(self._exchange(data))
         return Grant(
             family=self.family,
             ip=info.ip,
@@ -338,28 +205,13 @@ class Knocker:
             "time": seconds,
         }
         obj = self._exchange_v2(body)
-        what = "expires"
-        try:
-            expires = _int(obj.get("expires"))
-            if expires is None:
-                raise ValueError
-            what = "ports"
-            granted = _v2_ports(obj.get("ports"))
-            if not granted:
-                raise ValueError
-            what = "ip"
-            ip = obj.get("ip")
-            if not isinstance(ip, str):
-                raise ValueError
-            opened_for = str(parse_address(ip))
-        except ValueError:
-            raise ServerFailed(f"unexpected openports reply: bad or missing {what}") from None
+        expires, granted, opened_for = opened_v2(obj)
         left = [p for p in ports if p not in granted]
         if left:
             log.warning(
                 "the server opened %s but not %s", format_ports(granted), format_ports(left)
             )
-        now = _int(obj.get("time"))  # the server's clock: the lifetime does not depend on ours
+        now = server_time(obj)  # the server's clock: the lifetime does not depend on ours
         return Grant(
             family=self.family,
             ip=opened_for,

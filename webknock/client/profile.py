@@ -2,20 +2,21 @@
 
 A profile speaks protocol v1 when it names a shared `keys_file` (or carries a [v1] section
 itself), v2 when it pins the server's public key (`server_key = wk2:...`) and names this
-client's private key (`key_file`, written by `webknock keygen`); never both.
+client's private key (`key_file`, written by `webknock keygen`); never both. Where a profile
+is found by name: :mod:`webknock.client.lookup`; the keys it names:
+:mod:`webknock.client.credentials`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from webknock.client.credentials import Credentials, V2Keys, read_signing_key
 from webknock.client.errors import ConfigError
+from webknock.client.lookup import GROUP_SECTION
 from webknock.ini import read_ini
 from webknock.keys import KeysError, load_keys
 from webknock.protocol import v2
@@ -36,29 +37,9 @@ KNOWN_KEYS = (
     "family",
 )
 KEY_SUFFIX = ".key"  # NAME.key beside NAME.ini: this client's v2 private key
-MAX_KEY_FILE = 65536
 MAX_TIME = 604800
-SYSTEM_DIR = Path("/etc/webknock/client.d")
-GROUP_SECTION = "group"  # a profile group: NAME.ini with only [group] profiles = a, b, c
-MAX_GROUP = 64
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PORT_RE = re.compile(r"(tcp|udp)/(\d{1,5})")
 _TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
-
-
-@dataclass(frozen=True)
-class V2Keys:
-    """What a v2 profile signs with, and the one server key whose replies it believes."""
-
-    client: v2.SigningKey
-    server: bytes  # the pinned server's raw 32-byte public key
-
-    @property
-    def server_kid(self) -> bytes:
-        return v2.key_id(self.server)
-
-
-Credentials = Keys | V2Keys
 
 
 @dataclass(frozen=True)
@@ -108,29 +89,6 @@ class Profile:
         if self.server_key is None:
             return self.keys()
         return V2Keys(self.signing_key(), self.server_key)
-
-
-def read_signing_key(path: Path) -> v2.SigningKey:
-    """Read a PKCS#8 PEM Ed25519 private key that others cannot read; raises ConfigError."""
-    try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"{path}: not a regular file")
-            if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-                raise ConfigError(
-                    f"{path}: readable by everyone (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    f"run: chmod o-rwx {path}"
-                )
-            data = fh.read(MAX_KEY_FILE)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return v2.SigningKey.from_pem(data.decode("ascii"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a PEM text file") from None
-    except v2.V2Error as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 def parse_ports(text: str) -> tuple[Port, ...]:
@@ -295,115 +253,3 @@ def load_profile(path: Path, name: str | None = None) -> Profile:
         key_file=key_file,
         server_key=server_key,
     )
-
-
-def user_dir(env: Mapping[str, str]) -> Path:
-    config_home = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")) / ".config")
-    return Path(config_home).expanduser() / "webknock"
-
-
-def check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"profile name {name!r}: use letters, digits, _ or -")
-    return name
-
-
-def profile_candidates(name: str, env: Mapping[str, str] = os.environ) -> list[Path]:
-    """Where profile NAME is looked for, in order."""
-    return [user_dir(env) / f"{check_name(name)}.ini", SYSTEM_DIR / f"{name}.ini"]
-
-
-def new_profile_path(
-    name: str, env: Mapping[str, str] = os.environ, uid: int | None = None
-) -> Path:
-    """Where profile NAME goes when there is none yet, as `install.sh client` places it:
-    `/etc/webknock/client.d/NAME.ini` for root, `~/.config/webknock/NAME.ini` otherwise."""
-    root = (os.geteuid() if uid is None else uid) == 0
-    return (SYSTEM_DIR if root else user_dir(env)) / f"{check_name(name)}.ini"
-
-
-def find_profile(name: str, env: Mapping[str, str] = os.environ) -> Path:
-    """`~/.config/webknock/NAME.ini`, else `/etc/webknock/client.d/NAME.ini`."""
-    candidates = profile_candidates(name, env)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"profile {name!r} not found (looked for {' and '.join(map(str, candidates))}); "
-        "write one with install.sh client, or pass --config FILE"
-    )
-
-
-def group_members(path: Path) -> list[str] | None:
-    """The member names of a profile group file (its only section is `[group]`, with
-    `profiles = a, b, c`), or None when `path` is not a group."""
-    parser = read_ini(path, ConfigError)
-    if not parser.has_section(GROUP_SECTION):
-        return None
-    if parser.sections() != [GROUP_SECTION]:
-        raise ConfigError(f"{path}: a profile group has the section [group] and no other")
-    values = dict(parser.items(GROUP_SECTION))
-    unknown = sorted(set(values) - {"profiles"})
-    if unknown:
-        raise ConfigError(f"{path}: [group] {unknown[0]}: unknown key (known: profiles)")
-    names: list[str] = []
-    for item in (part.strip() for part in values.get("profiles", "").split(",")):
-        if not item:
-            continue
-        if not _NAME_RE.fullmatch(item):
-            raise ConfigError(
-                f"{path}: [group] profiles: {item!r} is not a profile name "
-                "(letters, digits, _ or -)"
-            )
-        if item not in names:
-            names.append(item)
-    if not names:
-        raise ConfigError(f"{path}: [group] profiles: missing (e.g. profiles = office, lab)")
-    if len(names) > MAX_GROUP:
-        raise ConfigError(f"{path}: [group] profiles: more than {MAX_GROUP} profiles")
-    return names
-
-
-def expand_group(path: Path, env: Mapping[str, str] = os.environ) -> list[tuple[str, Path]]:
-    """The (name, path) of each member of the group file `path`; a member that is missing or
-    is itself a group (groups do not nest, so they cannot loop) is an error naming both."""
-    members = group_members(path)
-    if members is None:
-        raise ConfigError(f"{path}: not a profile group (no [group] section)")
-    found: list[tuple[str, Path]] = []
-    for name in members:
-        try:
-            member = find_profile(name, env)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: [group] profiles: {exc.message}") from None
-        if member.resolve() == path.resolve():
-            raise ConfigError(f"{path}: [group] profiles: {name!r} is this group itself (a cycle)")
-        if group_members(member) is not None:
-            raise ConfigError(
-                f"{path}: [group] profiles: {name!r} is a group too ({member}); "
-                "groups do not nest: list its profiles instead"
-            )
-        found.append((name, member))
-    return found
-
-
-def expand_profiles(
-    spec: str, env: Mapping[str, str] = os.environ
-) -> tuple[list[tuple[str, Path]], bool]:
-    """`--profile` NAME or `a,b,c` (each a profile or a group) as (name, path) pairs, each
-    profile once, and whether this is a fan-out (several names, or a group)."""
-    names = [part.strip() for part in spec.split(",")]
-    if any(not name for name in names):
-        raise ConfigError(f"--profile {spec!r}: an empty name (use a,b,c)")
-    fan_out = len(names) > 1
-    found: list[tuple[str, Path]] = []
-    for name in names:
-        path = find_profile(name, env)
-        if group_members(path) is None:
-            members = [(name, path)]
-        else:
-            members, fan_out = expand_group(path, env), True
-        found.extend(m for m in members if m[0] not in [f[0] for f in found])
-    if len(found) > MAX_GROUP:
-        raise ConfigError(f"--profile {spec!r}: more than {MAX_GROUP} profiles")
-    return found, fan_out

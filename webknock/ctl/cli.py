@@ -14,7 +14,7 @@ from typing import Any
 
 from webknock import __version__
 from webknock.addresses import grantable, parse_address
-from webknock.config import ConfigError, ServerConfig, load
+from webknock.config import STATE_FILE_SUFFIXES, ConfigError, ServerConfig, load
 from webknock.ctl.common import (
     EXIT_ATTENTION,
     EXIT_ERROR,
@@ -22,11 +22,12 @@ from webknock.ctl.common import (
     EXIT_USAGE,
     engine_for,
 )
+from webknock.ctl.status import cmd_status
 from webknock.logsetup import setup_logging
 from webknock.server.engine import GrantEngine
 from webknock.server.firewall import FirewallError
 from webknock.server.grants import Grant
-from webknock.server.state import STATE_FILE_SUFFIXES, StateError, StateStore
+from webknock.server.state import StateError, StateStore
 
 log = logging.getLogger("webknockctl")
 
@@ -167,85 +168,6 @@ def cmd_prepare_spool(cfg: ServerConfig, args: argparse.Namespace) -> int:
         print(f"{cfg.spool.root}: ready, but not on a tmpfs of its own", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
-
-
-def cmd_status(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    from webknock.server.daemon import daemon_running
-    from webknock.server.metrics import read_snapshot
-
-    now = time.time()
-    pid = daemon_running(cfg)
-    engine = _engine(cfg)
-    store = engine.store
-    live = store.read().live(now)
-    expired = store.read().expired(now)
-    try:
-        backlog = len([n for n in os.listdir(cfg.spool.requests) if not n.startswith(".")])
-        backlog += len(os.listdir(cfg.spool.claimed))
-    except OSError:
-        backlog = -1
-    drift = engine.drift(now)
-    addresses = len({g.key.ip_text for g in live})  # a network grant counts once
-    report: dict[str, Any] = {
-        "instance": cfg.instance,
-        "daemon": {
-            "running": pid is not None,
-            "pid": pid,
-            "start": None if pid else start_hint(cfg),
-        },
-        "backend": engine.firewall.describe(),
-        "spool_backlog": backlog,
-        "grants": {
-            "live": len(live),
-            "expired_unreaped": len(expired),
-            "addresses": addresses,
-        },
-        "firewall_agrees": drift.clean,
-        "drift": {
-            "missing": [str(k) for k in drift.missing],
-            "extra": [str(k) for k in drift.extra],
-            "duplicates": [str(k) for k in drift.duplicates],
-        },
-        "metrics": read_snapshot(cfg),  # the daemon's figures (webknock.server.metrics), or null
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"instance:        {cfg.instance} ({cfg.source})")
-        print(f"daemon:          {'running, pid ' + str(pid) if pid else 'NOT RUNNING'}")
-        if not pid:
-            print(f"  start it:      {start_hint(cfg)}")
-        print(f"backend:         {report['backend']}")
-        print(f"spool backlog:   {backlog}")
-        print(
-            f"grants:          {len(live)} live for {addresses} "
-            f"address(es), {len(expired)} expired not yet reaped"
-        )
-        if report["metrics"]:
-            knocks = report["metrics"].get("knocks", {})
-            counts = {o: sum(by.values()) for o, by in knocks.items() if sum(by.values())}
-            summary = ", ".join(f"{n} {o}" for o, n in counts.items()) or "none"
-            print(f"knocks:          {summary} (since the daemon started)")
-        if drift.clean:
-            print("firewall:        agrees with the state file")
-        else:
-            print(
-                f"firewall:        DIFFERS: {len(drift.missing)} missing, {len(drift.extra)} "
-                f"extra, {len(drift.duplicates)} duplicate (fix: webknockctl reconcile)"
-            )
-    return EXIT_OK if pid and drift.clean else EXIT_ATTENTION
-
-
-def start_hint(cfg: ServerConfig) -> str:
-    """How to start this instance's webknockd here: with systemd as PID 1 its unit, else
-    the spool's tmpfs and the daemon by hand, as the unit would."""
-    if os.path.isdir("/run/systemd/system"):
-        unit = f"webknockd@{cfg.instance}"
-        return f"systemctl start {unit}  (logs: journalctl -u {unit})"
-    return (
-        f"webknockctl --config {cfg.source} prepare-spool && "
-        f"setsid webknockd --config {cfg.source} --syslog &  (no systemd: see README)"
-    )
 
 
 def cmd_check_config(cfg: ServerConfig, args: argparse.Namespace) -> int:

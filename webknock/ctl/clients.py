@@ -1,254 +1,27 @@
 """``webknockctl client``: enrol, list, show, enable, disable and remove v2 clients.
 
-Each client is one file ``<clients_dir>/<NAME>.conf`` (:mod:`webknock.server.clients`); webknockd
-re-reads the directory when it changes, so every command here takes effect for the next
-knock without a restart. Notices go to stderr, so that the profile ``client add`` prints on
-stdout can be redirected into a file as it is.
+Each client is one file ``<clients_dir>/<NAME>.conf`` (:mod:`webknock.ctl.clientfiles`);
+webknockd re-reads the directory when it changes, so every command here takes effect for the
+next knock without a restart. Notices go to stderr, so that the profile ``client add``
+prints on stdout (:mod:`webknock.ctl.enrol`) can be redirected into a file as it is.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
 import os
-import re
-import stat
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from webknock.config import ServerConfig
-from webknock.ctl import common as ctl
-from webknock.fsutil import write_atomic
-from webknock.keys import KeysError, create_server_key, load_server_key
-from webknock.protocol.v2 import SigningKey, V2Error, parse_public_key, public_key_text
-from webknock.server.clients import (
-    SUFFIX,
-    Client,
-    ClientError,
-    check_name,
-    format_open_prefix,
-    format_ports,
-    load_clients,
-    parse_client,
-    parse_date,
-    parse_max_time,
-    parse_open_prefix,
-    parse_ports,
-    parse_sources,
-)
-
-FILE_MODE = 0o644  # public keys and policy: readable, writable by root alone
-DIR_MODE = 0o755
-
-
-class Refused(Exception):
-    """A command cannot go on: the message for stderr and the exit status."""
-
-    def __init__(self, message: str, status: int = ctl.EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _client_path(cfg: ServerConfig, name: str) -> Path:
-    return cfg.clients_dir / f"{name}{SUFFIX}"
-
-
-def _checked_name(name: str) -> str:
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        raise Refused(str(exc)) from None
-
-
-def _read_client(cfg: ServerConfig, name: str) -> Client:
-    """The client file of `name`, parsed; Refused (exit 1) if there is none or it is broken."""
-    path = _client_path(cfg, _checked_name(name))
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise Refused(f"no client {name} (no file {path})", ctl.EXIT_ERROR) from None
-    try:
-        return parse_client(name, data.decode("utf-8"), path)
-    except UnicodeDecodeError:
-        raise Refused(f"{path}: not a UTF-8 text file", ctl.EXIT_ERROR) from None
-    except ClientError as exc:
-        where = f"{path}:{exc.line}" if exc.line else str(path)
-        raise Refused(f"{where}: {exc.message}", ctl.EXIT_ERROR) from None
-
-
-def _on_file(cfg: ServerConfig) -> list[Client]:
-    """Every client file that parses, enabled or not, including those the daemon skips
-    (a key enrolled twice): what a new enrolment must not collide with."""
-    out: list[Client] = []
-    try:
-        names = sorted(os.listdir(cfg.clients_dir))
-    except FileNotFoundError:
-        return []
-    for filename in names:
-        if filename.startswith(".") or not filename.endswith(SUFFIX):
-            continue
-        path = cfg.clients_dir / filename
-        try:
-            with open(path, "rb") as fh:
-                text = fh.read().decode("utf-8")
-            out.append(parse_client(filename[: -len(SUFFIX)], text, path))
-        except (OSError, UnicodeDecodeError, ClientError):
-            continue
-    return out
-
-
-def _today() -> datetime.date:
-    return datetime.datetime.now(datetime.UTC).date()
-
-
-def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` atomically, refusing (FileExistsError) if it exists: the whole file
-    under a dot-name (which the daemon skips), then link(2), which never replaces."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.new")
-    write_atomic(tmp, data, mode)
-    try:
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-
-
-def _ensure_clients_dir(cfg: ServerConfig) -> None:
-    try:
-        os.mkdir(cfg.clients_dir, DIR_MODE)
-    except FileExistsError:
-        if not cfg.clients_dir.is_dir():
-            raise Refused(f"{cfg.clients_dir} is not a directory", ctl.EXIT_ERROR) from None
-        return
-    os.chmod(cfg.clients_dir, DIR_MODE)  # whatever the umask
-    os.chown(cfg.clients_dir, 0, 0)
-    print(f"created the clients directory {cfg.clients_dir}", file=sys.stderr)
-
-
-def _existing_server_key(cfg: ServerConfig) -> SigningKey | None:
-    """The server key; None if there is none yet, Refused (exit 1) if it is unusable."""
-    if not os.path.lexists(cfg.server_key_file):
-        return None
-    try:
-        return load_server_key(cfg.server_key_file)
-    except KeysError as exc:
-        raise Refused(f"server key unusable: {exc}", ctl.EXIT_ERROR) from None
-
-
-def _new_server_key(cfg: ServerConfig) -> SigningKey:
-    key = create_server_key(cfg.server_key_file)
-    print(
-        f"created the server key {cfg.server_key_file} (0600 root): protocol v2 is on for "
-        f"instance {cfg.instance}",
-        file=sys.stderr,
-    )
-    return key
-
-
-def profile_text(cfg: ServerConfig, client: Client, server_key: str) -> str:
-    """The ``[client]`` profile the enrolled client pastes into its configuration."""
-    lines = [
-        f"# webknock profile: client {client.name} of instance {cfg.instance} "
-        f"(key id {client.kid.hex()})",
-        "[client]",
-    ]
-    if cfg.url:
-        lines.append(f"url = {cfg.url}")
-    else:
-        lines += [
-            "# url = https://HOST/PATH  <- admin: write the knock URL here, or set [server] url",
-            f"#                            in {cfg.source} to have it printed",
-        ]
-    lines += [
-        f"server_key = {server_key}",
-        "# key_file = PATH  <- client: fill in the file of your own private key (the one",
-        "#                     `webknock keygen` wrote); it never leaves your machine",
-        f"ports = {format_ports(client.allowed(cfg.offered()))}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-T = TypeVar("T")
-
-
-def _option(value: str | None, parse: Callable[[str], T], flag: str) -> T | None:
-    """`value` parsed, None when the option was not given; a bad one is refused naming
-    `flag`."""
-    if value is None:
-        return None
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise Refused(f"{flag}: {exc}") from None
-
-
-def _build_client(cfg: ServerConfig, args: argparse.Namespace) -> Client:
-    """The client `args` describe, every value checked against the instance."""
-    name = _checked_name(args.name)
-    try:
-        public, comment = parse_public_key(args.key)
-    except V2Error as exc:
-        raise Refused(f"--key: {exc}") from None
-    if not comment.isprintable():
-        raise Refused("--key: the comment has control characters")
-    ports = _option(args.ports, parse_ports, "--ports")
-    if ports is not None:
-        if not ports:
-            raise Refused("--ports: no port given (leave --ports out for every offered port)")
-        unknown = sorted(ports - cfg.offered())
-        if unknown:
-            raise Refused(
-                f"--ports: {format_ports(tuple(unknown))} not offered by instance "
-                f"{cfg.instance} (it offers {format_ports(cfg.offered())})"
-            )
-    max_time = _option(args.max_time, parse_max_time, "--max-time")
-    if max_time is not None and max_time > cfg.max_time:
-        raise Refused(f"--max-time: {max_time} is over the instance's max_time {cfg.max_time}")
-    sources = _option(args.sources, parse_sources, "--from")
-    if sources is not None and not sources:
-        raise Refused("--from: no network given (leave --from out for anywhere)")
-    expires = _option(args.expires, parse_date, "--expires")
-    if expires is not None and expires < _today():
-        raise Refused(f"--expires: {expires} is past: the key would be refused already")
-    open_prefix = _option(args.open_prefix, parse_open_prefix, "--open-prefix")
-    client = Client(
-        name, public, comment, ports, max_time, sources or (), expires, open_prefix=open_prefix
-    )
-    try:  # what the daemon will read back is exactly this client
-        same = parse_client(name, client.render()) == client
-    except ClientError:
-        same = False
-    if not same:
-        raise Refused(f"--key: the comment {comment!r} cannot be kept in a client file")
-    return client
-
-
-def cmd_add(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    client = _build_client(cfg, args)
-    path = _client_path(cfg, client.name)
-    if os.path.lexists(path):
-        raise Refused(f"client {client.name} is already enrolled ({path})")
-    for other in _on_file(cfg):
-        if other.public == client.public:
-            raise Refused(f"this key is already enrolled as client {other.name} ({other.path})")
-    server = _existing_server_key(cfg)
-    if server is not None and server.public == client.public:
-        raise Refused("--key is the server's own key")
-    _ensure_clients_dir(cfg)
-    if server is None:  # v2 starts with the first client
-        server = _new_server_key(cfg)
-    try:
-        _create_exclusive(path, client.render().encode(), FILE_MODE)
-    except FileExistsError:
-        raise Refused(f"client {client.name} is already enrolled ({path})") from None
-    print(f"enrolled client {client.name}: {path}", file=sys.stderr)
-    sys.stdout.write(profile_text(cfg, client, server.public_text()))
-    return ctl.EXIT_OK
+from webknock.ctl.clientfiles import checked_name, client_path, read_client, write_enabled
+from webknock.ctl.common import EXIT_ERROR, EXIT_OK, Refused, engine_for
+from webknock.ctl.enrol import cmd_add
+from webknock.protocol.v2 import public_key_text
+from webknock.server.clients import Client, format_open_prefix, format_ports, load_clients
 
 
 def client_json(cfg: ServerConfig, client: Client) -> dict[str, Any]:
@@ -290,10 +63,10 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
     ordered = [clients[name] for name in sorted(clients)]
     if args.json:
         print(json.dumps([client_json(cfg, c) for c in ordered], indent=2))
-        return ctl.EXIT_OK
+        return EXIT_OK
     if not ordered:
         print(f"no clients enrolled in {cfg.clients_dir}")
-        return ctl.EXIT_OK
+        return EXIT_OK
     now = time.time()
     rows = [("NAME", "ENABLED", "PORTS", "MAX_TIME", "FROM", "OPEN_PREFIX", "EXPIRES", "COMMENT")]
     for c in ordered:
@@ -312,11 +85,11 @@ def cmd_list(cfg: ServerConfig, args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_show(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    client = _read_client(cfg, args.name)
+    client = read_client(cfg, args.name)
     now = time.time()
     _, problems = load_clients(cfg.clients_dir)
     skipped = [p.message for p in problems if p.path == client.path]
@@ -353,50 +126,17 @@ def cmd_show(cfg: ServerConfig, args: argparse.Namespace) -> int:
         ("expires", _expires_text(client, now)),
     ):
         print(f"{label + ':':<10}{value}")
-    return ctl.EXIT_OK
-
-
-def _enabled_text(text: str, enabled: bool) -> str:
-    """`text` with its ``enabled`` line set (appended if there is none); every other line,
-    comments included, as it was."""
-    value = f"enabled = {'yes' if enabled else 'no'}"
-    lines = text.split("\n")
-    for i, raw in enumerate(lines):
-        line = re.split(r"\s#", raw.strip(), maxsplit=1)[0].strip()
-        if line.startswith("#"):
-            continue
-        if line.partition("=")[0].strip().lower() == "enabled":
-            lines[i] = value
-            return "\n".join(lines)
-    if lines and lines[-1] == "":
-        lines.pop()
-    return "\n".join([*lines, value, ""])
+    return EXIT_OK
 
 
 def _set_enabled(cfg: ServerConfig, args: argparse.Namespace, enabled: bool) -> int:
-    client = _read_client(cfg, args.name)
-    assert client.path is not None
+    client = read_client(cfg, args.name)
     word = "enabled" if enabled else "disabled"
     changed = client.enabled != enabled
     if not changed:
         print(f"client {client.name} is already {word}")
     else:
-        st = os.stat(client.path)
-        text = _enabled_text(client.path.read_text(encoding="utf-8"), enabled)
-        wanted = dataclasses.replace(client, enabled=enabled)
-        try:
-            kept = parse_client(client.name, text) == wanted
-        except ClientError:
-            kept = False
-        if not kept:  # a line the simple edit got wrong: write the file anew
-            text = wanted.render()
-        write_atomic(
-            client.path,
-            text.encode(),
-            stat.S_IMODE(st.st_mode),
-            uid=st.st_uid,
-            gid=st.st_gid,
-        )
+        write_enabled(client, enabled)
         print(f"client {client.name} {word}")
     if enabled and client.expired(time.time()):
         print(f"(its key expired after {client.expires}: still refused)", file=sys.stderr)
@@ -410,7 +150,7 @@ def _set_enabled(cfg: ServerConfig, args: argparse.Namespace, enabled: bool) -> 
                 f"webknockctl revoke --client {client.name} closes them)",
                 file=sys.stderr,
             )
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_enable(cfg: ServerConfig, args: argparse.Namespace) -> int:
@@ -422,24 +162,24 @@ def cmd_disable(cfg: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def _revoke(cfg: ServerConfig, name: str) -> None:
-    gone = ctl.engine_for(cfg).revoke_client(name, time.time())
+    gone = engine_for(cfg).revoke_client(name, time.time())
     print(f"revoked {len(gone)} live grant(s) of client {name}")
     for g in gone:
         print(f"revoked {g.key}")
 
 
 def cmd_remove(cfg: ServerConfig, args: argparse.Namespace) -> int:
-    name = _checked_name(args.name)
-    path = _client_path(cfg, name)
+    name = checked_name(args.name)
+    path = client_path(cfg, name)
     try:
         os.unlink(path)
     except FileNotFoundError:
         hint = f"; webknockctl revoke --client {name} closes grants" if args.revoke else ""
-        raise Refused(f"no client {name} (no file {path}){hint}", ctl.EXIT_ERROR) from None
+        raise Refused(f"no client {name} (no file {path}){hint}", EXIT_ERROR) from None
     print(f"removed client {name} ({path})")
     if args.revoke:
         _revoke(cfg, name)
-    return ctl.EXIT_OK
+    return EXIT_OK
 
 
 Command = Callable[[ServerConfig, argparse.Namespace], int]

@@ -1,4 +1,5 @@
-"""What the modules of webknockctl share: its exit codes and the engine its commands use."""
+"""What the modules of webknockctl share: its exit codes, the refusal of a command, and the
+engine its commands use."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ if TYPE_CHECKING:
 
 #: 0 ok, 1 failed, 2 bad config or usage, 3 needs attention (status, check-config warnings).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ATTENTION = 0, 1, 2, 3
+
+
+class Refused(Exception):
+    """A command cannot go on: the message for stderr and the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def engine_for(cfg: ServerConfig) -> GrantEngine:

@@ -6,12 +6,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from webknock.config import ConfigError, ServerConfig
+from webknock.config import STATE_FILE_SUFFIXES, ConfigError, ServerConfig
 from webknock.filemodes import Problem, mode_problems
 from webknock.keys import KeysError, load_keys, load_server_key
 from webknock.server.clients import SUFFIX, load_clients
 from webknock.server.hooks import hook_problems
-from webknock.server.state import STATE_FILE_SUFFIXES
 
 
 def _v2_on(cfg: ServerConfig) -> bool:
@@ -80,7 +79,7 @@ def _v2_problems(cfg: ServerConfig) -> list[Problem]:
 
 def check_installation(cfg: ServerConfig) -> list[Problem]:
     """Everything an admin should fix, most serious first."""
-    from webknock.server.firewall import FirewallError, make_firewall
+    from webknock.server.firewall import FirewallError, forward_choice, make_firewall
     from webknock.spool.mount import layout, web_identity
 
     problems: list[Problem] = []
@@ -165,9 +164,13 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     problems += notify_problems(cfg)
     problems += hook_problems(cfg)
     if os.geteuid() == 0:
-        try:
-            make_firewall(cfg)
+        try:  # logs the backend and the effective forward setting (container ports)
+            firewall = make_firewall(cfg)
         except FirewallError as exc:
             problems.append(("error", str(exc)))
+        else:
+            warning = forward_choice(cfg, type(firewall)).warning
+            if warning:
+                problems.append(("warning", f"{cfg.source}: [server] {warning}"))
     problems.sort(key=lambda p: p[0] != "error")
     return problems

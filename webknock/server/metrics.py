@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from webknock.config import ServerConfig
+from webknock.config import METRICS_SUFFIX, ServerConfig
 from webknock.fsutil import write_atomic
-from webknock.server.state import METRICS_SUFFIX
 
 #: Knock outcomes: a grant (or renewal); a getinfo answered; refused (no port offered,
 #: limits, bad address, stale or bad request); a packet that did not verify; refused with

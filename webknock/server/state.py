@@ -64,11 +64,6 @@ CREATE INDEX IF NOT EXISTS grants_net ON grants (net, expires);
 
 
 COLUMNS = "ip, proto, port, first_opened, last_renewed, expires, renew_count, client"
-#: The daemon's figures for `webknockctl status` (:mod:`webknock.server.metrics`).
-METRICS_SUFFIX = ".metrics.json"
-#: Files beside the state file: SQLite's (-wal, -shm; -journal from before WAL), the lock
-#: shared by daemon, reaper and webknockctl, the daemon's single-instance lock and figures.
-STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon", METRICS_SUFFIX)
 
 
 class StateError(Exception):
@@ -209,10 +204,6 @@ class StateTx:
             "(SELECT prefix FROM failures ORDER BY last DESC LIMIT ?)",
             (keep_failures,),
         )
-
-    def next_expiry(self) -> float | None:
-        row = self.db.execute("SELECT MIN(expires) FROM grants").fetchone()
-        return float(row[0]) if row and row[0] is not None else None
 
 
 def _add_columns(db: sqlite3.Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 from webknock.config import ServerConfig
@@ -13,6 +14,7 @@ from webknock.server.firewall.base import (
     Runner,
     run_command,
 )
+from webknock.server.firewall.forward import ForwardChoice, container_bridge, decide
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +23,15 @@ __all__ = [
     "FirewallError",
     "FirewallSettings",
     "build_backend",
+    "forward_choice",
     "make_firewall",
     "settings_of",
     "teardown_all",
 ]
 
 
-def settings_of(cfg: ServerConfig) -> FirewallSettings:
+def settings_of(cfg: ServerConfig, forward: bool = False) -> FirewallSettings:
+    """The backend's settings of `cfg`, with the effective `forward` (see forward_choice)."""
     return FirewallSettings(
         instance=cfg.instance,
         chain=cfg.chain,
@@ -35,6 +39,7 @@ def settings_of(cfg: ServerConfig) -> FirewallSettings:
         udp_ports=cfg.udp_ports,
         protect=cfg.protect,
         ipset=cfg.ipset,
+        forward=forward,
     )
 
 
@@ -59,10 +64,16 @@ def build_backend(
     """The backend object for `settings`. iptables has two variants, chosen here by the
     registry so that neither module imports the other: ``ipset = yes`` the ipset variant
     (or an error), ``auto`` ipset when the ipset tool works, else the linear chain, ``no``
-    the linear chain."""
+    the linear chain. With forward on, ``auto`` is the linear chain too: ipset sets cannot
+    match a DNAT'ed connection's original port."""
     from webknock.server.firewall.iptables import IptablesFirewall
 
     if cls is not IptablesFirewall or settings.ipset == "no":
+        return cls.build(settings, runner)
+    if settings.forward:
+        if settings.ipset == "yes":  # forward.decide refuses this first
+            raise FirewallError("forward needs the linear iptables chain, not ipset = yes")
+        log.info("forward on: the linear iptables chain (ipset cannot match DNAT'ed ports)")
         return cls.build(settings, runner)
     from webknock.server.firewall.ipset import IpsetFirewall
 
@@ -75,10 +86,43 @@ def build_backend(
     return cls.build(settings, runner)
 
 
-def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
-    """Build the configured backend; ``auto`` probes and logs its choice once."""
+def forward_choice(
+    cfg: ServerConfig,
+    cls: type[Firewall],
+    runner: Runner = run_command,
+    bridges: Callable[[], str | None] = container_bridge,
+) -> ForwardChoice:
+    """The effective ``forward`` of `cfg` for backend `cls` (probes only with protect on):
+    `bridges` and the backend's :meth:`~Firewall.container_chain` are the evidence."""
+    from webknock.server.firewall.iptables import IptablesFirewall
+
+    evidence = None
+    if cfg.protect and cfg.forward != "yes":
+        evidence = cls.container_chain(runner) or bridges()
+    ipset_only = issubclass(cls, IptablesFirewall) and cfg.ipset == "yes"
+    return decide(cfg.forward, protect=cfg.protect, evidence=evidence, ipset_only=ipset_only)
+
+
+def _build(
+    cfg: ServerConfig, cls: type[Firewall], runner: Runner, bridges: Callable[[], str | None]
+) -> Firewall:
+    """Backend `cls` for `cfg` with its effective forward setting, logged once."""
+    choice = forward_choice(cfg, cls, runner, bridges)
+    level = logging.INFO if cfg.protect else logging.DEBUG  # without protect it cannot matter
+    log.log(level, "forward %s (%s)", "on" if choice.on else "off", choice.why)
+    if choice.warning:
+        log.warning("%s", choice.warning)
+    return build_backend(cls, settings_of(cfg, choice.on), runner)
+
+
+def make_firewall(
+    cfg: ServerConfig,
+    runner: Runner = run_command,
+    bridges: Callable[[], str | None] = container_bridge,
+) -> Firewall:
+    """Build the configured backend; ``auto`` probes and logs its choice once, and so does
+    ``forward`` (`bridges` finds a container bridge: see :mod:`.forward`)."""
     registry = backend_classes()
-    settings = settings_of(cfg)
     if cfg.backend != "auto":
         cls = registry.get(cfg.backend)
         if cls is None:
@@ -86,12 +130,12 @@ def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
         why = cls.unusable(runner)
         if why:
             raise FirewallError(f"backend {cfg.backend} unusable: {why}")
-        return build_backend(cls, settings, runner)
+        return _build(cfg, cls, runner, bridges)
     reasons = []
     for name, cls in registry.items():
         why = cls.unusable(runner)
         if why is None:
-            fw = build_backend(cls, settings, runner)
+            fw = _build(cfg, cls, runner, bridges)
             log.info("backend auto: chose %s", fw.describe())
             return fw
         reasons.append(f"{name}: {why}")
@@ -100,7 +144,8 @@ def make_firewall(cfg: ServerConfig, runner: Runner = run_command) -> Firewall:
 
 def teardown_all(cfg: ServerConfig, runner: Runner = run_command) -> list[str]:
     """Remove this instance's objects from every usable backend (the configured one and any
-    left from an earlier ``backend``/``ipset`` setting); return what was torn down."""
+    left from an earlier ``backend``/``ipset``/``forward`` setting: a backend's teardown
+    removes its forward-path objects whatever the setting); return what was torn down."""
     settings = settings_of(cfg)
     done: list[str] = []
     errors: list[str] = []

@@ -56,6 +56,7 @@ class FirewallSettings:
     udp_ports: frozenset[int]
     protect: bool = False
     ipset: str = "auto"
+    forward: bool = False  # the effective setting (forward.decide): guard DNAT'ed ports too
 
     def ports(self, proto: str) -> list[int]:
         return sorted(self.tcp_ports if proto == "tcp" else self.udp_ports)
@@ -74,6 +75,12 @@ class Firewall(ABC):
     @abstractmethod
     def unusable(cls, runner: Runner = run_command) -> str | None:
         """Why this backend cannot work on this host, or None when it can."""
+
+    @classmethod
+    def container_chain(cls, runner: Runner = run_command) -> str | None:
+        """Evidence (one line) of a container runtime's chain this backend sees, such as
+        Docker's DOCKER-USER, for ``forward = auto``; None when there is none."""
+        return None
 
     @abstractmethod
     def ensure(self) -> None:

@@ -22,6 +22,10 @@ replaces such a set in place, keeping its elements and their remaining timeouts,
 chain matching a full copy at every instant: sets of different types cannot be swapped,
 and a set a rule uses can be neither renamed nor destroyed, so the chain is pointed at a
 copy (``<set>-new``) while the set is made anew under its name, then pointed back.
+
+A set matches the packet's own destination port, which DNAT has changed before FORWARD:
+with ``forward`` on (container ports) the registry builds the linear variant instead, and
+this one removes a forward path the linear variant left (:mod:`.ipt_forward`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 
 from webknock.server.firewall.base import FirewallError, Runner, run_command
-from webknock.server.firewall.iptables import IptablesFirewall, Rule, restore_line
+from webknock.server.firewall.iptables import IptablesFirewall
+from webknock.server.firewall.restorefile import Rule, restore_line
 from webknock.server.grants import Entry, GrantKey
 
 log = logging.getLogger(__name__)

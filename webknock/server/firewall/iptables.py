@@ -9,39 +9,47 @@ Layout per family, in table ``filter``::
     WEBKNOCK-GRANTS  -s ADDR/LEN -p PROTO -m PROTO --dport PORT -j ACCEPT   (one per grant)
 
 LEN is 32 (128) for an address alone, shorter for a client's ``open_prefix`` network.
+
+With forward on (container ports, :mod:`.forward`), also::
+
+    DOCKER-USER      -j WEBKNOCK-FWD             (once, at the top; FORWARD without Docker)
+    WEBKNOCK-FWD     -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+                     -j WEBKNOCK-FWD-G
+                     -p PROTO -m conntrack --ctstate DNAT --ctorigdstport PORT -j DROP
+    WEBKNOCK-FWD-G   -s ADDR/LEN -p PROTO -m conntrack --ctstate DNAT --ctorigdstport PORT
+                     -j ACCEPT                                              (one per grant)
+
+DNAT changes the destination port before FORWARD, so the rules match the connection's
+original one (``--ctorigdstport``), as Docker's documentation advises for DOCKER-USER. We
+never create DOCKER-USER: Docker makes it and jumps to it first, and would adopt (and we
+could not remove) a chain of ours by that name; without it our jump sits atop FORWARD.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import shutil
 from collections.abc import Iterable, Sequence
 
 from webknock.server.firewall.base import Firewall, FirewallError, Runner, run_command
+from webknock.server.firewall.forward import DOCKER_USER
+from webknock.server.firewall.ipt_forward import ForwardPath
+from webknock.server.firewall.restorefile import (
+    Rule,
+    body,
+    declared,
+    jumps,
+    restore_file,
+    restore_line,
+)
 from webknock.server.grants import Entry, GrantKey
 
 log = logging.getLogger(__name__)
 
-Rule = tuple[str, ...]
-_TOKEN = re.compile(r"[A-Za-z0-9_.:/,-]+")
 _MULTIPORT_MAX = 15
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
-
-
-def restore_line(op: str, chain: str, rule: Rule) -> str:
-    """One line of an iptables-restore file from data; refuses anything not a plain token."""
-    for token in (chain, *rule):
-        if not _TOKEN.fullmatch(token):
-            raise FirewallError(f"refusing unsafe token {token!r} in a rule")
-    return " ".join((op, chain, *rule))
-
-
-def restore_file(lines: Iterable[str]) -> str:
-    """Wrap lines into a filter-table restore file."""
-    return "*filter\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
 
 
 def chunks(ports: list[int], size: int = _MULTIPORT_MAX) -> list[list[int]]:
@@ -60,6 +68,14 @@ class IptablesFirewall(Firewall):
                 return f"{tool} not found (apt-get install iptables)"
         return None
 
+    @classmethod
+    def container_chain(cls, runner: Runner = run_command) -> str | None:
+        try:
+            saved = runner([SAVE[4], "-t", "filter"]).splitlines()
+        except FirewallError:
+            return None
+        return f"iptables chain {DOCKER_USER} exists" if DOCKER_USER in declared(saved) else None
+
     @property
     def chain(self) -> str:
         return self.settings.chain
@@ -67,6 +83,10 @@ class IptablesFirewall(Firewall):
     @property
     def grants_chain(self) -> str:
         return f"{self.settings.chain}-GRANTS"
+
+    @property
+    def forward(self) -> ForwardPath:
+        return ForwardPath(self.settings)
 
     # -- rules as data ----------------------------------------------------------------------
 
@@ -84,6 +104,17 @@ class IptablesFirewall(Firewall):
             "-j",
             "ACCEPT",
         )
+
+    def grant_lines(self, op: str, keys: Iterable[GrantKey], family: int) -> list[str]:
+        """Restore lines that add (``-A``) or delete (``-D``) the rules of the grants `keys`
+        of `family`, forward ones included: the one rule builder of apply, undo and sync."""
+        lines: list[str] = []
+        for key in sorted(k for k in keys if k.family == family):
+            lines.append(restore_line(op, self.grants_chain, self.grant_rule(key)))
+            if self.settings.forward:
+                forward = self.forward.grant_rule(key)
+                lines.append(restore_line(op, self.forward.grants, forward))
+        return lines
 
     def grant_match_rules(self, family: int) -> list[Rule]:
         """The first rule(s) of the main chain: where grants are matched."""
@@ -145,19 +176,23 @@ class IptablesFirewall(Firewall):
     def ensure(self) -> None:
         for family in (4, 6):
             lines = self.saved(family)
-            chains = {ln.split()[0][1:] for ln in lines if ln.startswith(":")}
-            jumps = [ln for ln in lines if ln.split() == ["-A", "INPUT", "-j", self.chain]]
+            chains = declared(lines)
+            hooks = jumps(lines, "INPUT", self.chain)
             batch = [
                 f":{c} - [0:0]" for c in self.own_chains() if c != self.chain and c not in chains
             ]
             batch.append(f":{self.chain} - [0:0]")  # declared: flushed and rebuilt atomically
             batch += [restore_line("-A", self.chain, rule) for rule in self.main_rules(family)]
-            if not jumps:
+            if not hooks:
                 batch.append(restore_line("-I", "INPUT", ("1", "-j", self.chain)))
-            batch += [restore_line("-D", "INPUT", ("-j", self.chain))] * (len(jumps) - 1)
+            batch += [restore_line("-D", "INPUT", ("-j", self.chain))] * (hooks - 1)
             for chain in self.retired_chains():  # ours, no longer referenced once rebuilt
                 if chain in chains:
                     batch += [f"-F {chain}", f"-X {chain}"]
+            if self.settings.forward:
+                batch += self.forward.ensure_lines(lines)
+            else:  # left by forward = yes before, or by the linear variant
+                batch += self.forward.removal_lines(lines)
             self.restore(family, batch)
 
     def apply(
@@ -171,16 +206,8 @@ class IptablesFirewall(Firewall):
         # A linear chain has no timeouts: a renewal changes nothing in the kernel.
         done: list[int] = []
         for family in (4, 6):
-            lines = [
-                restore_line("-A", self.grants_chain, self.grant_rule(e.key))
-                for e in sorted(add, key=lambda e: e.key)
-                if e.key.family == family
-            ]
-            lines += [
-                restore_line("-D", self.grants_chain, self.grant_rule(k))
-                for k in sorted(remove)
-                if k.family == family
-            ]
+            lines = self.grant_lines("-A", [e.key for e in add], family)
+            lines += self.grant_lines("-D", remove, family)
             try:
                 self.restore(family, lines)
             except FirewallError:
@@ -191,16 +218,8 @@ class IptablesFirewall(Firewall):
                 done.append(family)
 
     def _undo(self, family: int, add: Sequence[Entry], remove: Sequence[GrantKey]) -> None:
-        lines = [
-            restore_line("-D", self.grants_chain, self.grant_rule(e.key))
-            for e in add
-            if e.key.family == family
-        ]
-        lines += [
-            restore_line("-A", self.grants_chain, self.grant_rule(k))
-            for k in remove
-            if k.family == family
-        ]
+        lines = self.grant_lines("-D", [e.key for e in add], family)
+        lines += self.grant_lines("-A", remove, family)
         try:
             self.restore(family, lines)
         except FirewallError:
@@ -217,52 +236,47 @@ class IptablesFirewall(Firewall):
 
     def sync(self, entries: Sequence[Entry], *, now: float) -> None:
         self.ensure()
+        grants = [self.grants_chain]
+        if self.settings.forward:
+            grants.append(self.forward.grants)
         for family in (4, 6):
-            batch = [f":{self.grants_chain} - [0:0]"]  # flush and refill in one commit
-            batch += [
-                restore_line("-A", self.grants_chain, self.grant_rule(e.key))
-                for e in sorted(entries, key=lambda e: e.key)
-                if e.key.family == family
-            ]
+            batch = [f":{c} - [0:0]" for c in grants]  # flush and refill in one commit
+            batch += self.grant_lines("-A", [e.key for e in entries], family)
             self.restore(family, batch)
 
     def teardown(self) -> None:
         for family in (4, 6):
             lines = self.saved(family)
-            chains = {ln.split()[0][1:] for ln in lines if ln.startswith(":")}
-            batch = [
-                restore_line("-D", "INPUT", ("-j", self.chain))
-                for ln in lines
-                if ln.split() == ["-A", "INPUT", "-j", self.chain]
-            ]
-            for chain in (self.chain, self.grants_chain):
-                if chain in chains:
-                    batch.append(f"-F {chain}")
-            for chain in (self.chain, self.grants_chain):
-                if chain in chains:
-                    batch.append(f"-X {chain}")
+            chains = declared(lines)
+            batch = self.forward.removal_lines(lines)  # whatever the setting now
+            batch += [restore_line("-D", "INPUT", ("-j", self.chain))] * jumps(
+                lines, "INPUT", self.chain
+            )
+            ours = [c for c in (self.chain, self.grants_chain) if c in chains]
+            batch += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
             self.restore(family, batch)
 
     def census(self) -> tuple[dict[int, int], list[str]]:
         """A text-only census of ``*-save`` (a line count, about 10x cheaper than parsing
-        every rule): grants per family, and a missing chain, hook or main-chain rule."""
+        every rule): grants per family, and a missing chain, hook or main-chain rule, and
+        the forward path's (:meth:`ForwardPath.census`)."""
         held = {4: 0, 6: 0}
         problems: list[str] = []
         main = self.chain
         for family in (4, 6):
             lines = self.saved(family)
-            chains = {ln.split()[0][1:] for ln in lines if ln.startswith(":")}
+            chains = declared(lines)
             missing = [c for c in self.own_chains() if c not in chains]
             if missing:
                 problems.append(f"IPv{family}: chain {', '.join(missing)} missing")
-            hooks = sum(ln.split() == ["-A", "INPUT", "-j", main] for ln in lines)
+            hooks = jumps(lines, "INPUT", main)
             if hooks != 1:
                 problems.append(f"IPv{family}: INPUT jumps to {main} {hooks} times, not once")
-            body = [ln for ln in lines if ln.startswith(f"-A {main} ")]
-            rules = self.main_rules(family)
-            if len(body) != len(rules) or body[:1] != [restore_line("-A", main, rules[0])]:
+            rules, rows = self.main_rules(family), body(lines, main)
+            if len(rows) != len(rules) or rows[:1] != [restore_line("-A", main, rules[0])]:
                 problems.append(f"IPv{family}: chain {main} does not hold its {len(rules)} rule(s)")
             held[family] = self.held_count(family, lines, problems)
+            problems += self.forward.census(lines, family, held[family])
         return held, problems
 
     def own_chains(self) -> tuple[str, ...]:
@@ -275,7 +289,8 @@ class IptablesFirewall(Firewall):
 
     def held_count(self, family: int, saved: list[str], problems: list[str]) -> int:
         """Grants of one family, counted from the ``*-save`` lines."""
-        return sum(ln.startswith(f"-A {self.grants_chain} ") for ln in saved)
+        return len(body(saved, self.grants_chain))
 
     def describe(self) -> str:
-        return f"iptables (linear chain {self.chain})"
+        forward = f", forward chain {self.forward.chain}" if self.settings.forward else ""
+        return f"iptables (linear chain {self.chain}{forward})"
