@@ -77,7 +77,8 @@ def host_client_places_untouched() -> Iterator[None]:
 def isolated_logging() -> Iterator[None]:
     """Every CLI's main() configures logging for its process; in one test process that
     would leave handlers bound to an earlier test's captured (closed) stderr."""
-    names = ("webknock", "webknock.server.events", "webknock.server.audit", "urllib3")
+    names = ["webknock", "urllib3"]
+    names += ["webknock.server.events", "webknock.server.audit", "webknock.server.firewall"]
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in names)]
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     yield

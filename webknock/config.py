@@ -19,6 +19,7 @@ from typing import TypeVar
 from webknock import ini
 from webknock.cgi.conf import DEFAULT_RESULT_TIMEOUT, FALSE, TRUE
 from webknock.spool import CLAIMED_DIR, REJECTED_DIR, REQUESTS_DIR, WAITS_DIR
+from webknock.urls import check_url
 
 DEFAULT_CONFIG = Path("/etc/webknock/webknock.ini")
 ENV_CONFIG = "WEBKNOCK_CONFIG"
@@ -32,7 +33,8 @@ METRICS_SUFFIX = ".metrics.json"
 #: Files beside the state file: SQLite's (-wal, -shm; -journal from before WAL), the lock
 #: shared by daemon, reaper and webknockctl, the daemon's single-instance lock and figures.
 STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".daemon", METRICS_SUFFIX)
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
+#: Instance names (the installer checks --instance with it too).
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
 _CHAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}")
 
 T = TypeVar("T")
@@ -217,9 +219,7 @@ def _abs_path(text: str) -> Path:
 
 
 def _url(text: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s#]*)?", text):
-        raise ValueError("must be an http:// or https:// URL")
-    return text
+    return check_url(text)
 
 
 def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -281,8 +281,10 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
     if unknown:
         raise sec.error(unknown[0], "unknown setting (typo?)")
 
-    instance = sec.get("instance", _pattern(_NAME, "letters, digits, _ or - (max 16)"), src.stem)
-    if not _NAME.fullmatch(instance):
+    instance = sec.get(
+        "instance", _pattern(INSTANCE_NAME, "letters, digits, _ or - (max 16)"), src.stem
+    )
+    if not INSTANCE_NAME.fullmatch(instance):
         raise sec.error("instance", f"file name {src.stem!r} is not a usable instance name; set it")
     default_chain = "WEBKNOCK" if instance in ("webknock", "default") else f"WK-{instance}"
     tcp: frozenset[int] = sec.get("tcp_ports", parse_ports, frozenset[int]())
@@ -327,5 +329,11 @@ def load(path: str | os.PathLike[str] | None = None) -> ServerConfig:
             "forward",
             "yes needs protect = yes: without it container ports are open to everyone "
             "anyway (set protect = yes, or forward = auto)",
+        )
+    if cfg.forward == "yes" and cfg.backend == "iptables" and cfg.ipset == "yes":
+        raise sec.error(
+            "forward",
+            "yes needs the linear iptables chain, and ipset = yes forbids it: ipset sets "
+            "cannot match a DNAT'ed connection's original port (set ipset = auto or no)",
         )
     return cfg

@@ -264,3 +264,38 @@ def test_a_published_port_is_closed_until_knocked_and_closes_again(pub: Publishe
     if pub.case.docker:
         host = pub.lab.server
         assert "-A DOCKER-USER -j RETURN" in host.run(["iptables-save"]).stdout
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_docker_arriving_after_webknockd_started_sets_no_process_against_another(
+    backend: str,
+) -> None:
+    """forward = auto is decided by webknockd when it starts. A DOCKER-USER chain made
+    later (Docker installed meanwhile) must not make webknockctl build the forward path
+    that webknockd then tears down again, or the other way round: both keep webknockd's
+    choice until it restarts."""
+    with contextlib.ExitStack() as stack:
+        lab = Lab("g")
+        stack.callback(lab.close)
+        site = Site(backend=backend, protect=True, extra={"forward": "auto"})
+        stack.callback(site.close)
+        site.start_daemon(lab.server)
+        assert "forward off (forward = auto: no container runtime found)" in site.log_tail(200)
+        lab.server.run(["iptables", "-N", "DOCKER-USER"])  # as Docker makes it at its start
+        if backend == "nftables":
+            lab.server.run(["nft", "add table ip filter; add chain ip filter DOCKER-USER"])
+        granted = site.ctl(lab.server, "-v", "grant", CLIENT4, "--port", str(PUBLISHED))
+        assert "forward off (forward = auto: as webknockd set it up (without it))" in (
+            granted.stderr
+        )
+        time.sleep(2.5)  # webknockd's self-repair check runs every tick
+        report = json.loads(site.ctl(lab.server, "status", "--json", check=False).stdout)
+        assert report["firewall_agrees"] is True, report
+        assert "does not hold" not in site.log_tail(200)
+        assert "FWD" not in lab.server.run(["iptables-save"]).stdout
+        site.stop_daemon()
+        site.start_daemon(lab.server)  # a restart takes Docker into account
+        assert "forward on (forward = auto:" in site.log_tail(200)
+        status = json.loads(site.ctl(lab.server, "status", "--json", check=False).stdout)
+        assert status["firewall_agrees"] is True, status
+        site.stop_daemon()

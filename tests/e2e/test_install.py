@@ -50,6 +50,7 @@ from tests.lab import (
     SERVER4,
     Lab,
     LabError,
+    fcgiwrap_argv,
     shared_venv,
     stop_process,
 )
@@ -299,8 +300,11 @@ def test_rerun_keeps_keys_and_config(rooted: Rooted) -> None:
     assert f"protocol v1: on (keys_file {keys}; for the original PHP clients" in rooted.first
     assert f"protocol v1: on (kept: {rooted.config} has keys_file {keys};" in rooted.second
     for out in (rooted.first, rooted.second):
-        assert "Protocol v1 is on" in out and BEGIN in out
+        assert "Protocol v1 is on" in out
         assert "client add NAME --key 'wk2:...'" in out, "how to enrol v2 clients"
+    assert BEGIN in rooted.first, "the keys were made: their profile is printed"
+    assert BEGIN not in rooted.second and "PRIVATE" not in rooted.second, "never again"
+    assert f"`install.sh profile --root {rooted.root}` prints it" in rooted.second
     assert "--root: nothing started, firewall untouched" in rooted.second
     # the v2 server key: made once, then kept (the same public key both times)
     made = re.search(r"v2 server key: new \(public (wk2:\S+)\)", rooted.first)
@@ -312,15 +316,16 @@ def test_keys_are_fresh_and_printed_in_the_profile(rooted: Rooted, vector_keys: 
     assert keys.to_hex() != vector_keys.to_hex()
     assert len(set(keys.to_hex().values())) == 5
     blob = configparser.ConfigParser(interpolation=None)
-    blob.read_string(blob_of(rooted.second).split("\n", 1)[1].rsplit(END, 1)[0])
+    blob.read_string(blob_of(rooted.first).split("\n", 1)[1].rsplit(END, 1)[0])
     assert dict(blob.items("v1")) == keys.to_hex()
     assert dict(blob.items("client")) == {
         "url": URL,
         "ports": "tcp/22, tcp/2222, udp/51820",
         "time": "600",
     }
-    assert blob_of(rooted.first) == blob_of(rooted.second)
     assert blob_of(ok(sh([INSTALL, "profile", "--root", rooted.root]))) == blob_of(rooted.first)
+    again = ok(install_server(rooted.root, "--v1"))  # asked for: printed, the same keys
+    assert blob_of(again) == blob_of(rooted.first)
 
 
 def check_config(r: Rooted) -> subprocess.CompletedProcess[str]:
@@ -395,7 +400,7 @@ def test_rerun_tightens_keys_an_older_version_gave_the_web_group(rooted: Rooted)
         "only webknockd reads them now"
     ) in out
     assert keys.read_bytes() == before
-    assert blob_of(out) == blob_of(r.first), "the same keys in the profile"
+    assert BEGIN not in out, "kept keys are not printed again"
     assert_config_passes(r, checked)
 
 
@@ -1021,20 +1026,7 @@ http {{
 def start_web(sb: Sandbox, work: Path) -> None:
     """fcgiwrap (as www-data) on /run/fcgiwrap.socket and nginx with the installed snippet."""
     ok(sb.run(["sh", "-c", "mkdir -p /run/wk-fcgi && chown www-data:www-data /run/wk-fcgi"]))
-    sb.popen(
-        [
-            "setpriv",
-            "--reuid=www-data",
-            "--regid=www-data",
-            "--init-groups",
-            "fcgiwrap",
-            "-c",
-            "2",
-            "-s",
-            "unix:/run/wk-fcgi/sock",
-        ],
-        work / "fcgiwrap.log",
-    )
+    sb.popen(fcgiwrap_argv("/run/wk-fcgi/sock", 2), work / "fcgiwrap.log")
     deadline = time.monotonic() + 10
     while sb.run(["test", "-S", "/run/wk-fcgi/sock"]).returncode != 0:
         assert time.monotonic() < deadline, "fcgiwrap did not create its socket"

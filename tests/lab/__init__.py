@@ -3,9 +3,9 @@
 ``Lab`` builds a server and a client network namespace joined by a veth pair, with
 documentation addresses only (192.0.2.0/24, 2001:db8::/64; a second server's link
 198.51.100.0/24, 2001:db8:1::/64). ``Site`` deploys the repository's webknock into a temp
-dir as the installer would (a venv made from Debian's /usr/bin/python3 that the web user
-can run, the CGI shim, config, keys, spool). ``Nginx`` and ``Apache`` serve the CGI from the
-shipped snippets in ``etc/``. ``deployment`` puts it all together, ``second_server`` adds
+dir with the installer's own code (webknock.install, the temp dir as root prefix: entry
+points, config, keys, spool; the venv is the lab's, made from Debian's /usr/bin/python3).
+``Nginx`` and ``Apache`` serve the CGI from the snippet the installer writes. ``deployment`` puts it all together, ``second_server`` adds
 another server to its lab. Everything is removed on exit, also on error.
 
 The parts: proc.py (commands, children), net.py (namespaces, links, host policy), site.py,
@@ -63,21 +63,19 @@ from tests.lab.proc import (
 )
 from tests.lab.site import (
     REPO,
-    RUNTIME_TMPFS,
-    UNIT,
     Site,
     installed_files,
     server_requirements,
     shared_venv,
-    shim_for,
     unit_bounding_set,
 )
 from tests.lab.web import (
     WEB_SERVERS,
     Apache,
     Nginx,
-    _substitute,
     _wait_listening,
+    fcgiwrap_argv,
+    write_site_snippet,
 )
 
 __all__ = [
@@ -94,13 +92,11 @@ __all__ = [
     "PREFIX4",
     "PREFIX6",
     "REPO",
-    "RUNTIME_TMPFS",
     "SECOND_LINK",
     "SERVER4",
     "SERVER6",
     "TCP_PORTS",
     "UDP_PORTS",
-    "UNIT",
     "WEB_SERVERS",
     "Agent",
     "Apache",
@@ -111,13 +107,13 @@ __all__ = [
     "Netns",
     "Nginx",
     "Site",
-    "_substitute",
     "_wait_listening",
     "close_server_firewall",
     "delegated_ports",
     "delete_namespace",
     "deploy",
     "deployment",
+    "fcgiwrap_argv",
     "installed_files",
     "namespace_pids",
     "reported",
@@ -126,13 +122,13 @@ __all__ = [
     "second_server",
     "server_requirements",
     "shared_venv",
-    "shim_for",
     "start_listeners",
     "stop_process",
     "unit_bounding_set",
     "wait_for",
     "wait_until",
     "watched_deployment",
+    "write_site_snippet",
 ]
 
 

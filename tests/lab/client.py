@@ -18,6 +18,8 @@ from pathlib import Path
 from tests.lab import REPO, Deployment, LabError, Netns
 
 CLIENT_SHIM = REPO / "client" / "webknock"
+#: The [client] keys a profile written by ``install.sh client`` takes from what it is given.
+INSTALLER_KEYS = frozenset({"ports", "time", "verify", "timeout", "family"})
 
 
 class ClientHome:
@@ -61,37 +63,47 @@ class ClientHome:
             env=self.env(),
         )
 
-    def write_profile(self, name: str, **values: str) -> Path:
-        """The profile NAME (`--profile NAME`) with `values` as its [client] keys."""
-        return self._write(name, ["[client]", *_pairs(values)])
-
     def write_group(self, name: str, members: list[str]) -> Path:
         """The profile group NAME: `[group] profiles = a, b`."""
         return self._write(name, ["[group]", f"profiles = {', '.join(members)}"])
 
     def write_v1_profile(self, name: str, d: Deployment, **extra: str) -> Path:
-        """A v1 profile NAME for `d`'s server: its URL on the link and its shared keys."""
-        from webknock.fsutil import write_atomic
-        from webknock.keys import format_keys
+        """A v1 profile NAME for `d`'s server, as ``install.sh client`` writes the profile
+        ``install.sh server --v1`` printed (:func:`v1_profile`), with `extra` set in it."""
+        from webknock.config import load
+        from webknock.install.v1profile import v1_profile
 
-        keys = self.profiles / f"{name}.keys"
-        write_atomic(keys, format_keys(d.site.keys).encode(), 0o600, fsync=False)
-        url = f"http://{d.link.server4}/webknock"
-        return self.write_profile(name, url=url, keys_file=keys.name, **extra)
+        blob = v1_profile(load(d.site.config), d.site.url or _link_url(d))
+        return self._install_profile(name, blob, "v1", extra)
 
     def enrol_v2(self, name: str, d: Deployment, *options: str, **extra: str) -> Path:
         """A v2 profile NAME for `d`'s server: `webknock keygen`, `webknockctl client add`
-        with `options` on the server, and the profile it printed plus key_file and `extra`."""
+        with `options` on the server, and the profile it printed written as ``install.sh
+        client`` writes it, with `extra` set in it."""
         # --config, not --profile: for root, a profile that does not exist yet would be
         # placed in /etc/webknock/client.d (install.sh's place), outside this home
         keygen = self.run("--config", str(self.profiles / f"{name}.ini"), "keygen", "-q")
         if keygen.returncode != 0:
             raise LabError(f"webknock keygen exited {keygen.returncode}: {keygen.stderr}")
         printed = d.ctl("client", "add", name, "--key", keygen.stdout.strip(), *options).stdout
-        lines = [ln for ln in printed.splitlines() if ln and not ln.startswith("#")]
-        if not any(ln.startswith("url") for ln in lines):
-            lines.append(f"url = http://{d.link.server4}/webknock")
-        return self._write(name, [*lines, f"key_file = {name}.key", *_pairs(extra)])
+        url = "" if d.site.url else _link_url(d)  # what the user fills in without one
+        return self._install_profile(name, printed, "v2", extra, url)
+
+    def _install_profile(
+        self, name: str, text: str, kind: str, extra: dict[str, str], url: str = ""
+    ) -> Path:
+        """Profile NAME (and for v1 its keys file) from the printed `text` of `kind`, with
+        `extra` set in its [client] section and `url` (if any) as its URL, by the
+        installer's :func:`write_profile` (``install.sh client --url``)."""
+        from webknock.install.clientprofile import write_profile
+        from webknock.install.serverconf import with_settings
+
+        if unknown := extra.keys() - INSTALLER_KEYS:
+            raise LabError(f"install.sh client does not write {sorted(unknown)}")
+        profile = self.profiles / f"{name}.ini"
+        text = with_settings(text, extra, section="client")
+        write_profile(text, profile, self.profiles / f"{name}.keys", 0o600, url, kind)
+        return profile
 
     def _write(self, name: str, lines: list[str]) -> Path:
         path = self.profiles / f"{name}.ini"
@@ -99,8 +111,9 @@ class ClientHome:
         return path
 
 
-def _pairs(values: dict[str, str]) -> list[str]:
-    return [f"{k} = {v}" for k, v in values.items()]
+def _link_url(d: Deployment) -> str:
+    """The knock URL of `d`'s server on its link."""
+    return f"http://{d.link.server4}/webknock"
 
 
 @contextlib.contextmanager

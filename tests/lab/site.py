@@ -1,9 +1,12 @@
-"""The repository's webknock deployed into a temp dir as the installer lays it out: a venv
-made from Debian's /usr/bin/python3 that the web user can run, the CGI shim, config, keys,
-the spool on its own tmpfs, and webknockd started with the unit's capabilities."""
+"""The repository's webknock deployed into a temp dir by the installer's own code
+(webknock.install with the temp dir as root prefix): the entry points, config, keys, the
+spool on its own tmpfs; a venv made from Debian's /usr/bin/python3 that the web user can
+run; webknockd started with the unit's capabilities."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import os
 import re
 import shutil
@@ -15,6 +18,15 @@ from pathlib import Path
 
 from tests.lab.net import TCP_PORTS, UDP_PORTS, Netns
 from tests.lab.proc import LabError, require_root, run, stop_process
+from webknock.config import ConfigError, ServerConfig, load
+from webknock.install.files import temp_beside
+from webknock.install.host import Host
+from webknock.install.paths import ServerLayout
+from webknock.install.server import install_entry_points, install_spool, prepare_log_dir
+from webknock.install.serverconf import NewConfig, config_text, with_settings
+from webknock.install.serverkeys import ensure_server_key, write_v1_keys
+from webknock.install.service import unit_caps
+from webknock.keys import load_keys, load_server_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,32 +68,22 @@ def installed_files(site_packages: Path, distributions: Sequence[str]) -> list[s
     return sorted({t for tops in found.values() for t in tops})
 
 
-def shim_for(source: Path, python: Path) -> str:
-    """An entry point as install.sh writes it: `source` with `python` as its interpreter,
-    the interpreter's flags kept."""
-    first, rest = source.read_text().split("\n", 1)
-    flags = first.partition(" ")[2]
-    return f"#!{python}{' ' + flags if flags else ''}\n{rest}"
-
-
-#: Where a site's spool goes: a tmpfs, like /run on a production host.
-RUNTIME_TMPFS = "/dev/shm"
-
-
-UNIT = REPO / "etc" / "systemd" / "webknockd@.service"
-
-
 def unit_bounding_set() -> str:
-    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set (e.g. -all,+net_admin)."""
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            caps = line.split("=", 1)[1].split()
-            return ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
-    raise LabError(f"{UNIT} has no CapabilityBoundingSet=")
+    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set (e.g. -all,+net_admin),
+    read by the installer's own :func:`webknock.install.service.unit_caps`."""
+    return unit_caps(REPO)
 
 
 class Site:
-    """The repository's webknock deployed into a temp dir, as the installer lays it out."""
+    """The repository's webknock deployed into a temp dir by the installer's own code
+    (:mod:`webknock.install`, with the temp dir as its root prefix): entry points, keys,
+    config, spool and log dir. Only the venv is the lab's (links into the shared one).
+
+    `settings` are the config's: the fields of :class:`NewConfig` (the installer's text)
+    and the lab's extras (``ipset``, ``result_timeout``, what a test adds), set with
+    :func:`with_settings`; :meth:`write_config` writes them again. `url` is the config's
+    knock URL; "" (the default) leaves it out, so the profiles `client add` prints have
+    none and the client side fills in the URL of its link."""
 
     def __init__(
         self,
@@ -91,76 +93,96 @@ class Site:
         max_time: int = 3600,
         extra: dict[str, str] | None = None,
         instance: str = "webknock",
+        url: str = "",
     ) -> None:
         require_root()
         self.root = Path(tempfile.mkdtemp(prefix="webknock-site-"))
         os.chmod(self.root, 0o755)
+        self.host = Host(src=REPO)
+        self.layout = ServerLayout(str(self.root))
+        self.inst = self.layout.instance(instance)
+        self.spool = self.inst.spool_dir
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = self.inst.daemon_log
+        try:
+            self._install(backend, protect, max_time, extra or {}, url)
+        except BaseException:
+            self.close()
+            raise
+
+    def _install(
+        self, backend: str, protect: bool, max_time: int, extra: dict[str, str], url: str
+    ) -> None:
+        self.url = url
         self.python, self.site_packages = self._make_venv()
         ours = self.site_packages / "webknock"
         shutil.copytree(REPO / "webknock", ours, ignore=shutil.ignore_patterns("__pycache__"))
         run([str(self.python), "-m", "compileall", "-q", str(ours)])
-        self.cgi = self.root / "cgi-bin" / "webknock.cgi"
-        self.cgi.parent.mkdir(mode=0o755)
-        self.cgi.write_text(shim_for(REPO / "cgi-bin" / "webknock.cgi", self.python))
-        os.chmod(self.cgi, 0o755)
-        self.etc = self.root / "etc"
-        self.etc.mkdir(mode=0o755)
-        from webknock.keys import format_keys
-        from webknock.protocol.v1 import Keys
+        install_entry_points(self.host, self.layout)
+        self.cgi = self.layout.cgi
+        self.etc = self.layout.etc
+        self.etc.mkdir(mode=0o755, parents=True)
+        self.layout.state_dir.mkdir(mode=0o700, parents=True)
+        prepare_log_dir(self.layout)
+        # v1 on (the lab's agent knocks with the shared keys); v2 clients are enrolled per
+        # test (`webknockctl client add`).
+        self.keys_file = self.inst.keys
+        write_v1_keys(self.keys_file)
+        self.keys = load_keys(self.keys_file)
+        self.clients_dir = self.inst.clients_dir
+        self.state = self.inst.state_file
+        self.config = self.inst.config
+        self.write_config(
+            {
+                "tcp_ports": ", ".join(map(str, TCP_PORTS)),
+                "udp_ports": ", ".join(map(str, UDP_PORTS)),
+                "max_time": str(max_time),
+                "url": url,
+                "backend": backend,
+                "web_user": "www-data",
+                "protect": "yes" if protect else "no",
+                "keys_file": str(self.keys_file),
+                "ipset": "no",  # the linear chain unless a test asks for ipset (extra)
+                "result_timeout": "5",
+                **extra,
+            }
+        )
+        cfg = load(self.config)
+        ensure_server_key(cfg)
+        self.server_key = load_server_key(cfg.server_key_file)
+        self._mount_spool(cfg)
 
-        self.keys = Keys.generate()
-        self.keys_file = self.etc / "keys.ini"
-        self.keys_file.write_text(format_keys(self.keys))
-        os.chmod(self.keys_file, 0o600)  # root's alone: the web user holds no secret
-        from webknock.keys import create_server_key
-
-        # v2: the server key where the config's default looks for it (as install.sh makes
-        # it); clients are enrolled per test (`webknockctl client add`).
-        self.server_key = create_server_key(self.etc / f"{instance}.server-key")
-        self.clients_dir = self.etc / f"{instance}.clients"
-        # On tmpfs, as install.sh puts it (/run/webknock): /dev/shm is tmpfs on every Debian
-        # host, where this one's /run may be on disk.
-        self.runtime = Path(tempfile.mkdtemp(prefix="webknock-run-", dir=RUNTIME_TMPFS))
-        os.chmod(self.runtime, 0o755)
-        self.spool = self.runtime / "spool"
-        self._mount_spool()
-        self.state = self.root / "state" / "grants.db"
-        settings = {
-            "instance": instance,
-            "tcp_ports": ", ".join(map(str, TCP_PORTS)),
-            "udp_ports": ", ".join(map(str, UDP_PORTS)),
-            "max_time": str(max_time),
-            "keys_file": str(self.keys_file),
-            "spool_dir": str(self.spool),
-            "state_file": str(self.state),
-            "backend": backend,
-            "ipset": "no",  # the linear chain unless a test asks for ipset (extra)
-            "protect": "yes" if protect else "no",
-            "web_user": "www-data",
-            "result_timeout": "5",
-        }
-        settings.update(extra or {})
-        self.config = self.etc / "webknock.ini"
-        self.write_config(settings)
-        self.daemon: subprocess.Popen[bytes] | None = None
-        self.daemon_log = self.root / "webknockd.log"
-
-    def _mount_spool(self) -> None:
-        """The spool's own bounded tmpfs, mounted as the unit's ExecStartPre does (in this
-        mount namespace, before any namespace's process starts, so all of them see it)."""
-        import grp
-
-        from webknock.config import SpoolPaths
-        from webknock.spool.mount import mount_spool
-
-        if not mount_spool(SpoolPaths(self.spool), grp.getgrnam("www-data").gr_gid):
+    def _mount_spool(self, cfg: ServerConfig) -> None:
+        """The spool on its own bounded tmpfs, laid out by the installer's
+        :func:`install_spool` (in this mount namespace, before any namespace's process
+        starts, so all of them see it)."""
+        gid = grp.getgrnam("www-data").gr_gid
+        install_spool(self.host, cfg, gid, mount=True)
+        if not os.path.ismount(self.spool):
             raise LabError(f"cannot mount a tmpfs on {self.spool}")
 
     def write_config(self, settings: dict[str, str]) -> None:
+        """Write the config: the installer's text (:func:`config_text`) for the
+        :class:`NewConfig` fields of `settings`, the rest set with :func:`with_settings`
+        (an empty value leaves the key out); checked with :func:`webknock.config.load` before
+        it takes its place."""
         self.settings = dict(settings)
-        text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items() if v != "")
-        self.config.write_text(text)
-        os.chmod(self.config, 0o644)
+        fields = {f.name for f in dataclasses.fields(NewConfig)}
+        missing = fields - settings.keys()
+        if missing:
+            raise LabError(f"settings lack {sorted(missing)}")
+        values = {k: v for k, v in settings.items() if k in fields}
+        keys = values.pop("keys_file")
+        new = NewConfig(**values, keys_file=Path(keys) if keys else None)
+        extra = {k: v for k, v in settings.items() if k not in fields}
+        text = with_settings(config_text(self.inst, new), extra)
+        tmp = temp_beside(self.config, text, 0o644)
+        try:
+            load(tmp)
+        except ConfigError as exc:
+            os.unlink(tmp)
+            raise LabError(f"the lab's config does not validate: {exc}") from None
+        os.replace(tmp, self.config)
 
     def _make_venv(self) -> tuple[Path, Path]:
         """A venv from /usr/bin/python3 laid out as install.sh makes it; its python and its
@@ -170,7 +192,8 @@ class Site:
         dependencies (links into the shared venv): all the CGI sees, as it starts without
         site (-IS). A .pth adds the shared venv's test tools behind them for the daemon,
         webknockctl and the client, which start with site."""
-        venv = self.root / "venv"
+        venv = self.layout.venv
+        venv.parent.mkdir(mode=0o755, parents=True)
         run(
             ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)]
         )
@@ -193,7 +216,7 @@ class Site:
         return env
 
     def ctl(self, ns: Netns, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [str(self.python), "-m", "webknock.ctl.cli", "--config", str(self.config), *args]
+        argv = [str(self.layout.sbin / "webknockctl"), "--config", str(self.config), *args]
         return ns.run(argv, check=check, env=self.env())
 
     def start_daemon(self, ns: Netns) -> None:
@@ -202,10 +225,8 @@ class Site:
         argv = [
             "setpriv",
             "--no-new-privs",
-            f"--bounding-set={unit_bounding_set()}",
-            str(self.python),
-            "-m",
-            "webknock.server.daemon",
+            f"--bounding-set={unit_caps(REPO)}",
+            str(self.layout.sbin / "webknockd"),
             "--config",
             str(self.config),
             "-v",
@@ -241,5 +262,6 @@ class Site:
 
         self.stop_daemon()
         unmount_spool(SpoolPaths(self.spool))
+        if os.path.ismount(self.spool):
+            raise LabError(f"{self.spool} is still mounted; {self.root} left in place")
         shutil.rmtree(self.root, ignore_errors=True)
-        shutil.rmtree(self.runtime, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""nginx + fcgiwrap and Apache (mod_cgid) serving a site's CGI in a server namespace, from
-the snippets the repository ships in etc/."""
+"""nginx + fcgiwrap and Apache (mod_cgid) serving a site's CGI in a server namespace, each
+a whole server config around the snippet the installer writes for the site."""
 
 from __future__ import annotations
 
@@ -11,21 +11,42 @@ from pathlib import Path
 
 from tests.lab.net import FIRST_LINK, Link, Netns
 from tests.lab.proc import LabError, run, stop_process
-from tests.lab.site import REPO, Site
+from tests.lab.site import Site
+from webknock.install.files import write_file
+from webknock.install.webserver import snippet_text, url_path
 
 
-def _substitute(text: str, site: Site, replacements: dict[str, str]) -> str:
-    """Point a shipped snippet at the site's files (the only change made to it)."""
-    mapping = {
-        "/usr/lib/cgi-bin/webknock.cgi": str(site.cgi),
-        "/etc/webknock/webknock.ini": str(site.config),
-        **replacements,
-    }
-    for old, new in mapping.items():
+def write_site_snippet(
+    site: Site, web_server: str, dest: Path, link: Link, replace: dict[str, str] | None = None
+) -> Path:
+    """Write to `dest` (0644) the installer's snippet of `web_server` for `site`
+    (:func:`snippet_text`: the shipped one with the site's CGI, config, URL path and URL;
+    without a url in the site's config, /webknock on `link`), with each of `replace` (a
+    lab-only path) replaced as well; returns `dest`."""
+    url = site.url or f"http://{link.server4}/webknock"
+    text = snippet_text(site.host, web_server, site.inst, url_path(url), site.cgi, url)
+    for old, new in (replace or {}).items():
         if old not in text:
-            raise LabError(f"shipped snippet no longer contains {old!r}")
+            raise LabError(f"the {web_server} snippet no longer contains {old!r}")
         text = text.replace(old, new)
-    return text
+    write_file(dest, text, 0o644)
+    return dest
+
+
+def fcgiwrap_argv(sock: Path | str, children: int = 4) -> list[str]:
+    """fcgiwrap as the web user (www-data) with `children` workers on unix socket `sock`,
+    as Debian's fcgiwrap.service runs it (the lab's and the installer e2e's one start)."""
+    return [
+        "setpriv",
+        "--reuid=www-data",
+        "--regid=www-data",
+        "--init-groups",
+        "fcgiwrap",
+        "-c",
+        str(children),
+        "-s",
+        f"unix:{sock}",
+    ]
 
 
 def _wait_listening(
@@ -44,7 +65,7 @@ def _wait_listening(
 
 
 class Nginx:
-    """nginx + fcgiwrap in the server namespace, configured from etc/nginx/webknock.conf.
+    """nginx + fcgiwrap in the server namespace, around the installer's nginx snippet.
 
     Plain HTTP on port 80 of the server's addresses on `link`. `https` (or
     :meth:`enable_https` on a running one) also serves the site on port 443 with a
@@ -66,12 +87,9 @@ class Nginx:
         rundir.mkdir(mode=0o755)
         shutil.chown(rundir, "www-data", "www-data")
         sock = rundir / "fcgiwrap.sock"
-        snippet = _substitute(
-            (REPO / "etc/nginx/webknock.conf").read_text(),
-            site,
-            {"/run/fcgiwrap.socket": str(sock)},
+        self.snippet = write_site_snippet(
+            site, "nginx", self.dir / "webknock.conf", link, {"/run/fcgiwrap.socket": str(sock)}
         )
-        (self.dir / "webknock.conf").write_text(snippet)
         shutil.copy("/etc/nginx/fastcgi_params", self.dir)  # as in Debian's /etc/nginx
         conf = self.conf = self.dir / "nginx.conf"
         if https:
@@ -79,17 +97,7 @@ class Nginx:
         self._write_conf()
         self.log = self.dir / "error.log"
         self.fcgi = ns.popen(
-            [
-                "setpriv",
-                "--reuid=www-data",
-                "--regid=www-data",
-                "--init-groups",
-                "fcgiwrap",
-                "-c",
-                "4",
-                "-s",
-                f"unix:{sock}",
-            ],
+            fcgiwrap_argv(sock),
             log=self.dir / "fcgiwrap.log",
             env=site.env(),
         )
@@ -111,7 +119,7 @@ class Nginx:
         listen [{self.link.server6}]:{self.HTTPS_PORT} ssl;
         ssl_certificate {self.cert};
         ssl_certificate_key {self.dir}/tls.key;
-        include {self.dir}/webknock.conf;
+        include {self.snippet};
     }}
 """
         self.conf.write_text(f"""user www-data;
@@ -129,7 +137,7 @@ http {{
     server {{
         listen {self.link.server4}:80;
         listen [{self.link.server6}]:80;
-        include {self.dir}/webknock.conf;
+        include {self.snippet};
     }}
 {tls}}}
 """)
@@ -190,7 +198,7 @@ http {{
 
 
 class Apache:
-    """Apache httpd with mod_cgid in the server namespace, from etc/apache2/webknock.conf."""
+    """Apache httpd with mod_cgid in the server namespace, around the installer's snippet."""
 
     name = "apache"
 
@@ -198,8 +206,7 @@ class Apache:
         self.ns, self.site, self.link = ns, site, link
         self.dir = site.root / "apache"
         self.dir.mkdir(mode=0o755)
-        snippet = _substitute((REPO / "etc/apache2/webknock.conf").read_text(), site, {})
-        (self.dir / "webknock.conf").write_text(snippet)
+        self.snippet = write_site_snippet(site, "apache", self.dir / "webknock.conf", link)
         modules = "/usr/lib/apache2/modules"
         conf = self.dir / "httpd.conf"
         conf.write_text(f"""ServerRoot /etc/apache2
@@ -228,7 +235,7 @@ TypesConfig /etc/mime.types
     Require all granted
 </Directory>
 <VirtualHost *:80>
-    Include {self.dir}/webknock.conf
+    Include {self.snippet}
 </VirtualHost>
 """)
         self.log = self.dir / "error.log"

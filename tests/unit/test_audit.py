@@ -95,7 +95,7 @@ def test_the_trail_says_whether_a_knock_or_an_admin_opened(
     audit = tmp_path / "webknock.jsonl"
     config = write_instance(tmp_path, vector_keys, audit_log=str(audit))
     cfg = load(config)
-    monkeypatch.setattr(daemon_mod, "make_firewall", lambda cfg: MemoryFirewall())
+    monkeypatch.setattr(daemon_mod, "make_firewall", lambda cfg, **kw: MemoryFirewall())
     assert ctl.main(["--config", str(config), "grant", "192.0.2.20", "--port", "22"]) == 0
     capsys.readouterr()
     sink = AuditSink(cfg.audit_log)

@@ -90,6 +90,14 @@ NEVER = {
     "webknock.server.state",
     "webknock.server.engine",
     "webknock.server.daemon",
+    "webknock.server.loop",
+    "webknock.server.decide",
+    "webknock.server.claim",
+    "webknock.server.firewall",
+    "webknock.ctl",
+    "webknock.client",
+    "webknock.install",
+    "webknock.urls",
 }
 #: Not before a request passed the cheap screen (method, length, shape of the packet).
 SPOOL = {"webknock.cgi.conf", "webknock.spool.request"}

@@ -27,7 +27,7 @@ NOBODY = pwd.getpwnam("nobody").pw_uid
 @pytest.fixture(autouse=True)
 def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backend is not what these tests look at."""
-    monkeypatch.setattr(firewall, "make_firewall", lambda cfg: None)
+    monkeypatch.setattr(firewall, "make_firewall", lambda cfg, **kw: None)
 
 
 def instance(base: Path, keys: Keys, *, v1: bool = True, v2: bool = False) -> ServerConfig:

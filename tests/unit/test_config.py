@@ -71,6 +71,11 @@ def test_trusted_proxies_and_section(tmp_path: Path, vector_keys: Keys) -> None:
         ({"result_timeout": "x"}, r"result_timeout: must be a number of seconds above 0"),
         ({"forward": "docker"}, r"\[server\] forward: must be one of auto, yes, no"),
         ({"forward": "yes"}, r"\[server\] forward: yes needs protect = yes"),
+        (
+            {"forward": "yes", "protect": "yes", "backend": "iptables", "ipset": "yes"},
+            r"\[server\] forward: yes needs the linear iptables chain, and ipset = yes forbids",
+        ),
+        ({"url": "ftp://knock.example.org/x"}, r"\[server\] url: 'ftp://knock.example.org/x' must"),
     ],
 )
 def test_errors_name_file_section_key(

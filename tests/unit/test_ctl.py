@@ -16,7 +16,7 @@ from webknock.server import daemon
 @pytest.fixture
 def fw(monkeypatch: pytest.MonkeyPatch) -> MemoryFirewall:
     firewall = MemoryFirewall()
-    monkeypatch.setattr(daemon, "make_firewall", lambda cfg: firewall)
+    monkeypatch.setattr(daemon, "make_firewall", lambda cfg, **kw: firewall)
     return firewall
 
 

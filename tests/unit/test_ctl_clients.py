@@ -34,7 +34,7 @@ OTHER = SigningKey.generate().public_text()  # a second client's key
 @pytest.fixture
 def fw(monkeypatch: pytest.MonkeyPatch) -> MemoryFirewall:
     firewall = MemoryFirewall()
-    monkeypatch.setattr(daemon, "make_firewall", lambda cfg: firewall)
+    monkeypatch.setattr(daemon, "make_firewall", lambda cfg, **kw: firewall)
     return firewall
 
 

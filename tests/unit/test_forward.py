@@ -60,15 +60,16 @@ def test_container_bridge_finds_docker_podman_and_br_bridges(tmp_path: Path) -> 
     net = tmp_path / "net"
     assert container_bridge(net) is None, "no such directory: no evidence"
     (net / "eth0").mkdir(parents=True)
-    (net / "br-lan").mkdir()  # not a bridge: no bridge/ directory
+    (net / "br-lan" / "bridge").mkdir(parents=True)  # a router's bridge, not Docker's
+    (net / "br-0123456789ab").mkdir()  # not a bridge: no bridge/ directory
     assert container_bridge(net) is None
-    (net / "br-4f2a9c").mkdir()
-    (net / "br-4f2a9c" / "bridge").mkdir()
-    assert container_bridge(net) == "bridge br-4f2a9c exists"
+    (net / "br-4f2a9c0e1d2b").mkdir()
+    (net / "br-4f2a9c0e1d2b" / "bridge").mkdir()
+    assert container_bridge(net) == "bridge br-4f2a9c0e1d2b exists"
     for name in ("podman0", "cni-podman0", "docker0"):
         (net / name).mkdir()
-    assert container_bridge(net) == "bridge br-4f2a9c exists", "the first by name"
-    os.rename(net / "br-4f2a9c", net / "zz")
+    assert container_bridge(net) == "bridge br-4f2a9c0e1d2b exists", "the first by name"
+    os.rename(net / "br-4f2a9c0e1d2b", net / "zz")
     assert container_bridge(net) == "bridge cni-podman0 exists"
 
 
@@ -151,7 +152,7 @@ def test_check_config_warns_of_published_ports_left_unguarded(
     docker = classmethod(lambda c, r=None: "iptables chain DOCKER-USER exists")
     monkeypatch.setattr(IptablesFirewall, "container_chain", docker)
     monkeypatch.setattr(
-        firewall, "make_firewall", lambda cfg: IptablesFirewall(firewall.settings_of(cfg))
+        firewall, "make_firewall", lambda cfg, **kw: IptablesFirewall(firewall.settings_of(cfg))
     )
     off = cfg_of(instance_config, protect=True, forward="no")
     warnings = [m for level, m in check_installation(off) if "forward" in m]
@@ -161,3 +162,30 @@ def test_check_config_warns_of_published_ports_left_unguarded(
     ]
     auto = cfg_of(instance_config, protect=True)
     assert [m for _, m in check_installation(auto) if "forward" in m] == []
+
+
+@pytest.mark.usefixtures("usable")
+def test_webknockctl_follows_the_forward_chain_webknockd_set_up(
+    instance_config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """forward = auto is webknockd's decision at its start; a webknockctl command built
+    after Docker appeared (or went) must not undo it, nor webknockd undo the command's."""
+    cfg = cfg_of(instance_config, protect=True, ipset="no")
+    ours = ":WEBKNOCK - [0:0]\n:WEBKNOCK-GRANTS - [0:0]\n"
+    daemon_without = RecordingRunner({"iptables-save": SAVE.format(more=ours)})
+    assert make_firewall(cfg, daemon_without, bridges=lambda: DOCKER).settings.forward
+    with caplog.at_level("INFO"):
+        ctl = make_firewall(cfg, daemon_without, bridges=lambda: DOCKER, follow_kernel=True)
+    assert not ctl.settings.forward
+    assert "forward off (forward = auto: as webknockd set it up (without it))" in caplog.text
+    held = ours + ":WEBKNOCK-FWD - [0:0]\n:WEBKNOCK-FWD-G - [0:0]\n"
+    daemon_with = RecordingRunner({"iptables-save": SAVE.format(more=held)})
+    follows = make_firewall(cfg, daemon_with, bridges=lambda: None, follow_kernel=True)
+    assert follows.settings.forward
+    nothing_yet = RecordingRunner({"iptables-save": SAVE.format(more="")})
+    first = make_firewall(cfg, nothing_yet, bridges=lambda: DOCKER, follow_kernel=True)
+    assert first.settings.forward, "no webknockd yet: the command decides as webknockd will"
+    fixed = cfg_of(instance_config, protect=True, ipset="no", forward="no")
+    assert not make_firewall(
+        fixed, daemon_with, bridges=lambda: None, follow_kernel=True
+    ).settings.forward

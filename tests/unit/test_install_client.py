@@ -101,10 +101,25 @@ def test_keygen_first_then_the_enrolled_profile(root: Path) -> None:
     assert {p: p.read_bytes() for p in (ini, key)} == before
     assert "PRIVATE" not in out(third)
 
+    cache = root / "var/cache/webknock"  # what `webknock --profile lab knock` leaves as root
+    cache.mkdir(parents=True)
+    (cache / "lab-1a2b3c4d.ipv4.json").write_text("{}")
     gone = fake_host()
     assert main(["uninstall", "--client", "--purge", "--root", str(root)], gone) == 0
     assert not any(p for p in root.rglob("*") if not p.is_dir()), list(root.rglob("*"))
     assert not (root / "opt/webknock-client").exists() and not conf.exists()
+    assert not cache.exists()
+
+
+def test_purge_keeps_what_is_not_a_cache_entry(root: Path) -> None:
+    code, host = client(root, "--profile", "lab", "--keygen-only")
+    assert code == 0, err(host)
+    cache = root / "var/cache/webknock"
+    cache.mkdir(parents=True)
+    (cache / "lab-1a2b3c4d.any.json").write_text("{}")
+    (cache / "notes.txt").write_text("the admin's")
+    assert main(["uninstall", "--client", "--purge", "--root", str(root)], fake_host()) == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"]
 
 
 def test_a_profile_for_another_key_says_what_to_send(root: Path) -> None:

@@ -20,6 +20,7 @@ from tests.unit.fixtures.install.fakehost import REPO, err, fake_host, out, runn
 from webknock.config import load
 from webknock.install.cli import main
 from webknock.install.host import Host
+from webknock.install.paths import untrusted_dirs
 from webknock.keys import load_keys, load_server_key
 from webknock.spool.mount import layout
 
@@ -319,3 +320,59 @@ def test_on_a_terminal_it_asks_for_what_no_option_gave(root: Path) -> None:
     again.stdin = Terminal("")
     assert main(["server", "--root", str(root)], again) == 0, err(again)
     assert "]: " not in out(again), "nothing asked"
+
+
+@pytest.mark.parametrize("case", ["foreign owner", "world writable", "group writable root"])
+def test_a_tree_others_can_write_to_is_refused(tmp_path: Path, case: str) -> None:
+    """Root writes below --root: a folder someone else can change could hold a link that
+    leads the installer's writes outside the tree (into /etc/cron.d, say)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    if case == "foreign owner":
+        os.chown(root / "etc", 65534, 65534)
+    elif case == "world writable":
+        (root / "etc").chmod(0o777)
+    else:
+        root.chmod(0o775)
+    host = fake_host()
+    assert main(["server", "--root", str(root), "-y"], host) == 1
+    assert "can be changed by others than root" in err(host)
+    assert sorted(p.name for p in root.rglob("*")) == ["etc"], "nothing written"
+
+
+def test_a_sticky_folder_inside_the_tree_is_not_looked_into(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "tmp" / "someone").mkdir(parents=True)
+    (root / "tmp").chmod(0o1777)
+    os.chown(root / "tmp" / "someone", 65534, 65534)
+    (root / "lib64").symlink_to("lib")  # as in every venv
+    assert untrusted_dirs(root, 0) == []
+    assert untrusted_dirs(root / "tmp", 0)[0] == root / "tmp", "as the tree itself: refused"
+
+
+def test_a_rerun_brings_the_cgi_copies_of_earlier_runs_up_to_date(tmp_path: Path) -> None:
+    """A copy made with --cgi-dir by an earlier run (which the re-run is not told about)
+    still gets the new entry point: an old one would import what an upgrade moved."""
+    root = tmp_path / "root"
+    code, host = server(root)
+    assert code == 0, err(host)
+    copy = root / "usr/lib/cgi-bin/webknock.cgi"
+    fresh = copy.read_text()
+    copy.write_text(fresh.replace("from webknock.cgi.relay import main", "from old import main"))
+    again = fake_host()
+    assert main(["server", "--root", str(root), "--yes"], again) == 0, err(again)
+    assert copy.read_text() == fresh
+
+
+def test_v1_keys_are_printed_when_made_or_asked_for_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    code, first = server(root, "--v1")
+    assert code == 0, err(first)
+    keys = load_keys(root / "etc/webknock/webknock.keys").to_hex()
+    assert keys["key1"] in out(first), "made now: the v1 profile with its keys"
+    code, again = server(root)
+    assert code == 0, err(again)
+    assert keys["key1"] not in out(again) and "BEGIN WEBKNOCK" not in out(again)
+    assert f"`install.sh profile --root {root}` prints it" in out(again)
+    code, asked = server(root, "--v1")
+    assert code == 0 and keys["key1"] in out(asked), "--v1: asked for"

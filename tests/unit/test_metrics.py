@@ -82,7 +82,7 @@ def test_scripted_run_counts(
 
     snapshot = snapshot_path(cfg)
     assert oct(snapshot.stat().st_mode & 0o777) == "0o600"
-    monkeypatch.setattr(daemon, "make_firewall", lambda cfg: fw)
+    monkeypatch.setattr(daemon, "make_firewall", lambda cfg, **kw: fw)
     code = ctl.main(["--config", str(config), "status", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 3  # no daemon runs (this one is not: it holds no lock)
@@ -105,7 +105,7 @@ def test_status_without_snapshot_is_null(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = write_instance(tmp_path, vector_keys)
-    monkeypatch.setattr(daemon, "make_firewall", lambda cfg: MemoryFirewall())
+    monkeypatch.setattr(daemon, "make_firewall", lambda cfg, **kw: MemoryFirewall())
     ctl.main(["--config", str(config), "status", "--json"])
     assert json.loads(capsys.readouterr().out)["metrics"] is None
     assert read_snapshot(load(config)) is None

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from webknock.fsutil import write_atomic
 log = logging.getLogger(__name__)
 
 MAX_AGE = 86400  # seconds; older entries are asked for again
+#: The names :func:`cache_name` makes.
+CACHE_FILE = re.compile(r"[^/]+-[0-9a-f]{8}\.[a-z0-9]+\.json")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,15 @@ def cache_name(profile_path: Path, family: str) -> str:
     """One file per profile file and family, e.g. `office-1a2b3c4d.ipv4.json`."""
     digest = hashlib.sha256(str(profile_path.resolve()).encode()).hexdigest()[:8]
     return f"{profile_path.stem}-{digest}.{family}.json"
+
+
+def cache_files(directory: Path) -> list[Path]:
+    """Every entry :func:`cache_name` can have named in `directory` (nothing else there)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in sorted(names) if CACHE_FILE.fullmatch(n)]
 
 
 class Cache:

@@ -15,7 +15,8 @@ from webknock.ini import read_ini
 SYSTEM_DIR = Path("/etc/webknock/client.d")
 GROUP_SECTION = "group"  # a profile group: NAME.ini with only [group] profiles = a, b, c
 MAX_GROUP = 64
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Profile names (the installer checks --profile with it too).
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def user_dir(env: Mapping[str, str]) -> Path:
@@ -24,7 +25,7 @@ def user_dir(env: Mapping[str, str]) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):
+    if not PROFILE_NAME.fullmatch(name):
         raise ConfigError(f"profile name {name!r}: use letters, digits, _ or -")
     return name
 
@@ -69,7 +70,7 @@ def group_members(path: Path) -> list[str] | None:
     for item in (part.strip() for part in values.get("profiles", "").split(",")):
         if not item:
             continue
-        if not _NAME_RE.fullmatch(item):
+        if not PROFILE_NAME.fullmatch(item):
             raise ConfigError(
                 f"{path}: [group] profiles: {item!r} is not a profile name "
                 "(letters, digits, _ or -)"

@@ -72,7 +72,9 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
         "--no-cache",
         action="store_true",
         default=d(False),
-        help="always ask getinfo first (two requests per knock)",
+        help="always ask getinfo first (two requests per knock); getinfo replies are"
+        " cached in $XDG_CACHE_HOME/webknock, else /var/cache/webknock (root) or"
+        " ~/.cache/webknock",
     )
     parser.add_argument("-v", "--verbose", action="count", default=d(0), help="more detail")
     parser.add_argument("-q", "--quiet", action="store_true", default=d(False), help="errors only")

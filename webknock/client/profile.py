@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from webknock.client.credentials import Credentials, V2Keys, read_signing_key
 from webknock.client.errors import ConfigError
@@ -21,6 +20,7 @@ from webknock.ini import read_ini
 from webknock.keys import KeysError, load_keys
 from webknock.protocol import v2
 from webknock.protocol.v1 import Keys
+from webknock.urls import check_url
 
 Port = tuple[str, int]
 
@@ -108,24 +108,6 @@ def parse_ports(text: str) -> tuple[Port, ...]:
 
 def format_ports(ports: tuple[Port, ...] | list[Port]) -> str:
     return ", ".join(f"{proto}/{num}" for proto, num in ports)
-
-
-def check_url(url: str) -> str:
-    """Return `url` if it is a usable http(s) URL with a host, else raise ValueError."""
-    if not url or any(c.isspace() for c in url):
-        raise ValueError(f"{url!r} is not a URL")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{url!r} must start with http:// or https://")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} has no host")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ValueError(f"{url!r} has a bad port") from None
-    if parts.fragment:
-        raise ValueError(f"{url!r} must not have a #fragment")
-    return url
 
 
 def parse_verify(text: str, base: Path) -> bool | str:

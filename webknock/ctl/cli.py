@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("webknockctl", verbose=args.verbose)
     if not args.verbose:  # the command prints what it did; the event lines are the daemon's
-        for name in (
-            "webknock.server.events",
-            "webknock.server.audit",
-        ):  # log's and the audit trail's
+        quiet = ["webknock.server.events", "webknock.server.audit"]
+        if args.command != "check-config":  # which backend and forward path: its business
+            quiet.append("webknock.server.firewall")  # (else cron mails them at every reap)
+        for name in quiet:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = load(args.config)

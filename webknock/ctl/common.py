@@ -21,7 +21,8 @@ class Refused(Exception):
 
 
 def engine_for(cfg: ServerConfig) -> GrantEngine:
-    """The same engine the daemon uses (state, firewall, event sinks)."""
+    """The same engine the daemon uses (state, firewall, event sinks), its firewall as
+    webknockd set it up."""
     from webknock.server.daemon import build
 
-    return build(cfg)[0]
+    return build(cfg, daemon=False)[0]

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from webknock.client.lookup import PROFILE_NAME
+from webknock.config import INSTANCE_NAME
 from webknock.install import helptext
 from webknock.install.client import ClientOptions, install_client, remove_client
 from webknock.install.console import (
@@ -30,7 +32,7 @@ from webknock.install.console import (
     UsageError,
 )
 from webknock.install.host import Host
-from webknock.install.paths import DEFAULT_INSTANCE, NAME_RE, check_root
+from webknock.install.paths import DEFAULT_INSTANCE, check_root
 from webknock.install.server import install_server, print_profile
 from webknock.install.serveropts import ServerOptions, validate
 from webknock.install.uninstall import uninstall
@@ -126,8 +128,8 @@ def cmd_client(host: Host, argv: Sequence[str]) -> int:
         no_venv=args.no_venv,
         yes=args.yes,
     )
-    if not NAME_RE.fullmatch(opts.profile):
-        raise UsageError(f"--profile: {opts.profile}: use letters, digits, _ or - (at most 16)")
+    if not PROFILE_NAME.fullmatch(opts.profile):
+        raise UsageError(f"--profile: {opts.profile}: use letters, digits, _ or - (at most 64)")
     if opts.keygen_only and (opts.source or opts.url):
         raise UsageError("--keygen-only reads no profile: leave out --from and --url")
     opts.root = check_root(args.root or "")
@@ -150,7 +152,7 @@ def cmd_profile(host: Host, argv: Sequence[str]) -> int:
     _need_root(host, "profile")
     root = check_root(args.root or "")
     instance = DEFAULT_INSTANCE if args.instance is None else args.instance
-    if not NAME_RE.fullmatch(instance):
+    if not INSTANCE_NAME.fullmatch(instance):
         raise UsageError(f"--instance: {instance} is not an instance name")
     print_profile(host, root, instance, args.url or "")
     return 0
@@ -173,7 +175,7 @@ def cmd_uninstall(host: Host, argv: Sequence[str]) -> int:
         return 0
     _need_root(host, "uninstall")
     instance = DEFAULT_INSTANCE if args.instance is None else args.instance
-    if not NAME_RE.fullmatch(instance):
+    if not INSTANCE_NAME.fullmatch(instance):
         raise UsageError(f"--instance: {instance} is not an instance name")
     uninstall(host, root, instance, every=args.all, purge=args.purge)
     return 0
@@ -239,6 +241,10 @@ def main(argv: Sequence[str] | None = None, host: Host | None = None) -> int:
         return EXIT_USAGE
     except InstallError as exc:
         console.error(str(exc))
+        return EXIT_FAILED
+    except OSError as exc:  # a full disk, a read-only or missing folder, a denied write
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.error(f"{where}{exc.strerror or exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         console.err.write(f"{PROG}: interrupted\n")

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from webknock.client.cache import cache_dir, cache_files
 from webknock.client.lookup import SYSTEM_DIR, user_dir
 from webknock.install import apt
 from webknock.install.clientprofile import profile_kind, read_profile_text, write_profile
@@ -214,7 +215,11 @@ def remove_client(host: Host, root: str, *, purge: bool) -> None:
             remove(Path(key))
         remove(layout.list_file)
         rmdir_quiet(layout.conf_dir)
-        host.console.say("    purged the profiles and keys install.sh client wrote")
+        cache = Path(root + str(cache_dir(host.environ, host.uid)))
+        for entry in cache_files(cache):
+            remove(entry)
+        rmdir_quiet(cache)
+        host.console.say("    purged the profiles and keys install.sh client wrote, and the cache")
     else:
         for kind in ("profile", "key"):
             for path in recorded(layout, kind):

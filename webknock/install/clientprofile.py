@@ -188,9 +188,10 @@ def write_profile(
     (0600); checked by the client's own loader before either takes its place. Needs the
     venv. Raises InstallError ("profile blob: ...") for a profile that does not load."""
     from webknock.client.errors import ConfigError
-    from webknock.client.profile import load_profile
+    from webknock.client.profile import load_profile, parse_ports
     from webknock.keys import format_keys
     from webknock.protocol import v1, v2
+    from webknock.urls import check_url
 
     lines = [ln.strip() for ln in _between_markers(text)]
     enrolled = next((m for m in map(ENROLLED.match, lines) if m), None)
@@ -218,10 +219,17 @@ def write_profile(
             "with --url https://HOST/PATH",
             how=False,
         )
-    if not re.fullmatch(r"https?://[^\s/]+/\S*", url):
-        raise InstallError(f"profile blob: url {url!r} is not an http(s) URL")
-    if not re.fullmatch(r"(tcp|udp)/\d{1,5}(\s*,\s*(tcp|udp)/\d{1,5})*", ports):
-        raise InstallError(f"profile blob: ports {ports!r} is not a list like tcp/22, udp/51820")
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise InstallError(f"profile blob: url: {exc}") from None
+    try:
+        if not parse_ports(ports):
+            raise ValueError("empty")
+    except ValueError:
+        raise InstallError(
+            f"profile blob: ports {ports!r} is not a list like tcp/22, udp/51820"
+        ) from None
     if seconds and not seconds.isdigit():
         raise InstallError(f"profile blob: time {seconds!r} is not a number of seconds")
     if kind == "v2":

@@ -182,7 +182,7 @@ Options:
   --purge           also delete keys, config, state and log files
   --client          remove the client instead (venv, `webknock`; --purge also
                     the profiles, v1 keys files and v2 private keys (NAME.key)
-                    install.sh client wrote)
+                    install.sh client wrote, and the client's cache)
   --root DIR        remove an installation made with --root DIR (nothing is
                     stopped, the firewall is not touched)
   -y, --yes         do not ask

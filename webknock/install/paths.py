@@ -6,14 +6,14 @@ unit, cron, snippets) carry the prefix too, so a --root tree is self-consistent.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from webknock.install.console import UsageError
+from webknock.install.console import InstallError, UsageError
 
-#: Instance and profile names, as the server config accepts an instance name.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
 #: Paths the installer accepts for --root and --cgi-dir (and removes spools below).
 PATH_RE = re.compile(r"/[A-Za-z0-9._/+-]*")
 DEFAULT_INSTANCE = "webknock"
@@ -22,7 +22,9 @@ CLIENT_LIST = ".install.sh-profiles"
 
 
 def check_root(text: str) -> str:
-    """--root DIR: an absolute path (not /) without a trailing slash; "" stays ""."""
+    """--root DIR: an absolute path (not /) without a trailing slash; "" stays "".
+    Raises UsageError for a malformed path and InstallError for a tree that someone
+    else could change under us (:func:`untrusted_dirs`)."""
     if not text:
         return ""
     if not PATH_RE.fullmatch(text):
@@ -30,7 +32,45 @@ def check_root(text: str) -> str:
     root = text.rstrip("/")
     if not root:
         raise UsageError("--root /: that is the real system; leave --root out")
+    bad = untrusted_dirs(Path(root), os.geteuid())
+    if bad:
+        raise InstallError(
+            f"--root: {bad[0]} can be changed by others than root (owner uid "
+            f"{bad[0].stat().st_uid}, mode {stat.S_IMODE(bad[0].stat().st_mode):04o}): a link "
+            "planted there would make this installer write outside the tree; use a tree "
+            "only root can write to"
+        )
     return root
+
+
+def untrusted_dirs(root: Path, uid: int) -> list[Path]:
+    """The directories of `root`'s path and tree (as far as they exist) that someone other
+    than root or `uid` could write to. A sticky directory (like /tmp) above `root` is fine:
+    nobody else can replace the next folder in it; one inside the tree is not looked into
+    (the installer writes nothing there), but `root` itself must be writable by its owner
+    alone."""
+    trusted = {0, uid}
+
+    def writable_by_others(st: os.stat_result) -> bool:
+        mode = st.st_mode
+        return st.st_uid not in trusted or bool(mode & 0o022 and not mode & stat.S_ISVTX)
+
+    bad = [p for p in root.parents if writable_by_others(p.stat())]
+    if root.is_dir() and (writable_by_others(root.stat()) or root.stat().st_mode & 0o022):
+        bad.insert(0, root)
+    for top, dirs, _files in os.walk(root):
+        kept = []
+        for name in dirs:
+            path = Path(top, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):  # made by whoever may write its folder: checked
+                continue
+            if writable_by_others(st):
+                bad.append(path)
+            elif not st.st_mode & stat.S_ISVTX:
+                kept.append(name)
+        dirs[:] = kept
+    return bad
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``install.sh server``: install or update one server instance, step by step.
 
 Re-runs keep keys and config (differing options are reported), update the code and
-restart webknockd; secrets are printed only when made or with v1 on (its profile).
+restart webknockd; secrets are printed only when made, or with --v1 (the v1 profile).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from webknock.config import ConfigError, ServerConfig, load
 from webknock.install import apt, service, webserver
-from webknock.install.console import InstallError, UsageError
-from webknock.install.files import install_file, install_shim
+from webknock.install.console import PROG, InstallError, UsageError
+from webknock.install.files import install_file, install_shim, is_our_shim
 from webknock.install.host import Host
 from webknock.install.manifest import Manifest, read_manifest, write_manifest
 from webknock.install.paths import DEFAULT_INSTANCE, InstanceLayout, ServerLayout
@@ -283,6 +283,10 @@ def install_server(host: Host, opts: ServerOptions, work: Path) -> None:
         step(f"CGI copy {cgi_copy}")
         cgi_copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         install_shim(host.src / "cgi-bin/webknock.cgi", cgi_copy, layout.python, inst.config)
+    for earlier in map(Path, remembered.cgi_copies):  # an upgrade's new CGI reaches them too
+        if earlier != cgi_copy and is_our_shim(earlier, layout.python):
+            step(f"CGI copy {earlier} (of an earlier run, brought up to date)")
+            install_shim(host.src / "cgi-bin/webknock.cgi", earlier, layout.python, inst.config)
     snippet = webserver.write_snippet(
         host, web_server, inst, webserver.url_path(url), layout.cgi, url
     )
@@ -319,9 +323,15 @@ def install_server(host: Host, opts: ServerOptions, work: Path) -> None:
     if v1_on:
         say()
         say("Protocol v1 is on (shared keys, for the original PHP clients and v1 profiles).")
-        say("v1 client profile - on each v1 client run `install.sh client --profile NAME` and")
-        say("paste this (or save it to a file for --from FILE). It holds the secret keys:")
-        host.console.out.write(v1_profile(cfg, url))
+        if keys_status.startswith("new") or opts.v1:  # made now, or asked for with --v1
+            say("v1 client profile - on each v1 client run `install.sh client --profile NAME`")
+            say("and paste this (or save it to a file for --from FILE). It holds the secret keys:")
+            host.console.out.write(v1_profile(cfg, url))
+        else:
+            again = [PROG, "profile"]
+            again += ["--instance", inst.name] if inst.name != DEFAULT_INSTANCE else []
+            again += ["--root", layout.root] if layout.root else []
+            say(f"Its client profile holds the secret keys: `{' '.join(again)}` prints it.")
     say()
     say(f"Done: instance {inst.name}. Status: webknockctl --config {inst.config} status")
 

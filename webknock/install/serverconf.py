@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,12 @@ def config_text(inst: InstanceLayout, new: NewConfig) -> str:
         lines.append(f"tcp_ports = {new.tcp_ports}")
     if new.udp_ports:
         lines.append(f"udp_ports = {new.udp_ports}")
-    lines += [
-        f"max_time = {new.max_time}",
-        "# the knock URL, printed in the profiles of webknockctl client add",
-        f"url = {new.url}",
-    ]
+    lines.append(f"max_time = {new.max_time}")
+    if new.url:
+        lines += [
+            "# the knock URL, printed in the profiles of webknockctl client add",
+            f"url = {new.url}",
+        ]
     if new.keys_file is not None:
         lines += [
             "# protocol v1 (shared keys; install.sh server --v1): the original PHP clients",
@@ -66,6 +68,32 @@ def config_text(inst: InstanceLayout, new: NewConfig) -> str:
         f"protect = {new.protect}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def with_settings(text: str, settings: Mapping[str, str], section: str = "server") -> str:
+    """Ini `text` with each of `settings` set under ``[section]``: a key's line replaced
+    where it is, a new key added at the end of the section, an empty value removing the
+    key. For settings beyond :class:`NewConfig` (the test lab's; see webknock.ini.example)
+    and a profile's beyond what the server printed."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"[{section}]"), None)
+    if start is None:
+        raise InstallError(f"config text has no [{section}] line")
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+        len(lines),
+    )
+    body = lines[start + 1 : end]
+    for key, value in settings.items():
+        line = f"{key} = {value}"
+        at = next((i for i, ln in enumerate(body) if ln.partition("=")[0].strip() == key), None)
+        if at is not None and value:
+            body[at] = line
+        elif at is not None:
+            del body[at]
+        elif value:
+            body.append(line)
+    return "\n".join([*lines[: start + 1], *body, *lines[end:]]) + "\n"
 
 
 def write_config(inst: InstanceLayout, new: NewConfig) -> bool:

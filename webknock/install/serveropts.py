@@ -6,14 +6,14 @@ import pwd
 import re
 from dataclasses import dataclass
 
-from webknock.config import BACKENDS, MAX_TIME
+from webknock.config import BACKENDS, INSTANCE_NAME, MAX_TIME
 from webknock.install.console import UsageError
 from webknock.install.host import Host
-from webknock.install.paths import DEFAULT_INSTANCE, NAME_RE, PATH_RE
+from webknock.install.paths import DEFAULT_INSTANCE, PATH_RE
 from webknock.install.webserver import WEB_SERVERS, default_web_server
+from webknock.urls import check_url
 
 #: As [server] url accepts it, with a path.
-URL_RE = re.compile(r"https?://[^\s/?#]+/[^\s#]+")
 
 
 @dataclass
@@ -50,7 +50,7 @@ def norm_ports(flag: str, text: str) -> str:
 
 def validate(opts: ServerOptions) -> None:
     """Check and normalise every given option; raises UsageError naming it."""
-    if not NAME_RE.fullmatch(opts.instance):
+    if not INSTANCE_NAME.fullmatch(opts.instance):
         raise UsageError(f"--instance: {opts.instance}: use letters, digits, _ or - (at most 16)")
     if opts.tcp_ports:
         opts.tcp_ports = norm_ports("--tcp-ports", opts.tcp_ports)
@@ -72,8 +72,11 @@ def validate(opts: ServerOptions) -> None:
         raise UsageError(
             f"--cgi-dir: {opts.cgi_dir} must be an absolute path of letters, digits and ._/+-"
         )
-    if opts.url and not URL_RE.fullmatch(opts.url):
-        raise UsageError(f"--url: {opts.url} must look like https://HOST/PATH")
+    if opts.url:
+        try:
+            check_url(opts.url)
+        except ValueError as exc:
+            raise UsageError(f"--url: {exc}") from None
     if opts.web_user:
         try:
             pwd.getpwnam(opts.web_user)

@@ -165,7 +165,7 @@ def check_installation(cfg: ServerConfig) -> list[Problem]:
     problems += hook_problems(cfg)
     if os.geteuid() == 0:
         try:  # logs the backend and the effective forward setting (container ports)
-            firewall = make_firewall(cfg)
+            firewall = make_firewall(cfg, follow_kernel=True)
         except FirewallError as exc:
             problems.append(("error", str(exc)))
         else:

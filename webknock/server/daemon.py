@@ -26,6 +26,7 @@ from webknock.server.events import EventBus, log_sink
 from webknock.server.firewall import FirewallError, make_firewall
 from webknock.server.hooks import hooks_sink
 from webknock.server.loop import Daemon
+from webknock.server.notify import sinks_for
 from webknock.server.state import StateError, StateStore
 from webknock.spool.mount import WebIdentity, prepare_spool, web_identity
 
@@ -74,23 +75,20 @@ def daemon_running(cfg: ServerConfig) -> int | None:
     return None
 
 
-def build(cfg: ServerConfig) -> tuple[GrantEngine, WebIdentity]:
-    """Wire config, state, firewall and event sinks together."""
+def build(cfg: ServerConfig, *, daemon: bool = True) -> tuple[GrantEngine, WebIdentity]:
+    """Wire config, state, firewall and event sinks together; for webknockd itself, or
+    (not `daemon`) for webknockctl, whose firewall follows what webknockd set up."""
     web = web_identity(cfg)
     prepare_spool(cfg.spool, web.gid)
     bus = EventBus(log_sink)
-    try:
-        from webknock.server.notify import sinks_for  # optional: audit trail and notifications
-    except ImportError:
-        pass
-    else:
-        for sink in sinks_for(cfg):
-            bus.add(sink)
+    for sink in sinks_for(cfg):  # the audit trail, mail and webhooks the config asks for
+        bus.add(sink)
     hooks = hooks_sink(cfg)  # [hooks]: run off the apply path, stopped at exit
     if hooks is not None:
         bus.add(hooks)
     limits = Limits(cfg.max_grants, cfg.max_grants_per_prefix)
-    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), make_firewall(cfg), bus, limits)
+    firewall = make_firewall(cfg, follow_kernel=not daemon)
+    engine = GrantEngine(cfg.instance, StateStore(cfg.state_file), firewall, bus, limits)
     return engine, web
 
 

@@ -46,16 +46,9 @@ def settings_of(cfg: ServerConfig, forward: bool = False) -> FirewallSettings:
 def backend_classes() -> dict[str, type[Firewall]]:
     """Registry of backends, in the order ``auto`` tries them."""
     from webknock.server.firewall.iptables import IptablesFirewall
+    from webknock.server.firewall.nftables import NftablesFirewall
 
-    registry: dict[str, type[Firewall]] = {}
-    try:
-        from webknock.server.firewall.nftables import NftablesFirewall
-
-        registry["nftables"] = NftablesFirewall
-    except ImportError:  # pragma: no cover - backend module not present
-        pass
-    registry["iptables"] = IptablesFirewall
-    return registry
+    return {"nftables": NftablesFirewall, "iptables": IptablesFirewall}
 
 
 def build_backend(
@@ -104,24 +97,40 @@ def forward_choice(
 
 
 def _build(
-    cfg: ServerConfig, cls: type[Firewall], runner: Runner, bridges: Callable[[], str | None]
+    cfg: ServerConfig,
+    cls: type[Firewall],
+    runner: Runner,
+    bridges: Callable[[], str | None],
+    follow_kernel: bool,
 ) -> Firewall:
-    """Backend `cls` for `cfg` with its effective forward setting, logged once."""
+    """Backend `cls` for `cfg` with its effective forward setting, logged once. With
+    `follow_kernel`, ``forward = auto`` is what webknockd set up, when it did."""
     choice = forward_choice(cfg, cls, runner, bridges)
+    firewall = build_backend(cls, settings_of(cfg, choice.on), runner)
+    if follow_kernel and cfg.protect and cfg.forward == "auto":
+        held = firewall.forward_held()
+        if held is not None and held != choice.on:
+            how = "with" if held else "without"
+            choice = ForwardChoice(held, f"forward = auto: as webknockd set it up ({how} it)")
+            firewall = build_backend(cls, settings_of(cfg, held), runner)
     level = logging.INFO if cfg.protect else logging.DEBUG  # without protect it cannot matter
     log.log(level, "forward %s (%s)", "on" if choice.on else "off", choice.why)
     if choice.warning:
         log.warning("%s", choice.warning)
-    return build_backend(cls, settings_of(cfg, choice.on), runner)
+    return firewall
 
 
 def make_firewall(
     cfg: ServerConfig,
     runner: Runner = run_command,
     bridges: Callable[[], str | None] = container_bridge,
+    *,
+    follow_kernel: bool = False,
 ) -> Firewall:
     """Build the configured backend; ``auto`` probes and logs its choice once, and so does
-    ``forward`` (`bridges` finds a container bridge: see :mod:`.forward`)."""
+    ``forward`` (`bridges` finds a container bridge: see :mod:`.forward`). webknockd
+    decides ``forward = auto`` when it starts; every other process (`follow_kernel`:
+    webknockctl, the reaper) takes what webknockd set up, so that none undoes the other."""
     registry = backend_classes()
     if cfg.backend != "auto":
         cls = registry.get(cfg.backend)
@@ -130,12 +139,12 @@ def make_firewall(
         why = cls.unusable(runner)
         if why:
             raise FirewallError(f"backend {cfg.backend} unusable: {why}")
-        return _build(cfg, cls, runner, bridges)
+        return _build(cfg, cls, runner, bridges, follow_kernel)
     reasons = []
     for name, cls in registry.items():
         why = cls.unusable(runner)
         if why is None:
-            fw = _build(cfg, cls, runner, bridges)
+            fw = _build(cfg, cls, runner, bridges, follow_kernel)
             log.info("backend auto: chose %s", fw.describe())
             return fw
         reasons.append(f"{name}: {why}")

@@ -2,8 +2,10 @@
 
 A backend turns grant changes (data) into one batch for the kernel: an
 ``iptables-restore --noflush`` file, an ``ipset restore`` file, or one
-libnftables transaction. A failed batch raises :class:`FirewallError` and
-leaves the kernel as it was.
+libnftables transaction. A failed :meth:`Firewall.apply` raises
+:class:`FirewallError` and leaves the kernel as it was. ``ensure``, ``sync`` and
+``teardown`` are idempotent instead: with iptables they are one batch per address family,
+and a half-done one is completed by the next call (the daemon's self-repair check).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ class Firewall(ABC):
     def container_chain(cls, runner: Runner = run_command) -> str | None:
         """Evidence (one line) of a container runtime's chain this backend sees, such as
         Docker's DOCKER-USER, for ``forward = auto``; None when there is none."""
+        return None
+
+    def forward_held(self) -> bool | None:
+        """Whether the kernel holds this instance's forward-path chain; None when it holds
+        none of its objects (nothing set up yet)."""
         return None
 
     @abstractmethod

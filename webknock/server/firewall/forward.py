@@ -8,12 +8,13 @@ of ours closes a port, on INPUT or FORWARD.
 
 ``auto`` turns it on when a container runtime is evident: the backend sees a
 ``DOCKER-USER`` chain, or the host has a container bridge (``docker0``, ``cni-podman0``,
-``podman0``, or a bridge named ``br-*``). It is decided once, when the backend is built
-(daemon start, each webknockctl command): restart webknockd after installing Docker.
+``podman0``, or a Docker network's ``br-<12 hex digits>``). webknockd decides it when it
+starts (restart it after installing Docker); webknockctl follows what webknockd set up.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from webknock.server.firewall.base import FirewallError
 
 NET_DIR = Path("/sys/class/net")
 BRIDGES = ("docker0", "cni-podman0", "podman0")
+#: The bridge of a user-defined Docker network: ``br-`` and the network id's first 12 hex
+#: digits (not any ``br-*``: ``br-lan`` is a router's).
+DOCKER_NETWORK = re.compile(r"br-[0-9a-f]{12}")
 #: The chain Docker jumps to first from FORWARD and leaves to the admin.
 DOCKER_USER = "DOCKER-USER"
 
@@ -32,7 +36,9 @@ def container_bridge(net_dir: Path = NET_DIR) -> str | None:
     except OSError:
         return None
     for name in names:
-        if name in BRIDGES or (name.startswith("br-") and (net_dir / name / "bridge").is_dir()):
+        if name in BRIDGES or (
+            DOCKER_NETWORK.fullmatch(name) and (net_dir / name / "bridge").is_dir()
+        ):
             return f"bridge {name} exists"
     return None
 

@@ -76,6 +76,10 @@ class IptablesFirewall(Firewall):
             return None
         return f"iptables chain {DOCKER_USER} exists" if DOCKER_USER in declared(saved) else None
 
+    def forward_held(self) -> bool | None:
+        chains = declared(self.run([SAVE[4], "-t", "filter"]).splitlines())
+        return self.forward.chain in chains if self.chain in chains else None
+
     @property
     def chain(self) -> str:
         return self.settings.chain

@@ -16,40 +16,18 @@ Layout (table ``inet webknock``, or ``inet webknock_<instance>`` for another ins
     }
 
 The forward chain (``[server] forward``, :mod:`.forward`) guards ports that DNAT sends to
-containers: DNAT changes the destination port before the forward hook, so it matches the
-connection's original one, in the same sets. Docker's iptables-nft rules sit at filter
-priority 0, after ours; an ``accept`` here only ends our chain, so Docker's own rules still
-decide for a granted connection, and our ``drop`` is final.
+containers, matching the connection's original destination port in the same sets.
+Network grants (a client's ``open_prefix``) go into one exact set per protocol, family and
+prefix length, ``<proto><family>_<length>``, matched by the source address masked to that
+length; a set and its rule are added by the batch that first needs them and dropped by a
+full sync once no grant uses them.
 
-Network grants (a client's ``open_prefix``) go into one set per protocol, family and prefix
-length, ``<proto><family>_<length>``, whose elements are network addresses, matched by the
-source address masked to that length. The set and its rule are added, in the batch that
-first needs them, and dropped by a full sync once no grant uses them. Not one interval
-set (``flags interval``) for all networks: its kernel refuses an element that starts
-inside another one (a host grant inside a live /24), so nested grants, which two clients
-behind one carrier-grade NAT make, would fail or succeed by the order they came in.
-Exact sets never overlap, and a table of an earlier version is this layout without
-network sets: nothing to replace.
-
-Every element carries its remaining lifetime, so the kernel closes a grant on time even
-with the daemon and cron dead. A new grant (none in the state file) is one ``add element``
-with its timeout. Older kernels keep the old timeout when ``add element`` names an
-element that exists (recent ones, e.g. 6.18, replace it), so a renewal sets it by
-``add`` (a no-op if present), ``delete``, ``add`` with the timeout, in one transaction:
-the same result on every kernel, atomic (no instant without the element), no duplicate,
-and no error whether or not the kernel still held it (a grant that expired in the state
-file is renewed this way too). A removal is ``add`` then ``delete``. (A new grant whose
-element someone else put there keeps that element's timeout on an older kernel; the
-reaper still deletes it when our grant ends.)
-
-Batches go through libnftables in-process (Debian's python3-nftables) as JSON; without
-the binding the same JSON is fed to ``nft -j -f -`` through the injected runner
-(:mod:`.nftlib`). The commands are built as data by :class:`.nftrules.TableLayout`.
-
-Note for admins: an ``accept`` here ends only this chain. Every base chain on the input
-hook is evaluated, and a packet must be accepted by all of them; a drop in another table
-(say an iptables-nft INPUT policy DROP) still drops it. Let your own ruleset accept the
-offered ports and set ``protect = yes``: then this table is what keeps them closed.
+Every element carries its remaining lifetime. A new grant is one ``add element`` with its
+timeout; a renewal is ``add``, ``delete``, ``add`` in one transaction (the same result on
+every kernel); a removal is ``add`` then ``delete``. Batches go through libnftables
+in-process (python3-nftables) as JSON, else ``nft -j -f -`` through the injected runner
+(:mod:`.nftlib`); :class:`.nftrules.TableLayout` builds the commands. Why each of these,
+and what an admin's own ruleset must do: docs/design.md, "Firewall backends".
 """
 
 from __future__ import annotations
@@ -138,6 +116,18 @@ class NftablesFirewall(Firewall):
         except FirewallError:
             return None
         return "chain ip filter DOCKER-USER exists"
+
+    def forward_held(self) -> bool | None:
+        held = None
+        for chain in (CHAIN, FORWARD):
+            try:
+                self.run_batch([{"list": {"chain": self.layout.ref(name=chain)}}])
+            except FirewallError as exc:
+                if not missing(exc):
+                    raise
+                return held
+            held = False
+        return True
 
     def run_batch(self, cmds: list[Cmd]) -> dict[str, Any]:
         return transact(self.lib, self.run, cmds)
