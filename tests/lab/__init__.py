@@ -67,7 +67,6 @@ from tests.lab.site import (
     installed_files,
     server_requirements,
     shared_venv,
-    unit_bounding_set,
 )
 from tests.lab.web import (
     WEB_SERVERS,
@@ -124,7 +123,6 @@ __all__ = [
     "shared_venv",
     "start_listeners",
     "stop_process",
-    "unit_bounding_set",
     "wait_for",
     "wait_until",
     "watched_deployment",

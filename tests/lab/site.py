@@ -68,12 +68,6 @@ def installed_files(site_packages: Path, distributions: Sequence[str]) -> list[s
     return sorted({t for tops in found.values() for t in tops})
 
 
-def unit_bounding_set() -> str:
-    """The unit's CapabilityBoundingSet= as setpriv's --bounding-set (e.g. -all,+net_admin),
-    read by the installer's own :func:`webknock.install.service.unit_caps`."""
-    return unit_caps(REPO)
-
-
 class Site:
     """The repository's webknock deployed into a temp dir by the installer's own code
     (:mod:`webknock.install`, with the temp dir as its root prefix): entry points, keys,

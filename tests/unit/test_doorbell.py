@@ -21,8 +21,8 @@ import webknock.spool as spool_layout
 from tests.cgi_side import WEB, frame, reply, submit
 from tests.conftest import REPO, write_instance
 from tests.fakes import memory_daemon
-from tests.lab import unit_bounding_set
 from webknock.config import ServerConfig, load
+from webknock.install.service import unit_caps
 from webknock.protocol.v1 import Keys
 from webknock.server.loop import Daemon
 from webknock.spool import doorbell
@@ -161,7 +161,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
         "import sys; from webknock.spool import doorbell; "
         f"sys.exit(0 if doorbell.deliver({path!r}, frozenset({{{WEB.pw_uid}}}), {ANSWER!r}) else 1)"
     )
-    caps = unit_bounding_set()
+    caps = unit_caps(REPO)
     subprocess.run(
         ["setpriv", "--no-new-privs", f"--bounding-set={caps}", sys.executable, "-c", code],
         check=True,
@@ -172,7 +172,7 @@ def test_root_without_dac_override_can_answer(bells: Path) -> None:
 
 
 def test_the_bounding_set_of_that_test_is_the_units() -> None:
-    assert unit_bounding_set() == "-all,+net_admin,+net_raw,+chown,+dac_read_search"
+    assert unit_caps(REPO) == "-all,+net_admin,+net_raw,+chown,+dac_read_search"
 
 
 @pytest.mark.parametrize(

@@ -35,11 +35,15 @@ def profile_candidates(name: str, env: Mapping[str, str] = os.environ) -> list[P
     return [user_dir(env) / f"{check_name(name)}.ini", SYSTEM_DIR / f"{name}.ini"]
 
 
+def profile_dir(uid: int, env: Mapping[str, str]) -> Path:
+    """Where new profiles go (`install.sh client`, `webknock keygen`): `SYSTEM_DIR` for
+    root, the user's `~/.config/webknock` otherwise."""
+    return SYSTEM_DIR if uid == 0 else user_dir(env)
+
+
 def new_profile_path(name: str) -> Path:
-    """Where profile NAME goes when there is none yet, as `install.sh client` places it:
-    `/etc/webknock/client.d/NAME.ini` for root, `~/.config/webknock/NAME.ini` otherwise."""
-    home = SYSTEM_DIR if os.geteuid() == 0 else user_dir(os.environ)
-    return home / f"{check_name(name)}.ini"
+    """Where profile NAME goes when there is none yet (:func:`profile_dir`)."""
+    return profile_dir(os.geteuid(), os.environ) / f"{check_name(name)}.ini"
 
 
 def find_profile(name: str, env: Mapping[str, str] = os.environ) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webknock.client.cache import cache_dir, cache_files
-from webknock.client.lookup import SYSTEM_DIR, user_dir
+from webknock.client.lookup import profile_dir
 from webknock.install import apt
 from webknock.install.clientprofile import profile_kind, read_profile_text, write_profile
 from webknock.install.console import PROG, InstallError
@@ -45,7 +45,7 @@ def layout_for(host: Host, root: str) -> ClientLayout:
     """Where the client goes, with the profile folder the client reads
     (:mod:`webknock.client.lookup`)."""
     home = Path(host.environ.get("HOME", "~")).expanduser()
-    conf = SYSTEM_DIR if host.uid == 0 else user_dir(host.environ)
+    conf = profile_dir(host.uid, host.environ)
     return client_layout(root, host.uid, home, conf)
 
 
