@@ -26,6 +26,7 @@ from webknock.install.server import install_entry_points, install_spool, prepare
 from webknock.install.serverconf import NewConfig, config_text, with_settings
 from webknock.install.serverkeys import ensure_server_key, write_v1_keys
 from webknock.install.service import unit_caps
+from webknock.install.venv import site_packages
 from webknock.keys import load_keys, load_server_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,15 +192,13 @@ class Site:
         run(
             ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)]
         )
-        deps = shared_venv() / "lib"
-        site_dirs = sorted(deps.glob("python3*/site-packages"))
-        ours = sorted((venv / "lib").glob("python3*/site-packages"))
-        if not site_dirs or not ours:
-            raise LabError("cannot find site-packages of the venvs")
-        for name in installed_files(site_dirs[0], server_requirements()):
-            (ours[0] / name).symlink_to(site_dirs[0] / name)
-        (ours[0] / "webknock-lab.pth").write_text(f"{site_dirs[0]}\n")
-        return venv / "bin" / "python3", ours[0]
+        deps, ours = site_packages(shared_venv()), site_packages(venv)
+        if not deps.is_dir() or not ours.is_dir():
+            raise LabError(f"cannot find site-packages of the venvs ({deps}, {ours})")
+        for name in installed_files(deps, server_requirements()):
+            (ours / name).symlink_to(deps / name)
+        (ours / "webknock-lab.pth").write_text(f"{deps}\n")
+        return venv / "bin" / "python3", ours
 
     def env(self) -> dict[str, str]:
         env = {
